@@ -1,0 +1,83 @@
+"""The example models' recurrent (SSM / delta-rule) state updates, as one opaque custom op.
+
+vLLM's model files call kernels for the scan just as for the conv; we do the same so that the
+models capture to clean graphs with dynamic token counts. Each family is one `step` rule in
+STEPS: `step(state, params, *inputs_t) -> (y_t, new_state)`, with y_t shaped like inputs_t[0].
+The pure-torch loop over tokens is slow but exact; the conv state is this project's subject.
+
+A recurrent pool holds (num_spec + 1) snapshots per slot, right-aligned: after a k-token step
+the state after token i sits at position num_spec + 1 - k + i. So with spec decode the state
+after the last accepted token is at num_accepted_tokens - 1, and otherwise at the last one.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .common import Batch, pad_tokens, unpad_tokens
+
+
+def _mamba1(state, params, x, dt, b, c):
+    a, d = params  # (dim, n), (dim,)
+    state = torch.exp(dt[..., None] * a) * state + (dt * x)[..., None] * b[:, None, :]
+    return (state * c[:, None, :]).sum(-1) + d * x, state
+
+
+def _mamba2(state, params, x, dt, b, c):
+    a, d = params  # (heads,), (heads,); x (B, heads, head_dim), b/c (B, heads, n)
+    decay = torch.exp(dt * a)[..., None, None]
+    state = decay * state + (dt[..., None] * x)[..., None] * b[:, :, None, :]
+    return (state * c[:, :, None, :]).sum(-1) + d[:, None] * x, state
+
+
+def _delta_rule(state, params, v, q, k, beta, decay):
+    """Gated delta rule (GDN: one decay per head; KDA: one per key channel)."""
+    state = state * (decay[..., None] if decay.dim() == 3 else decay[..., None, None])
+    recalled = (state * k[..., None]).sum(-2)
+    state = state + k[..., None] * ((v - recalled) * beta[..., None])[..., None, :]
+    return (state * q[..., None]).sum(-2), state
+
+
+STEPS = {"mamba1": _mamba1, "mamba2": _mamba2, "delta_rule": _delta_rule}
+
+
+@torch.library.custom_op("lp_examples::recurrence", mutates_args=("pool",))
+def recurrence(kind: str, inputs: list[torch.Tensor], params: list[torch.Tensor], pool: torch.Tensor,
+               slots: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor | None,
+               num_accepted_tokens: torch.Tensor | None) -> torch.Tensor:
+    """inputs: prefill (tokens, ...) with query_start_loc, or decode (batch, k, ...)."""
+    batch = Batch(slots, context_lens, query_start_loc, num_accepted_tokens)
+    padded = [pad_tokens(u.float(), batch)[0] for u in inputs]
+    valid = pad_tokens(inputs[0], batch)[1]
+    state = _read(pool, batch).float()
+    step = STEPS[kind]
+    ys, lens, history = [], valid.sum(1), []
+    for t in range(valid.shape[1]):
+        y, new = step(state, [p.float() for p in params], *(u[:, t] for u in padded))
+        state = torch.where(valid[:, t].view(-1, *[1] * (state.dim() - 1)), new, state)
+        ys.append(y)
+        history.append(state)
+    keep = 1 if query_start_loc is not None else valid.shape[1]
+    picks = (lens[:, None] - keep + torch.arange(keep, device=lens.device)).clamp(min=0)
+    kept = torch.stack(history, 1)[torch.arange(lens.shape[0], device=lens.device)[:, None], picks]
+    pool[slots, pool.shape[1] - keep:] = kept.to(pool.dtype)
+    return unpad_tokens(torch.stack(ys, 1), batch, inputs[0].shape[0]).to(inputs[0].dtype)
+
+
+@recurrence.register_fake
+def _(kind, inputs, params, pool, slots, context_lens, query_start_loc, num_accepted_tokens):
+    return torch.empty_like(inputs[0])
+
+
+def _read(pool: torch.Tensor, batch: Batch) -> torch.Tensor:
+    last = pool.shape[1] - 1
+    if batch.num_accepted_tokens is None:
+        pos = torch.full_like(batch.slots, last)
+    else:
+        pos = batch.num_accepted_tokens.long() - 1
+    state = pool[batch.slots.long(), pos]
+    fresh = ~batch.has_initial_state
+    return torch.where(fresh.view(-1, *[1] * (state.dim() - 1)), torch.zeros_like(state), state)
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1).to(x.dtype)

@@ -1,0 +1,131 @@
+"""The layout algebra: a layout is an order of named logical axes, outermost first.
+
+Sizes may be ints or sympy expressions; everything returned is a sympy expression, so the
+rewriter can prove two index maps equal and the distributed code can plan transfers for any
+sizes before it instantiates them."""
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from itertools import product
+
+import sympy
+import torch
+
+from .errors import ArgumentError
+
+Size = int | sympy.Expr
+
+
+@dataclass(frozen=True)
+class Runs:
+    """The contiguous runs a logical region covers: `count` runs of `length` elements, run i
+    starting at `start + sum(i_a * stride_a)` over the `outer` axes (name, first, stop, stride)."""
+
+    length: sympy.Expr
+    start: sympy.Expr
+    outer: tuple[tuple[str, sympy.Expr, sympy.Expr, sympy.Expr], ...]
+
+    @property
+    def count(self) -> sympy.Expr:
+        return sympy.Mul(*(stop - first for _, first, stop, _ in self.outer)) if self.length != 0 else sympy.Integer(0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) per run, in memory order; sizes must be concrete."""
+        if self.count == 0:
+            return
+        ranges = [range(int(first), int(stop)) for _, first, stop, _ in self.outer]
+        for index in product(*ranges):
+            offset = self.start + sum((i - int(first)) * stride
+                                      for i, (_, first, _, stride) in zip(index, self.outer))
+            yield int(offset), int(self.length)
+
+
+@dataclass(frozen=True)
+class Layout:
+    axes: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(set(self.axes)) != len(self.axes):
+            raise ArgumentError("axes", f"repeated axis in {self.axes}")
+
+    def __str__(self) -> str:
+        return NAMES.get(self.axes, "(" + ", ".join(self.axes) + ")")
+
+    def shape(self, sizes: Mapping[str, Size]) -> tuple[Size, ...]:
+        return tuple(self._sizes(sizes)[a] for a in self.axes)
+
+    def strides(self, sizes: Mapping[str, Size]) -> dict[str, sympy.Expr]:
+        """Contiguous strides, in elements, by axis name."""
+        sizes = self._sizes(sizes)
+        strides, step = {}, sympy.Integer(1)
+        for axis in reversed(self.axes):
+            strides[axis] = step
+            step = step * sizes[axis]
+        return strides
+
+    def offset(self, sizes: Mapping[str, Size], index: Mapping[str, Size]) -> sympy.Expr:
+        """Element offset of a logical index."""
+        strides = self.strides(sizes)
+        return sympy.expand(sum(sympy.sympify(index[a]) * strides[a] for a in self.axes))
+
+    def permutation(self, to: "Layout") -> tuple[int, ...]:
+        """The dims of a tensor in this layout, in `to`'s order: `t.permute(p)` is `to`-ordered."""
+        if set(to.axes) != set(self.axes):
+            raise ArgumentError("to", f"layout {to} has other axes than {self}")
+        return tuple(self.axes.index(a) for a in to.axes)
+
+    def view(self, tensor: torch.Tensor, to: "Layout") -> torch.Tensor:
+        """The same memory seen with `to`'s axis order (no copy)."""
+        self._check_rank(tensor)
+        return tensor.permute(self.permutation(to))
+
+    def convert(self, tensor: torch.Tensor, to: "Layout") -> torch.Tensor:
+        """A contiguous copy of `tensor` (in this layout) stored in `to`'s layout."""
+        return self.view(tensor, to).contiguous()
+
+    def runs(self, sizes: Mapping[str, Size], **ranges: tuple[Size, Size]) -> Runs:
+        """The contiguous runs covered by the region `axis=(start, stop)` (whole axis when not
+        given). Walking from the innermost axis out, whole axes merge into one run; the first
+        partial axis sets the run length; every axis outside it adds runs."""
+        sizes = self._sizes(sizes)
+        unknown = set(ranges) - set(self.axes)
+        if unknown:
+            raise ArgumentError("ranges", f"axes {sorted(unknown)} are not in layout {self}")
+        region = {a: tuple(map(sympy.sympify, ranges.get(a, (0, sizes[a])))) for a in self.axes}
+        strides = self.strides(sizes)
+        start = sum(region[a][0] * strides[a] for a in self.axes)
+        length, outer = sympy.Integer(1), []
+        merging = True
+        for axis in reversed(self.axes):
+            first, stop = region[axis]
+            if merging:
+                length = length * (stop - first)
+                merging = first == 0 and stop == sizes[axis]
+            else:
+                outer.append((axis, first, stop, strides[axis]))
+        return Runs(sympy.expand(length), sympy.expand(start), tuple(reversed(outer)))
+
+    def _sizes(self, sizes: Mapping[str, Size]) -> dict[str, sympy.Expr]:
+        missing = [a for a in self.axes if a not in sizes]
+        if missing:
+            raise ArgumentError("sizes", f"no size for axes {missing} of layout {self}")
+        return {a: sympy.sympify(sizes[a]) for a in self.axes}
+
+    def _check_rank(self, tensor: torch.Tensor) -> None:
+        if tensor.dim() != len(self.axes):
+            raise ArgumentError("tensor", f"rank {tensor.dim()} does not match layout {self}")
+
+
+SD = Layout(("slot", "tok", "dim"))
+DS = Layout(("slot", "dim", "tok"))
+NAMES = {SD.axes: "SD", DS.axes: "DS"}
+LAYOUTS = {"SD": SD, "DS": DS}
+
+
+def parse_layout(name: "str | Layout", argument: str = "layout") -> Layout:
+    """'SD' / 'DS' (any case) or a Layout; anything else is an ArgumentError naming `argument`."""
+    if isinstance(name, Layout):
+        return name
+    if isinstance(name, str) and name.upper() in LAYOUTS:
+        return LAYOUTS[name.upper()]
+    raise ArgumentError(argument, f"unknown layout {name!r}; expected one of {sorted(LAYOUTS)}")

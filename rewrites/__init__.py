@@ -1,0 +1,1 @@
+"""Rewrite rules, as data: one module per family (transposes, axis remap, lowering)."""
