@@ -1,11 +1,10 @@
 """Argument checks shared by every implementation of the conv ops.
 
-Shape and dtype checks run everywhere (fake tensors included). Checks that read tensor
-values (slot indices, token counts) run only on CPU tensors: on CUDA they would force a
-device sync and break CUDA-graph capture, as in vLLM."""
+Shape and dtype checks run everywhere (fake tensors and tracing included). Checks that read
+tensor values (slot indices, token counts) run in the reference implementation only, i.e. on
+CPU: on CUDA they would force a device sync and break CUDA-graph capture, as in vLLM."""
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from layoutpass.errors import ArgumentError
 
@@ -64,25 +63,22 @@ def check_pool(conv_state: torch.Tensor, dim: int, width: int, dtype: torch.dtyp
         raise ArgumentError("conv_state", f"dtype {conv_state.dtype} differs from x's {dtype}")
 
 
-def reads_values(t: torch.Tensor | None) -> bool:
-    """Value checks run on real CPU tensors only (not on CUDA, not under fake tensors)."""
-    return t is not None and t.device.type == "cpu" and not isinstance(t, FakeTensor) and t.numel() > 0
-
-
 def check_slots(name: str, slots: torch.Tensor | None, num_slots: int, null_block_id: int) -> None:
-    """Every slot index must address the pool or be the null block."""
-    if not reads_values(slots):
+    """Every slot index must address the pool or be the null block (reads values)."""
+    if slots is None or slots.numel() == 0:
         return
     bad = ((slots < 0) | (slots >= num_slots)) & (slots != null_block_id)
     if bool(bad.any()):
         raise ArgumentError(name, f"slot {int(slots[bad][0])} is outside the pool of {num_slots} slots")
 
 
-def check_query_start_loc(qsl: torch.Tensor, num_tokens: int) -> None:
+def check_query_start_loc(qsl: torch.Tensor) -> None:
     if qsl.dtype not in INDEX_DTYPES or qsl.dim() != 1 or qsl.shape[0] < 2:
         raise ArgumentError("query_start_loc", f"expected an int tensor (batch + 1,), got {qsl.dtype} {tuple(qsl.shape)}")
-    if not reads_values(qsl):
-        return
+
+
+def check_token_counts(qsl: torch.Tensor, num_tokens: int) -> None:
+    """query_start_loc must describe sequences inside x (reads values)."""
     if int(qsl[0]) != 0 or bool((qsl[1:] < qsl[:-1]).any()) or int(qsl[-1]) > num_tokens:
         raise ArgumentError(
             "query_start_loc", f"must start at 0, never decrease and end at most at {num_tokens}: {qsl.tolist()}"

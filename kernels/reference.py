@@ -42,7 +42,7 @@ def conv_update(x, conv_state, weight, bias, activation, conv_state_indices, num
 def conv_prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
                  activation, null_block_id) -> torch.Tensor:
     """Varlen prefill over x (dim, total_tokens); writes the final states, returns the output."""
-    out = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    out = torch.zeros_like(x)
     xs, lens, token_rows = _padded(x.t(), query_start_loc)
     batch, state_len = xs.shape[0], conv_states.shape[2]
     slots = torch.arange(batch, device=x.device) if cache_indices is None else cache_indices.long()

@@ -38,10 +38,11 @@ class UpdateCase:
     def check(self, run):
         """run(**kwargs) must write kwargs['out'] and the pool; compare with the oracle."""
         kw = self.kwargs
-        expected_state = kw["conv_state"].double().clone()
+        expected_state = kw["conv_state"].double().cpu().clone()
         slots = kw["conv_state_indices"].tolist() if kw["conv_state_indices"] is not None else list(range(len(self.seqs)))
         accepted = None if kw["num_accepted_tokens"] is None else kw["num_accepted_tokens"].tolist()
-        outs = oracle.update(self.seqs, expected_state, kw["weight"], kw["bias"], kw["activation"], slots, accepted,
+        bias = None if kw["bias"] is None else kw["bias"].cpu()
+        outs = oracle.update(self.seqs, expected_state, kw["weight"].cpu(), bias, kw["activation"], slots, accepted,
                              kw["null_block_id"], indexed=kw["conv_state_indices"] is not None)
         out = kw["out"]
         run(**kw)

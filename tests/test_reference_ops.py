@@ -78,9 +78,9 @@ def test_prefill_leaves_x_alone():
 
 def test_opcheck():
     update = update_case(1, layout="SD", form="varlen", spec=True).kwargs
-    update["activation"] = "silu"
+    update.update(activation="silu", max_query_len=-1)
     args = [update[k] for k in ("x", "conv_state", "weight", "bias", "activation", "conv_state_indices",
-                                "num_accepted_tokens", "query_start_loc", "null_block_id", "out")]
+                                "num_accepted_tokens", "query_start_loc", "max_query_len", "null_block_id", "out")]
     torch.library.opcheck(torch.ops.layoutpass.conv_update.default, args)
     prefill = prefill_case(2, layout="DS").kwargs
     prefill["activation"] = "silu"

@@ -1,0 +1,211 @@
+"""Triton conv update (decode) and prefill, specialized for the pool's layout.
+
+The access pattern follows the layout, not only the strides: a program's state tile is
+[BLOCK_D, state_len] with the token axis fastest under DS (one contiguous run of
+BLOCK_D * state_len elements per slot) and [state_len, BLOCK_D] with channels fastest under
+SD (state_len runs of BLOCK_D channels). Each program loads everything it needs, then
+barriers, then stores, so in-place use (out over x, the state over itself) is race-free.
+Semantics: kernels/reference.py."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+
+@triton.jit
+def _orient(d, j, DIM_FIRST: tl.constexpr):
+    """2-D index grids for a (channel, token) tile, the fastest axis last."""
+    if DIM_FIRST:
+        return d[:, None], j[None, :]
+    return d[None, :], j[:, None]
+
+
+@triton.jit
+def _conv_state_kernel(
+    x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, acc_ptr, qsl_ptr, init_ptr, out_ptr,
+    dim, state_len, seqlen, null_block_id,
+    sx_seq, sx_dim, sx_tok, sw_dim, sw_k, ss_slot, ss_dim, ss_tok, so_seq, so_dim, so_tok,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
+    SPEC: tl.constexpr, VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_OUT: tl.constexpr,
+    DIM_FIRST: tl.constexpr, BLOCK_D: tl.constexpr, STATE_P2: tl.constexpr, TOK_P2: tl.constexpr,
+):
+    """One (sequence, channel block): shift the window by the sequence's tokens, write the new
+    state and (WRITE_OUT) each token's conv output. Also writes prefill's final states."""
+    seq = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < dim
+    slot = seq
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq).to(tl.int64)
+        if slot == null_block_id:
+            return
+    if VARLEN:
+        start = tl.load(qsl_ptr + seq).to(tl.int64)
+        tokens = tl.load(qsl_ptr + seq + 1).to(tl.int64) - start
+        x_base = x_ptr + start * sx_tok
+        o_base = out_ptr + start * so_tok
+    else:
+        tokens = seqlen
+        x_base = x_ptr + seq * sx_seq
+        o_base = out_ptr + seq * so_seq
+    if tokens == 0:
+        return
+    end = state_len  # where the valid history stops in the state
+    if SPEC:
+        end = tl.load(acc_ptr + seq).to(tl.int64) + WIDTH - 2
+    readable = True
+    if HAS_INIT:
+        readable = tl.load(init_ptr + seq) != 0
+    s_base = state_ptr + slot * ss_slot
+
+    # New state: column j holds history position end + tokens - state_len + j.
+    D2, J2 = _orient(d, tl.arange(0, STATE_P2), DIM_FIRST)
+    in_tile = (J2 < state_len) & (D2 < dim)
+    pos = end + tokens - state_len + J2
+    old = tl.load(s_base + D2 * ss_dim + pos * ss_tok, mask=in_tile & (pos >= 0) & (pos < end) & readable, other=0.0)
+    new = tl.load(x_base + D2 * sx_dim + (pos - end) * sx_tok, mask=in_tile & (pos >= end), other=0.0)
+    new = tl.where(pos >= end, new, old)
+
+    if WRITE_OUT:
+        T2 = tl.arange(0, TOK_P2)[:, None]
+        Dy = d[None, :]
+        live = (T2 < tokens) & (Dy < dim)
+        if HAS_BIAS:
+            acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32) + tl.load(b_ptr + Dy, mask=Dy < dim, other=0.0).to(tl.float32)
+        else:
+            acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32)
+        for k in tl.static_range(WIDTH):
+            p = end - (WIDTH - 1) + T2 + k
+            vs = tl.load(s_base + Dy * ss_dim + p * ss_tok, mask=live & (p < end) & readable, other=0.0)
+            vx = tl.load(x_base + Dy * sx_dim + (p - end) * sx_tok, mask=live & (p >= end), other=0.0)
+            wk = tl.load(w_ptr + Dy * sw_dim + k * sw_k, mask=Dy < dim, other=0.0).to(tl.float32)
+            acc += wk * (vs.to(tl.float32) + vx.to(tl.float32))
+        if SILU:
+            acc = acc / (1.0 + tl.exp(-acc))
+    tl.debug_barrier()
+    tl.store(s_base + D2 * ss_dim + J2 * ss_tok, new, mask=in_tile)
+    if WRITE_OUT:
+        tl.store(o_base + Dy * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _prefill_out_kernel(
+    x_ptr, w_ptr, b_ptr, state_ptr, seq_ptr, qsl_ptr, idx_ptr, init_ptr, out_ptr,
+    num_tokens, dim, state_len, null_block_id,
+    sx_dim, sx_tok, sw_dim, sw_k, ss_slot, ss_dim, ss_tok, so_dim, so_tok,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
+    HAS_INIT: tl.constexpr, TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """A (token block, channel block) of the varlen prefill output. Token blocks may span
+    sequences: each token finds its sequence; taps before a sequence's start read the slot's
+    initial state (or zeros). The pool is only read here (final states: _conv_state_kernel)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    D2, T2 = _orient(d, t, TOK_FAST)
+    mask = (T2 < num_tokens) & (D2 < dim)
+    seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
+    start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
+    slot = seq
+    live = mask
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
+        live = live & (slot != null_block_id)
+    readable = live
+    if HAS_INIT:
+        readable = readable & (tl.load(init_ptr + seq, mask=T2 < num_tokens, other=0) != 0)
+    else:
+        readable = readable & False
+    if HAS_BIAS:
+        acc = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32) + tl.zeros((1, 1), tl.float32)
+    else:
+        acc = tl.zeros((1, 1), tl.float32)
+    for k in tl.static_range(WIDTH):
+        p = T2 - (WIDTH - 1) + k
+        vx = tl.load(x_ptr + D2 * sx_dim + p * sx_tok, mask=live & (p >= start), other=0.0)
+        col = state_len - start + p
+        vs = tl.load(state_ptr + slot * ss_slot + D2 * ss_dim + col * ss_tok, mask=readable & (p < start), other=0.0)
+        wk = tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32)
+        acc = acc + wk * (vx.to(tl.float32) + vs.to(tl.float32))
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    acc = tl.where(live, acc, 0.0)
+    tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dim_first(conv_state: torch.Tensor) -> bool:
+    """DS-like storage: the token axis is the innermost one."""
+    return conv_state.stride(2) <= conv_state.stride(1)
+
+
+def _update_config(dim_first: bool, batch: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps); see benchmarks/ for the sweep that chose them."""
+    if batch <= 16:
+        return 128, 2
+    return (512, 4) if dim_first else (256, 4)
+
+
+def update(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens, query_start_loc,
+           max_query_len, null_block_id, out) -> None:
+    if query_start_loc is not None:
+        batch = query_start_loc.shape[0] - 1
+        if max_query_len < 0:  # a device sync; pass max_query_len to avoid it (and for CUDA graphs)
+            max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if batch else 0
+        seqlen, tok_p2 = 0, triton.next_power_of_2(max(1, max_query_len))
+        sx, so = (0, x.stride(1), x.stride(0)), (0, out.stride(1), out.stride(0))
+    else:
+        batch, seqlen = x.shape[0], (x.shape[2] if x.dim() == 3 else 1)
+        tok_p2 = triton.next_power_of_2(seqlen)
+        sx = (x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0)
+        so = (out.stride(0), out.stride(1), out.stride(2) if out.dim() == 3 else 0)
+    _launch_state(x, weight, bias, conv_state, conv_state_indices, num_accepted_tokens, query_start_loc, None, out,
+                  batch, seqlen, null_block_id, sx, so, activation, write_out=True, tok_p2=tok_p2)
+
+
+def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_init, out, batch, seqlen,
+                  null_block_id, sx, so, activation, write_out, tok_p2):
+    if batch == 0:
+        return
+    dim, state_len = conv_state.shape[1], conv_state.shape[2]
+    dim_first = _dim_first(conv_state)
+    block_d, warps = _update_config(dim_first, batch)
+    block_d = min(block_d, triton.next_power_of_2(dim))
+    grid = (batch, triton.cdiv(dim, block_d))
+    wrap_triton(_conv_state_kernel)[grid](
+        x, weight, bias, conv_state, indices, num_accepted, qsl, has_init, out,
+        dim, state_len, seqlen, null_block_id,
+        *sx, weight.stride(0), weight.stride(1), *conv_state.stride(), *so,
+        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_INDICES=indices is not None, SPEC=num_accepted is not None, VARLEN=qsl is not None,
+        HAS_INIT=has_init is not None, WRITE_OUT=write_out, DIM_FIRST=dim_first, BLOCK_D=block_d,
+        STATE_P2=triton.next_power_of_2(state_len), TOK_P2=tok_p2, num_warps=warps)
+
+
+def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation,
+            null_block_id) -> torch.Tensor:
+    """Outputs first (they read the initial states), then the final states (they overwrite them)."""
+    out = torch.empty_like(x)
+    dim, num_tokens = x.shape
+    batch = query_start_loc.shape[0] - 1
+    if num_tokens == 0 or batch == 0:
+        return out
+    seq_of_token = torch.searchsorted(query_start_loc[1:], torch.arange(num_tokens, device=x.device,
+                                                                        dtype=query_start_loc.dtype), right=True)
+    tok_fast = x.stride(1) == 1 and x.stride(0) != 1
+    block_t, block_d = (64, 64) if tok_fast else (32, 128)
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
+    init = None if has_initial_state is None else has_initial_state.to(torch.int8)
+    wrap_triton(_prefill_out_kernel)[grid](
+        x, weight, bias, conv_states, seq_of_token, query_start_loc, cache_indices, init, out,
+        num_tokens, dim, conv_states.shape[2], null_block_id,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *conv_states.stride(),
+        out.stride(0), out.stride(1),
+        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_INDICES=cache_indices is not None, HAS_INIT=has_initial_state is not None, TOK_FAST=tok_fast,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    # Final states: the decode kernel's state shift over each sequence's tokens, without outputs;
+    # sequences with no initial state read zeros.
+    no_init = torch.zeros(batch, dtype=torch.int8, device=x.device) if init is None else init
+    _launch_state(x, weight, bias, conv_states, cache_indices, None, query_start_loc, no_init, out, batch, 0,
+                  null_block_id, (0, x.stride(0), x.stride(1)), (0, 0, 0), activation, write_out=False, tok_p2=1)
+    return out

@@ -1,0 +1,62 @@
+"""The Triton kernels against the oracle: on the CPU under TRITON_INTERPRET=1 (small shapes),
+and on CUDA (marked gpu) at real sizes through the public ops."""
+
+import pytest
+import torch
+
+from cases import prefill_case, update_case
+from layoutpass.kernels import conv_prefill, conv_update, triton_conv
+
+LAYOUTS = ["SD", "DS"]
+
+
+def triton_update(**kw):
+    triton_conv.update(kw["x"], kw["conv_state"], kw["weight"], kw["bias"], kw["activation"],
+                       kw["conv_state_indices"], kw["num_accepted_tokens"], kw["query_start_loc"], -1,
+                       kw["null_block_id"], kw["out"])
+
+
+def triton_prefill(**kw):
+    return triton_conv.prefill(kw["x"], kw["weight"], kw["bias"], kw["conv_states"], kw["query_start_loc"],
+                               kw["cache_indices"], kw["has_initial_state"], kw["activation"], kw["null_block_id"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("width", range(2, 7))
+@pytest.mark.parametrize("form", ["single", "multi", "varlen"])
+@pytest.mark.parametrize("spec", [False, True])
+def test_update_interpreted(width, form, spec, layout):
+    update_case(width * 13 + len(form) + spec, layout=layout, width=width, form=form, spec=spec,
+                dim=37).check(triton_update)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seed", range(8))
+def test_update_interpreted_random(seed, layout):
+    update_case(100 + seed, layout=layout, dtype=torch.float16 if seed % 2 else torch.float32).check(triton_update)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("width", range(2, 7))
+@pytest.mark.parametrize("tokens_major", [False, True])
+def test_prefill_interpreted(width, tokens_major, layout):
+    prefill_case(width * 3 + tokens_major, layout=layout, width=width, dim=37, tokens_major=tokens_major,
+                 lens=[1, 0, width - 1, 40, 3]).check(triton_prefill)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(12))
+def test_update_gpu(seed, dtype, layout):
+    update_case(seed, layout=layout, dtype=dtype, device="cuda", dim=[1, 700, 4096, 8192][seed % 4],
+                batch=[1, 3, 17, 64][seed % 4]).check(conv_update)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(8))
+def test_prefill_gpu(seed, dtype, layout):
+    prefill_case(seed, layout=layout, dtype=dtype, device="cuda", dim=[5, 700, 2048, 4096][seed % 4],
+                 lens=[[1, 300, 0, 7], [2048], [5, 64, 1000, 3, 2], [4, 3, 2, 1]][seed % 4]).check(conv_prefill)
