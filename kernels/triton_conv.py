@@ -138,11 +138,18 @@ def _dim_first(conv_state: torch.Tensor) -> bool:
     return conv_state.stride(2) <= conv_state.stride(1)
 
 
+# Block shapes, as data. UPDATE_BLOCKS[dim_first]: (largest batch, BLOCK_D, num_warps), first
+# match wins; PREFILL_BLOCKS[tokens_fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
+# `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/).
+UPDATE_BLOCKS = {
+    True: [(16, 128, 2), (1 << 62, 512, 4)],
+    False: [(16, 128, 2), (1 << 62, 256, 4)],
+}
+PREFILL_BLOCKS = {True: (64, 64, 4), False: (32, 128, 4)}
+
+
 def _update_config(dim_first: bool, batch: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps); see benchmarks/ for the sweep that chose them."""
-    if batch <= 16:
-        return 128, 2
-    return (512, 4) if dim_first else (256, 4)
+    return next((block, warps) for most, block, warps in UPDATE_BLOCKS[dim_first] if batch <= most)
 
 
 def update(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens, query_start_loc,
@@ -192,7 +199,7 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     seq_of_token = torch.searchsorted(query_start_loc[1:], torch.arange(num_tokens, device=x.device,
                                                                         dtype=query_start_loc.dtype), right=True)
     tok_fast = x.stride(1) == 1 and x.stride(0) != 1
-    block_t, block_d = (64, 64) if tok_fast else (32, 128)
+    block_t, block_d, warps = PREFILL_BLOCKS[tok_fast]
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     init = None if has_initial_state is None else has_initial_state.to(torch.int8)
     wrap_triton(_prefill_out_kernel)[grid](
@@ -202,7 +209,7 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
         out.stride(0), out.stride(1),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
         HAS_INDICES=cache_indices is not None, HAS_INIT=has_initial_state is not None, TOK_FAST=tok_fast,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     # Final states: the decode kernel's state shift over each sequence's tokens, without outputs;
     # sequences with no initial state read zeros.
     no_init = torch.zeros(batch, dtype=torch.int8, device=x.device) if init is None else init
