@@ -4,7 +4,7 @@ with DS pools, against a pure-torch path, torch.compile of it, and optional peer
 the device copy bandwidth measured in the same run (../shared/PERFORMANCE.md).
 
     python benchmarks/kernels.py --out DIR            # table + kernels.json + kernels.md
-    python benchmarks/kernels.py --sweep --out DIR    # block shapes per layout and batch
+    python benchmarks/kernels.py --sweep --out DIR    # first choose the block shapes, then the same
 """
 
 import argparse
@@ -108,14 +108,14 @@ def check_decode(args, name, batch, gen):
         torch.testing.assert_close(state.float(), expected_state.float(), rtol=0, atol=0)
 
 
-def time_decode(call, pools, xs, outs, graph: bool) -> float:
+def time_decode(call, pools, xs, outs, graph: bool, rep: int = 200) -> float:
     """Microseconds per call: one replay calls every layer's pool once (L2-cold pools)."""
     def step():
         for layer in range(LAYERS):
             call(xs[layer], pools[layer], outs[layer])
     step()
     torch.cuda.synchronize()
-    ms = do_bench_cudagraph(step, rep=200, return_mode="median") if graph else do_bench(step, return_mode="median")
+    ms = do_bench_cudagraph(step, rep=rep, return_mode="median") if graph else do_bench(step, return_mode="median")
     return ms * 1e3 / LAYERS
 
 
@@ -182,43 +182,43 @@ def bench_prefill(args, bw, rows, gen):
                              frac_bw=moved / (us * 1e-6) / 1e9 / bw, timing="launches"))
 
 
-def sweep(bw, gen):
-    """Decode block shapes per layout and batch, prefill tiles; prints the best of each."""
-    best = {}
-    for layout in ("SD", "DS"):
-        dim_first = layout == "DS"
-        saved = triton_conv.UPDATE_BLOCKS[dim_first]
+def sweep(gen) -> None:
+    """Time every decode block shape per layout and batch and every prefill tile, then put the
+    winners in the kernels' tables (the benchmark that follows uses them; commit them)."""
+    for flat, layout in ((False, "SD"), (True, "DS")):
+        table = []
         for batch in BATCHES:
             idx, xs, weight, bias = decode_case(batch, gen)
             outs = [torch.empty_like(x) for x in xs]
             pools = make_pools(layout, LAYERS)
             results = []
-            for block in (64, 128, 256, 512, 1024):
-                for warps in (1, 2, 4, 8):
-                    triton_conv.UPDATE_BLOCKS[dim_first] = [(1 << 62, block, warps)]
-                    call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
-                    results.append((time_decode(call, pools, xs, outs, True), block, warps))
-            results.sort()
-            best[(layout, batch)] = results[0]
-            print(f"decode {layout} B={batch:5d}: best {results[0][0]:.2f} us BLOCK_D={results[0][1]} "
-                  f"warps={results[0][2]}; next {[(round(t, 2), b, w) for t, b, w in results[1:4]]}", flush=True)
-        triton_conv.UPDATE_BLOCKS[dim_first] = saved
-    saved = dict(triton_conv.PREFILL_BLOCKS)
+            for block in (128, 256, 512):
+                for seqs in (s for s in (1, 4, 8) if s <= batch):
+                    for warps in (1, 2, 4):
+                        triton_conv.UPDATE_BLOCKS[flat] = [(1 << 62, block, seqs, warps)]
+                        call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
+                        results.append((time_decode(call, pools, xs, outs, True, rep=50), block, seqs, warps))
+            us, block, seqs, warps = min(results)
+            table.append((batch, block, seqs, warps))
+            print(f"sweep decode {layout} B={batch}: {us:.2f} us with BLOCK_D={block} SEQS={seqs} warps={warps}",
+                  flush=True)
+        table[-1] = (1 << 62, *table[-1][1:])
+        triton_conv.UPDATE_BLOCKS[flat] = table
     x = torch.randn(8 * 2048, DIM, device="cuda", dtype=DTYPE).t()
     weight, bias = torch.randn(DIM, WIDTH, device="cuda", dtype=DTYPE), torch.randn(DIM, device="cuda", dtype=DTYPE)
     idx = torch.tensor(gen.sample(range(1, SLOTS), 8), device="cuda", dtype=torch.int32)
     qsl = torch.arange(0, 8 * 2048 + 1, 2048, device="cuda", dtype=torch.int32)
     (state,) = make_pools("DS", 1)
     results = []
-    for bt, bd in ((16, 128), (32, 128), (32, 256), (64, 128), (16, 256), (8, 512), (64, 64)):
+    for bt, bd in ((16, 128), (32, 128), (32, 256), (64, 128), (16, 256), (8, 512), (64, 64), (128, 64)):
         for warps in (4, 8):
             triton_conv.PREFILL_BLOCKS[False] = (bt, bd, warps)
             ms = do_bench(lambda: conv_prefill(x, weight, bias, state, qsl, idx, None, "silu"), return_mode="median")
             results.append((ms * 1e3, bt, bd, warps))
-    results.sort()
-    print(f"prefill 8x2048 DS: best {results[:4]}", flush=True)
-    triton_conv.PREFILL_BLOCKS.update(saved)
-    return best
+    us, *best = min(results)
+    triton_conv.PREFILL_BLOCKS[False] = tuple(best)
+    print(f"sweep prefill 8x2048 DS: {us:.1f} us with (BLOCK_T, BLOCK_D, warps)={tuple(best)}", flush=True)
+    print(f"UPDATE_BLOCKS = {triton_conv.UPDATE_BLOCKS}\nPREFILL_BLOCKS = {triton_conv.PREFILL_BLOCKS}", flush=True)
 
 
 def main():
@@ -234,12 +234,13 @@ def main():
     bw = copy_bandwidth()
     print(f"{card}, torch {torch.__version__}, triton {triton.__version__}: copy bandwidth {bw:.0f} GB/s", flush=True)
     if args.sweep:
-        sweep(bw, gen)
-        return
+        sweep(gen)
     rows = []
     bench_decode(args, bw, rows, gen)
     bench_prefill(args, bw, rows, gen)
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, copy_bw_gbs=round(bw),
+                update_blocks={str(k): v for k, v in triton_conv.UPDATE_BLOCKS.items()},
+                prefill_blocks={str(k): v for k, v in triton_conv.PREFILL_BLOCKS.items()},
                 dim=DIM, width=WIDTH, slots=SLOTS, dtype=str(DTYPE), layers_per_replay=LAYERS, rounds=ROUNDS)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))

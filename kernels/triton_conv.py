@@ -1,9 +1,9 @@
 """Triton conv update (decode) and prefill, specialized for the pool's layout.
 
-The access pattern follows the layout, not only the strides: a program's state tile is
-[BLOCK_D, state_len] with the token axis fastest under DS (one contiguous run of
-BLOCK_D * state_len elements per slot) and [state_len, BLOCK_D] with channels fastest under
-SD (state_len runs of BLOCK_D channels). Each program loads everything it needs, then
+The access pattern follows the layout, not only the strides: under DS a program's
+[BLOCK_D, state_len] state block is one contiguous run of BLOCK_D * state_len elements per slot,
+loaded and stored flat; under SD (or any other strides) it is state_len rows of BLOCK_D
+channels, channels fastest. Each program loads everything it needs, then
 barriers, then stores, so in-place use (out over x, the state over itself) is race-free.
 Semantics: kernels/reference.py."""
 
@@ -14,79 +14,89 @@ from torch.library import wrap_triton
 
 
 @triton.jit
-def _orient(d, j, DIM_FIRST: tl.constexpr):
-    """2-D index grids for a (channel, token) tile, the fastest axis last."""
-    if DIM_FIRST:
-        return d[:, None], j[None, :]
-    return d[None, :], j[:, None]
-
-
-@triton.jit
 def _conv_state_kernel(
     x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, acc_ptr, qsl_ptr, init_ptr, out_ptr,
-    dim, state_len, seqlen, null_block_id,
+    batch, dim, seqlen, null_block_id,
     sx_seq, sx_dim, sx_tok, sw_dim, sw_k, ss_slot, ss_dim, ss_tok, so_seq, so_dim, so_tok,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
-    SPEC: tl.constexpr, VARLEN: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_OUT: tl.constexpr,
-    DIM_FIRST: tl.constexpr, BLOCK_D: tl.constexpr, STATE_P2: tl.constexpr, TOK_P2: tl.constexpr,
+    WIDTH: tl.constexpr, STATE_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_INDICES: tl.constexpr, SPEC: tl.constexpr, VARLEN: tl.constexpr, HAS_INIT: tl.constexpr,
+    WRITE_OUT: tl.constexpr, FLAT: tl.constexpr, BLOCK_D: tl.constexpr, SEQS: tl.constexpr,
+    TOK_P2: tl.constexpr, STATE_P2: tl.constexpr, FLAT_P2: tl.constexpr,
 ):
-    """One (sequence, channel block): shift the window by the sequence's tokens, write the new
-    state and (WRITE_OUT) each token's conv output. Also writes prefill's final states."""
-    seq = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = d < dim
-    slot = seq
-    if HAS_INDICES:
-        slot = tl.load(idx_ptr + seq).to(tl.int64)
-        if slot == null_block_id:
-            return
-    if VARLEN:
-        start = tl.load(qsl_ptr + seq).to(tl.int64)
-        tokens = tl.load(qsl_ptr + seq + 1).to(tl.int64) - start
-        x_base = x_ptr + start * sx_tok
-        o_base = out_ptr + start * so_tok
+    """SEQS sequences x one channel block (the weights stay in L1 across the sequences):
+    shift each window by the sequence's tokens, write the new state and (WRITE_OUT) each
+    token's conv output. Also writes prefill's final states (WRITE_OUT=False)."""
+    d0 = tl.program_id(1) * BLOCK_D
+    d = d0 + tl.arange(0, BLOCK_D)
+    if FLAT:
+        # Dense DS pool: the block's state is one contiguous run of BLOCK_D * STATE_LEN elements.
+        e = tl.arange(0, FLAT_P2)
+        D2, J2 = d0 + e // STATE_LEN, e % STATE_LEN
+        in_tile = (e < BLOCK_D * STATE_LEN) & (D2 < dim)
     else:
-        tokens = seqlen
-        x_base = x_ptr + seq * sx_seq
-        o_base = out_ptr + seq * so_seq
-    if tokens == 0:
-        return
-    end = state_len  # where the valid history stops in the state
-    if SPEC:
-        end = tl.load(acc_ptr + seq).to(tl.int64) + WIDTH - 2
-    readable = True
-    if HAS_INIT:
-        readable = tl.load(init_ptr + seq) != 0
-    s_base = state_ptr + slot * ss_slot
-
-    # New state: column j holds history position end + tokens - state_len + j.
-    D2, J2 = _orient(d, tl.arange(0, STATE_P2), DIM_FIRST)
-    in_tile = (J2 < state_len) & (D2 < dim)
-    pos = end + tokens - state_len + J2
-    old = tl.load(s_base + D2 * ss_dim + pos * ss_tok, mask=in_tile & (pos >= 0) & (pos < end) & readable, other=0.0)
-    new = tl.load(x_base + D2 * sx_dim + (pos - end) * sx_tok, mask=in_tile & (pos >= end), other=0.0)
-    new = tl.where(pos >= end, new, old)
-
-    if WRITE_OUT:
-        T2 = tl.arange(0, TOK_P2)[:, None]
-        Dy = d[None, :]
-        live = (T2 < tokens) & (Dy < dim)
-        if HAS_BIAS:
-            acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32) + tl.load(b_ptr + Dy, mask=Dy < dim, other=0.0).to(tl.float32)
+        # Any other strides (SD): STATE_LEN rows of BLOCK_D channels, channels fastest.
+        j = tl.arange(0, STATE_P2)[:, None]
+        D2, J2 = d[None, :], j
+        in_tile = (J2 < STATE_LEN) & (D2 < dim)
+    T2 = tl.arange(0, TOK_P2)[:, None]
+    Dy = d[None, :]
+    for i in range(SEQS):
+        seq = (tl.program_id(0) * SEQS + i).to(tl.int64)
+        active = seq < batch
+        slot = seq
+        if HAS_INDICES:
+            slot = tl.load(idx_ptr + seq, mask=active, other=null_block_id).to(tl.int64)
+            active = active & (slot != null_block_id)
+        if VARLEN:
+            start = tl.load(qsl_ptr + seq, mask=active, other=0).to(tl.int64)
+            tokens = tl.load(qsl_ptr + seq + 1, mask=active, other=0).to(tl.int64) - start
+            x_base = x_ptr + start * sx_tok
+            o_base = out_ptr + start * so_tok
         else:
-            acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32)
-        for k in tl.static_range(WIDTH):
-            p = end - (WIDTH - 1) + T2 + k
-            vs = tl.load(s_base + Dy * ss_dim + p * ss_tok, mask=live & (p < end) & readable, other=0.0)
-            vx = tl.load(x_base + Dy * sx_dim + (p - end) * sx_tok, mask=live & (p >= end), other=0.0)
-            wk = tl.load(w_ptr + Dy * sw_dim + k * sw_k, mask=Dy < dim, other=0.0).to(tl.float32)
-            acc += wk * (vs.to(tl.float32) + vx.to(tl.float32))
-        if SILU:
-            acc = acc / (1.0 + tl.exp(-acc))
-    tl.debug_barrier()
-    tl.store(s_base + D2 * ss_dim + J2 * ss_tok, new, mask=in_tile)
-    if WRITE_OUT:
-        tl.store(o_base + Dy * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=live)
+            tokens = seqlen
+            x_base = x_ptr + seq * sx_seq
+            o_base = out_ptr + seq * so_seq
+        active = active & (tokens > 0)
+        end = STATE_LEN  # where the valid history stops in the state
+        if SPEC:
+            end = tl.load(acc_ptr + seq, mask=active, other=1).to(tl.int64) + WIDTH - 2
+        readable = active
+        if HAS_INIT:
+            readable = readable & (tl.load(init_ptr + seq, mask=active, other=0) != 0)
+        s_base = state_ptr + slot * ss_slot
+
+        # New state: column j holds history position end + tokens - STATE_LEN + j.
+        shift = end + tokens - STATE_LEN
+        pos = shift + J2
+        if FLAT:
+            old_ptr = s_base + d0 * ss_dim + e + shift
+        else:
+            old_ptr = s_base + D2 * ss_dim + pos * ss_tok
+        old = tl.load(old_ptr, mask=in_tile & (pos >= 0) & (pos < end) & readable, other=0.0)
+        new = tl.load(x_base + D2 * sx_dim + (pos - end) * sx_tok, mask=in_tile & (pos >= end) & active, other=0.0)
+        new = tl.where(pos >= end, new, old)
+
+        if WRITE_OUT:
+            live = (T2 < tokens) & (Dy < dim) & active
+            if HAS_BIAS:
+                acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32) + tl.load(b_ptr + Dy, mask=Dy < dim, other=0.0).to(tl.float32)
+            else:
+                acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32)
+            for k in tl.static_range(WIDTH):
+                p = end - (WIDTH - 1) + T2 + k
+                vs = tl.load(s_base + Dy * ss_dim + p * ss_tok, mask=live & (p < end) & readable, other=0.0)
+                vx = tl.load(x_base + Dy * sx_dim + (p - end) * sx_tok, mask=live & (p >= end), other=0.0)
+                wk = tl.load(w_ptr + Dy * sw_dim + k * sw_k, mask=Dy < dim, other=0.0).to(tl.float32)
+                acc += wk * (vs.to(tl.float32) + vx.to(tl.float32))
+            if SILU:
+                acc = acc / (1.0 + tl.exp(-acc))
+        tl.debug_barrier()
+        if FLAT:
+            tl.store(s_base + d0 * ss_dim + e, new, mask=in_tile & active)
+        else:
+            tl.store(s_base + D2 * ss_dim + J2 * ss_tok, new, mask=in_tile & active)
+        if WRITE_OUT:
+            tl.store(o_base + Dy * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -102,7 +112,10 @@ def _prefill_out_kernel(
     initial state (or zeros). The pool is only read here (final states: _conv_state_kernel)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    D2, T2 = _orient(d, t, TOK_FAST)
+    if TOK_FAST:
+        D2, T2 = d[:, None], t[None, :]
+    else:
+        D2, T2 = d[None, :], t[:, None]
     mask = (T2 < num_tokens) & (D2 < dim)
     seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
     start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
@@ -133,23 +146,23 @@ def _prefill_out_kernel(
     tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _dim_first(conv_state: torch.Tensor) -> bool:
-    """DS-like storage: the token axis is the innermost one."""
-    return conv_state.stride(2) <= conv_state.stride(1)
+def _flat(conv_state: torch.Tensor) -> bool:
+    """A dense DS pool: each slot's (dim, state_len) block is one contiguous run."""
+    return conv_state.stride(2) == 1 and conv_state.stride(1) == conv_state.shape[2]
 
 
-# Block shapes, as data. UPDATE_BLOCKS[dim_first]: (largest batch, BLOCK_D, num_warps), first
-# match wins; PREFILL_BLOCKS[tokens_fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
-# `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/).
+# Block shapes, as data. UPDATE_BLOCKS[flat]: (largest batch, BLOCK_D, SEQS, num_warps), the
+# first match wins; PREFILL_BLOCKS[tokens_fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
+# `benchmarks/kernels.py --sweep` (benchmarks/results/).
 UPDATE_BLOCKS = {
-    True: [(16, 128, 2), (1 << 62, 512, 4)],
-    False: [(16, 128, 2), (1 << 62, 256, 4)],
+    True: [(16, 128, 1, 4), (1 << 62, 256, 4, 2)],
+    False: [(16, 128, 1, 4), (1 << 62, 256, 4, 2)],
 }
-PREFILL_BLOCKS = {True: (64, 64, 4), False: (32, 128, 4)}
+PREFILL_BLOCKS = {True: (64, 64, 4), False: (64, 64, 4)}
 
 
-def _update_config(dim_first: bool, batch: int) -> tuple[int, int]:
-    return next((block, warps) for most, block, warps in UPDATE_BLOCKS[dim_first] if batch <= most)
+def _update_config(flat: bool, batch: int) -> tuple[int, int, int]:
+    return next(config for most, *config in UPDATE_BLOCKS[flat] if batch <= most)
 
 
 def update(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens, query_start_loc,
@@ -173,19 +186,20 @@ def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_i
                   null_block_id, sx, so, activation, write_out, tok_p2):
     if batch == 0:
         return
-    dim, state_len = conv_state.shape[1], conv_state.shape[2]
-    dim_first = _dim_first(conv_state)
-    block_d, warps = _update_config(dim_first, batch)
+    dim = conv_state.shape[1]
+    flat = _flat(conv_state)
+    block_d, seqs, warps = _update_config(flat, batch)
     block_d = min(block_d, triton.next_power_of_2(dim))
-    grid = (batch, triton.cdiv(dim, block_d))
+    grid = (triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))
     wrap_triton(_conv_state_kernel)[grid](
         x, weight, bias, conv_state, indices, num_accepted, qsl, has_init, out,
-        dim, state_len, seqlen, null_block_id,
+        batch, dim, seqlen, null_block_id,
         *sx, weight.stride(0), weight.stride(1), *conv_state.stride(), *so,
-        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_INDICES=indices is not None, SPEC=num_accepted is not None, VARLEN=qsl is not None,
-        HAS_INIT=has_init is not None, WRITE_OUT=write_out, DIM_FIRST=dim_first, BLOCK_D=block_d,
-        STATE_P2=triton.next_power_of_2(state_len), TOK_P2=tok_p2, num_warps=warps)
+        WIDTH=weight.shape[1], STATE_LEN=conv_state.shape[2], HAS_BIAS=bias is not None,
+        SILU=activation == "silu", HAS_INDICES=indices is not None, SPEC=num_accepted is not None,
+        VARLEN=qsl is not None, HAS_INIT=has_init is not None, WRITE_OUT=write_out, FLAT=flat,
+        BLOCK_D=block_d, SEQS=seqs, TOK_P2=tok_p2, STATE_P2=triton.next_power_of_2(conv_state.shape[2]),
+        FLAT_P2=triton.next_power_of_2(block_d * conv_state.shape[2]), num_warps=warps)
 
 
 def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation,

@@ -10,6 +10,15 @@ from layoutpass.kernels import conv_prefill, conv_update, triton_conv
 LAYOUTS = ["SD", "DS"]
 
 
+@pytest.fixture(params=["table", "small-blocks"])
+def blocks(request, monkeypatch):
+    """The shipped block table, and one with small channel blocks and several sequences per
+    program, so that interpreted shapes cross block and sequence-group edges."""
+    if request.param == "small-blocks":
+        monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {flat: [(1 << 62, 16, 3, 1)] for flat in (True, False)})
+    return request.param
+
+
 def triton_update(**kw):
     triton_conv.update(kw["x"], kw["conv_state"], kw["weight"], kw["bias"], kw["activation"],
                        kw["conv_state_indices"], kw["num_accepted_tokens"], kw["query_start_loc"], -1,
@@ -25,7 +34,7 @@ def triton_prefill(**kw):
 @pytest.mark.parametrize("width", range(2, 7))
 @pytest.mark.parametrize("form", ["single", "multi", "varlen"])
 @pytest.mark.parametrize("spec", [False, True])
-def test_update_interpreted(width, form, spec, layout):
+def test_update_interpreted(width, form, spec, layout, blocks):
     update_case(width * 13 + len(form) + spec, layout=layout, width=width, form=form, spec=spec,
                 dim=37).check(triton_update)
 
@@ -39,7 +48,7 @@ def test_update_interpreted_random(seed, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("width", range(2, 7))
 @pytest.mark.parametrize("tokens_major", [False, True])
-def test_prefill_interpreted(width, tokens_major, layout):
+def test_prefill_interpreted(width, tokens_major, layout, blocks):
     prefill_case(width * 3 + tokens_major, layout=layout, width=width, dim=37, tokens_major=tokens_major,
                  lens=[1, 0, width - 1, 40, 3]).check(triton_prefill)
 
