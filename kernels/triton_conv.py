@@ -77,6 +77,7 @@ def _conv_state_kernel(
         new = tl.where(pos >= end, new, old)
 
         if WRITE_OUT:
+            tl.debug_barrier()  # the state block is in L1 now: the shifted tap loads below hit it
             live = (T2 < tokens) & (Dy < dim) & active
             if HAS_BIAS:
                 acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32) + tl.load(b_ptr + Dy, mask=Dy < dim, other=0.0).to(tl.float32)
@@ -100,16 +101,30 @@ def _conv_state_kernel(
 
 
 @triton.jit
+def _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+                 k: tl.constexpr, WIDTH: tl.constexpr):
+    """Tap k's contribution: input position t - (WIDTH - 1) + k, from x inside the sequence,
+    from `head` before its start."""
+    p = T2 - (WIDTH - 1) + k
+    vx = tl.load(x_ptr + D2 * sx_dim + p * sx_tok, mask=live & (p >= start), other=0.0)
+    h = WIDTH - 1 - start + p
+    vh = tl.load(head_ptr + (seq * (WIDTH - 1) + h) * dim + D2, mask=live & (p < start), other=0.0)
+    wk = tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32)
+    return wk * (vx.to(tl.float32) + vh.to(tl.float32))
+
+
+@triton.jit
 def _prefill_out_kernel(
-    x_ptr, w_ptr, b_ptr, state_ptr, seq_ptr, qsl_ptr, idx_ptr, init_ptr, out_ptr,
-    num_tokens, dim, state_len, null_block_id,
-    sx_dim, sx_tok, sw_dim, sw_k, ss_slot, ss_dim, ss_tok, so_dim, so_tok,
+    x_ptr, w_ptr, b_ptr, head_ptr, seq_ptr, qsl_ptr, idx_ptr, out_ptr,
+    num_tokens, dim, null_block_id,
+    sx_dim, sx_tok, sw_dim, sw_k, so_dim, so_tok,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
-    HAS_INIT: tl.constexpr, TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """A (token block, channel block) of the varlen prefill output. Token blocks may span
-    sequences: each token finds its sequence; taps before a sequence's start read the slot's
-    initial state (or zeros). The pool is only read here (final states: _conv_state_kernel)."""
+    sequences: each token finds its sequence; taps before a sequence's start read `head`, the
+    (batch, width - 1, dim) inputs before it (its initial state's tail, or zeros). The pool is
+    not touched here, so this kernel is the same for every pool layout."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     if TOK_FAST:
@@ -119,27 +134,21 @@ def _prefill_out_kernel(
     mask = (T2 < num_tokens) & (D2 < dim)
     seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
     start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
-    slot = seq
     live = mask
     if HAS_INDICES:
-        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
+        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
         live = live & (slot != null_block_id)
-    readable = live
-    if HAS_INIT:
-        readable = readable & (tl.load(init_ptr + seq, mask=T2 < num_tokens, other=0) != 0)
-    else:
-        readable = readable & False
     if HAS_BIAS:
         acc = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32) + tl.zeros((1, 1), tl.float32)
     else:
         acc = tl.zeros((1, 1), tl.float32)
-    for k in tl.static_range(WIDTH):
-        p = T2 - (WIDTH - 1) + k
-        vx = tl.load(x_ptr + D2 * sx_dim + p * sx_tok, mask=live & (p >= start), other=0.0)
-        col = state_len - start + p
-        vs = tl.load(state_ptr + slot * ss_slot + D2 * ss_dim + col * ss_tok, mask=readable & (p < start), other=0.0)
-        wk = tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32)
-        acc = acc + wk * (vx.to(tl.float32) + vs.to(tl.float32))
+    # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
+    acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+                        WIDTH - 1, WIDTH)
+    tl.debug_barrier()
+    for k in tl.static_range(WIDTH - 1):
+        acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+                            k, WIDTH)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     acc = tl.where(live, acc, 0.0)
@@ -202,6 +211,16 @@ def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_i
         FLAT_P2=triton.next_power_of_2(block_d * conv_state.shape[2]), num_warps=warps)
 
 
+def _heads(conv_states, cache_indices, has_initial_state, batch, width) -> torch.Tensor:
+    """(batch, width - 1, dim): the inputs just before each sequence, channels contiguous (the
+    initial state's last columns where flagged, else zeros). Small; read by the output kernel."""
+    slots = torch.arange(batch, device=conv_states.device) if cache_indices is None else cache_indices.long()
+    tail = conv_states[slots, :, conv_states.shape[2] - (width - 1):].transpose(1, 2)
+    if has_initial_state is None:
+        return torch.zeros_like(tail, memory_format=torch.contiguous_format)
+    return torch.where(has_initial_state[:, None, None], tail, 0).contiguous()
+
+
 def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation,
             null_block_id) -> torch.Tensor:
     """Outputs first (they read the initial states), then the final states (they overwrite them)."""
@@ -217,13 +236,12 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     init = None if has_initial_state is None else has_initial_state.to(torch.int8)
     wrap_triton(_prefill_out_kernel)[grid](
-        x, weight, bias, conv_states, seq_of_token, query_start_loc, cache_indices, init, out,
-        num_tokens, dim, conv_states.shape[2], null_block_id,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *conv_states.stride(),
-        out.stride(0), out.stride(1),
+        x, weight, bias, _heads(conv_states, cache_indices, has_initial_state, batch, weight.shape[1]),
+        seq_of_token, query_start_loc, cache_indices, out, num_tokens, dim, null_block_id,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_INDICES=cache_indices is not None, HAS_INIT=has_initial_state is not None, TOK_FAST=tok_fast,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+        HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d,
+        num_warps=warps)
     # Final states: the decode kernel's state shift over each sequence's tokens, without outputs;
     # sequences with no initial state read zeros.
     no_init = torch.zeros(batch, dtype=torch.int8, device=x.device) if init is None else init
