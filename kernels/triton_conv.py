@@ -160,14 +160,14 @@ def _flat(conv_state: torch.Tensor) -> bool:
     return conv_state.stride(2) == 1 and conv_state.stride(1) == conv_state.shape[2]
 
 
-# Block shapes, as data. UPDATE_BLOCKS[flat]: (largest batch, BLOCK_D, SEQS, num_warps), the
-# first match wins; PREFILL_BLOCKS[tokens_fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
-# `benchmarks/kernels.py --sweep` (benchmarks/results/).
+# Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps),
+# the first match wins; PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
+# `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels.json).
 UPDATE_BLOCKS = {
-    True: [(16, 128, 1, 4), (1 << 62, 256, 4, 2)],
-    False: [(16, 128, 1, 4), (1 << 62, 256, 4, 2)],
+    True: [(1 << 62, 128, 1, 4)],
+    False: [(16, 128, 1, 4), (64, 256, 1, 1), (256, 128, 1, 2), (1 << 62, 256, 1, 1)],
 }
-PREFILL_BLOCKS = {True: (64, 64, 4), False: (64, 64, 4)}
+PREFILL_BLOCKS = {True: (64, 64, 4), False: (64, 64, 8)}
 
 
 def _update_config(flat: bool, batch: int) -> tuple[int, int, int]:
