@@ -193,14 +193,16 @@ def sweep(gen) -> None:
             pools = make_pools(layout, LAYERS)
             results = []
             for block in (128, 256, 512):
-                for seqs in (s for s in (1, 4, 8) if s <= batch):
+                for seqs in (s for s in (1, 4) if s <= batch):
                     for warps in (1, 2, 4):
-                        triton_conv.UPDATE_BLOCKS[flat] = [(1 << 62, block, seqs, warps)]
-                        call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
-                        results.append((time_decode(call, pools, xs, outs, True, rep=50), block, seqs, warps))
-            us, block, seqs, warps = min(results)
-            table.append((batch, block, seqs, warps))
-            print(f"sweep decode {layout} B={batch}: {us:.2f} us with BLOCK_D={block} SEQS={seqs} warps={warps}",
+                        for flat_run in ((True, False) if flat else (False,)):
+                            triton_conv.UPDATE_BLOCKS[flat] = [(1 << 62, block, seqs, warps, flat_run)]
+                            call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
+                            us = time_decode(call, pools, xs, outs, True, rep=50)
+                            results.append((us, block, seqs, warps, flat_run))
+            us, *config = min(results)
+            table.append((batch, *config))
+            print(f"sweep decode {layout} B={batch}: {us:.2f} us with (BLOCK_D, SEQS, warps, flat)={tuple(config)}",
                   flush=True)
         table[-1] = (1 << 62, *table[-1][1:])
         triton_conv.UPDATE_BLOCKS[flat] = table

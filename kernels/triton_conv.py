@@ -160,17 +160,17 @@ def _flat(conv_state: torch.Tensor) -> bool:
     return conv_state.stride(2) == 1 and conv_state.stride(1) == conv_state.shape[2]
 
 
-# Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps),
-# the first match wins; PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
+# Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps,
+# flat: treat a dense DS block as one flat run), the first match wins; PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
 # `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels.json).
 UPDATE_BLOCKS = {
-    True: [(1 << 62, 128, 1, 4)],
-    False: [(16, 128, 1, 4), (64, 256, 1, 1), (256, 128, 1, 2), (1 << 62, 256, 1, 1)],
+    True: [(1 << 62, 128, 1, 4, True)],
+    False: [(16, 128, 1, 4, False), (64, 256, 1, 1, False), (256, 128, 1, 2, False), (1 << 62, 256, 1, 1, False)],
 }
 PREFILL_BLOCKS = {True: (64, 64, 4), False: (64, 64, 8)}
 
 
-def _update_config(flat: bool, batch: int) -> tuple[int, int, int]:
+def _update_config(flat: bool, batch: int) -> tuple[int, int, int, bool]:
     return next(config for most, *config in UPDATE_BLOCKS[flat] if batch <= most)
 
 
@@ -196,8 +196,7 @@ def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_i
     if batch == 0:
         return
     dim = conv_state.shape[1]
-    flat = _flat(conv_state)
-    block_d, seqs, warps = _update_config(flat, batch)
+    block_d, seqs, warps, flat = _update_config(_flat(conv_state), batch)
     block_d = min(block_d, triton.next_power_of_2(dim))
     grid = (triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))
     wrap_triton(_conv_state_kernel)[grid](

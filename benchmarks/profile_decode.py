@@ -1,0 +1,21 @@
+"""One decode call per pool layout at B=1024 (bf16, dim 8192), for a profiler:
+    ncu --kernel-name regex:conv_state --section SpeedOfLight --section MemoryWorkloadAnalysis \\
+        python benchmarks/profile_decode.py"""
+
+import random
+
+import torch
+
+from layoutpass.kernels import conv_update
+
+DIM, SLOTS, BATCH = 8192, 4096, 1024
+idx = torch.tensor(random.Random(0).sample(range(1, SLOTS), BATCH), device="cuda", dtype=torch.int32)
+weight = torch.randn(DIM, 4, device="cuda", dtype=torch.bfloat16)
+bias = torch.randn(DIM, device="cuda", dtype=torch.bfloat16)
+x = torch.randn(BATCH, DIM, device="cuda", dtype=torch.bfloat16)
+for layout in ("SD", "DS"):
+    pool = torch.randn((SLOTS, 3, DIM) if layout == "SD" else (SLOTS, DIM, 3), device="cuda", dtype=torch.bfloat16)
+    view = pool.transpose(1, 2) if layout == "SD" else pool
+    for _ in range(2):
+        conv_update(x, view, weight, bias, "silu", idx, out=torch.empty_like(x))
+torch.cuda.synchronize()
