@@ -10,12 +10,15 @@ from layoutpass.kernels import conv_prefill, conv_update, triton_conv
 LAYOUTS = ["SD", "DS"]
 
 
-@pytest.fixture(params=["table", "small-blocks"])
+@pytest.fixture(params=["table", "small-blocks", "small-blocks-tiled"])
 def blocks(request, monkeypatch):
-    """The shipped block table, and one with small channel blocks and several sequences per
-    program, so that interpreted shapes cross block and sequence-group edges."""
-    if request.param == "small-blocks":
-        monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {flat: [(1 << 62, 16, 3, 1)] for flat in (True, False)})
+    """The shipped block table; small channel blocks with several sequences per program, so
+    that interpreted shapes cross block and sequence-group edges; the same with dense DS pools
+    taking the tiled (not flat) path."""
+    if request.param != "table":
+        flat = request.param == "small-blocks"
+        monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {dense: [(1 << 62, 16, 3, 1, dense and flat)]
+                                                           for dense in (True, False)})
     return request.param
 
 
