@@ -1,6 +1,9 @@
 """layoutpass: choose the physical layout of Mamba conv-state pools as a compiler pass."""
 
+from .equivalence import EquivalenceResult, check_equivalence
 from .errors import ArgumentError, LayoutPassError
 from .layout import DS, SD, Layout, Runs
+from .optimize import OptimizedModule, optimize
 
-__all__ = ["ArgumentError", "DS", "Layout", "LayoutPassError", "Runs", "SD"]
+__all__ = ["ArgumentError", "DS", "EquivalenceResult", "Layout", "LayoutPassError", "OptimizedModule", "Runs", "SD",
+           "check_equivalence", "optimize"]

@@ -1,0 +1,121 @@
+"""check_equivalence: run one serving scenario through two models and compare every step's
+outputs and every buffer's logical contents (an optimized model's pools read back in the
+order the original stores them)."""
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ArgumentError
+
+# Default tolerances: none. Relayouting changes strides, not arithmetic, so the same kernels
+# give bit-identical results; pass rtol/atol when the two sides run different kernels.
+EXACT = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    kind: str
+    output_error: float  # max |difference| of the step's outputs
+    state_error: float  # max |difference| over every buffer's logical contents after the step
+    worst_buffer: str | None
+    ok: bool
+
+
+@dataclass(frozen=True)
+class EquivalenceResult:
+    steps: tuple[StepResult, ...]
+    rtol: float
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.steps)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        bad = [s for s in self.steps if not s.ok]
+        head = (f"equivalent over {len(self.steps)} steps (rtol={self.rtol}, atol={self.atol})" if not bad else
+                f"NOT equivalent: {len(bad)} of {len(self.steps)} steps differ (rtol={self.rtol}, atol={self.atol})")
+        rows = [f"  step {s.step:3d} {s.kind:8s} output {s.output_error:.3g}  state {s.state_error:.3g}"
+                f"{'' if s.ok else '  <- ' + str(s.worst_buffer)}" for s in self.steps]
+        return "\n".join([head, *rows])
+
+
+def logical_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer; the pools of an optimized model seen in the order the original stored them."""
+    pools = getattr(getattr(model, "report", None), "pools", {})
+    out = {}
+    for name, buf in model.named_buffers():
+        pool = pools.get(name)
+        out[name] = pool.target.view(buf, pool.source) if pool is not None else buf
+    return out
+
+
+def _load_logical(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    for name, view in logical_buffers(model).items():
+        view.copy_(values[name])
+
+
+@contextmanager
+def _restored(model: nn.Module):
+    """Logical contents survive a relayout that happens mid-run (a first call captures)."""
+    saved = {name: buf.clone() for name, buf in logical_buffers(model).items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            _load_logical(model, saved)
+
+
+@torch.no_grad()
+def check_equivalence(reference: nn.Module, candidate: nn.Module, scenario=None, *, steps: int = 16,
+                      prefills: int = 3, seed: int = 0, rtol: float | None = None,
+                      atol: float | None = None) -> EquivalenceResult:
+    """Run `scenario` (a list of examples.scenario.Step; by default one made for the reference's
+    config with `prefills` prefills and `steps` decode steps) through both models from the same
+    random logical state, comparing outputs and every buffer after every step. Both models'
+    buffers are restored afterwards."""
+    from layoutpass.examples.scenario import fill_state, make_scenario
+
+    if scenario is None:
+        if not hasattr(reference, "cfg"):
+            raise ArgumentError("scenario", "give a scenario for models that are not layoutpass.examples LMs")
+        device = next(reference.parameters()).device
+        scenario = make_scenario(reference.cfg, prefills=prefills, decode_steps=steps, seed=seed, device=device)
+    rtol, atol = (EXACT[0] if rtol is None else rtol), (EXACT[1] if atol is None else atol)
+    results = []
+    with ExitStack() as stack:
+        stack.enter_context(_restored(reference))
+        stack.enter_context(_restored(candidate))
+        fill_state(reference, seed)
+        _load_logical(candidate, logical_buffers(reference))
+        for i, step in enumerate(scenario):
+            out_ref, out_cand = reference(**step.inputs), candidate(**step.inputs)
+            out_err = _error(out_ref, out_cand)
+            ok = _close(out_ref, out_cand, rtol, atol)
+            state_err, worst = 0.0, None
+            cand_state = logical_buffers(candidate)
+            for name, ref in logical_buffers(reference).items():
+                err = _error(ref, cand_state[name])
+                if not _close(ref, cand_state[name], rtol, atol):
+                    ok, worst = False, worst or name
+                if err > state_err:
+                    state_err = err
+            results.append(StepResult(i, step.kind, out_err, state_err, worst, ok))
+    return EquivalenceResult(tuple(results), rtol, atol)
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
+    return a.shape == b.shape and bool(torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol).all())

@@ -1,0 +1,171 @@
+"""Moving a pool's storage permutation through the graph, as data.
+
+A relayouted pool enters the graph as `permute(pool, p)`: the new storage seen in the old
+order, so every use still computes what it did. RULES then sink that pending permutation
+below each use, remapping the use's axis arguments, until it meets another permutation and
+cancels (the transpose the model wrote for its storage layout) or reaches a use that reads the
+view as it is (kept, reported). Each rule returns the node that replaces the use, or None to
+decline; `r` is the Rewriter (layoutpass/rewrite.py) that inserts nodes before the use."""
+
+import torch
+
+from layoutpass.report import AGNOSTIC, AXIS, PERMUTATION
+
+aten = torch.ops.aten
+
+
+def compose(p: tuple[int, ...], u: tuple[int, ...]) -> tuple[int, ...]:
+    """permute(permute(x, p), u) == permute(x, compose(p, u))."""
+    return tuple(p[i] for i in u)
+
+
+def inverse(p: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(p)
+    for i, v in enumerate(p):
+        inv[v] = i
+    return tuple(inv)
+
+
+def _norm(d: int, rank: int) -> int:
+    return d % rank
+
+
+def _swap(rank: int, a: int, b: int) -> tuple[int, ...]:
+    swap = list(range(rank))
+    swap[a % rank], swap[b % rank] = b % rank, a % rank
+    return tuple(swap)
+
+
+def _moved(rank: int, src: int, dst: int) -> tuple[int, ...]:
+    order = [d for d in range(rank) if d != src % rank]
+    order.insert(dst % rank, src % rank)
+    return tuple(order)
+
+
+# Every spelling of a permutation: target -> (rank, args after self) -> the permutation.
+PERMUTATIONS = {
+    aten.permute.default: lambda rank, dims: tuple(d % rank for d in dims),
+    aten.transpose.int: _swap,
+    aten.swapaxes.default: _swap,
+    aten.swapdims.default: _swap,
+    aten.movedim.int: _moved,
+    aten.t.default: lambda rank: _swap(rank, 0, 1) if rank == 2 else tuple(range(rank)),
+    aten.numpy_T.default: lambda rank: tuple(reversed(range(rank))),
+    aten.mT.default: lambda rank: _swap(rank, -1, -2),
+    aten.adjoint.default: lambda rank: _swap(rank, -1, -2),
+    aten.alias.default: lambda rank: tuple(range(rank)),
+    aten.detach.default: lambda rank: tuple(range(rank)),
+}
+
+
+def permutation_of(node) -> tuple[int, ...]:
+    """The permutation a node in PERMUTATIONS applies to its input."""
+    return PERMUTATIONS[node.target](len(node.meta["val"].shape) if "val" in node.meta else node.meta["lp_rank"],
+                                     *node.args[1:])
+
+
+def _fold(r, use, q, x, p):
+    return r.pending(x, compose(p, PERMUTATIONS[use.target](len(p), *use.args[1:])))
+
+
+def _select(r, use, q, x, p):
+    a = _norm(use.args[1], len(p))
+    y = r.call(aten.select.int, (x, p[a], use.args[2]), rank=len(p) - 1)
+    return r.pending(y, tuple(d - (d > p[a]) for i, d in enumerate(p) if i != a))
+
+
+def _slice(r, use, q, x, p):
+    a = _norm(use.args[1] if len(use.args) > 1 else 0, len(p))
+    y = r.call(aten.slice.Tensor, (x, p[a], *use.args[2:]), use.kwargs, rank=len(p))
+    return r.pending(y, p)
+
+
+def _same_shape(r, use, q, x, p):
+    """Ops whose output has the input's shape and whose only tensor argument is it."""
+    y = r.call(use.target, (x, *use.args[1:]), use.kwargs, rank=len(p))
+    return r.pending(y, p)
+
+
+def _view(r, use, q, x, p):
+    """A view that only drops leading size-1 dims the permutation fixes (setitem inserts these;
+    none dropped is an alias); any other reshape depends on memory order and is declined."""
+    if "val" not in use.meta:
+        return None
+    shape_in, shape_out = tuple(q.meta["val"].shape), tuple(use.meta["val"].shape)
+    drop = len(shape_in) - len(shape_out)
+    if drop < 0 or shape_in[drop:] != shape_out or any(s != 1 for s in shape_in[:drop]) \
+            or tuple(p[:drop]) != tuple(range(drop)):
+        return None
+    sizes, inv = list(use.args[1]), inverse(p)
+    y = r.call(use.target, (x, [sizes[inv[t] - drop] for t in range(drop, len(p))]), rank=len(p) - drop)
+    return r.pending(y, tuple(d - drop for d in p[drop:]))
+
+
+def _indexed_perm(p, indices, index_rank):
+    """The permutation left after indexing the leading len(indices) dims (which p must fix)."""
+    k = len(indices)
+    if any(i is None for i in indices) or tuple(p[:k]) != tuple(range(k)):
+        return None
+    return tuple(range(index_rank)) + tuple(d - k + index_rank for d in p[k:])
+
+
+def _index(r, use, q, x, p):
+    indices = use.args[1]
+    perm = _indexed_perm(p, indices, max(r.rank(i) for i in indices))
+    if perm is None:
+        return None
+    return r.pending(r.call(aten.index.Tensor, (x, indices), rank=len(perm)), perm)
+
+
+def _index_put_(r, use, q, x, p):
+    if use.args[0] is not q:
+        return None
+    indices, values = use.args[1], use.args[2]
+    perm = _indexed_perm(p, indices, max(r.rank(i) for i in indices))
+    if perm is None:
+        return None
+    lead = len(perm) - r.rank(values)  # values broadcast against the trailing dims
+    if lead < 0 or sorted(perm[:lead]) != list(range(lead)):
+        return None
+    if lead < len(perm):
+        values = r.pending(values, inverse(tuple(d - lead for d in perm[lead:])))
+    y = r.call(use.target, (x, indices, values, *use.args[3:]), use.kwargs, rank=len(p))
+    return r.pending(y, p)
+
+
+def _copy_(r, use, q, x, p):
+    if use.args[0] is not q or r.rank(use.args[1]) != len(p):
+        return None  # reading the pool into another tensor keeps the view; broadcasts too
+    y = r.call(aten.copy_.default, (x, r.pending(use.args[1], inverse(p)), *use.args[2:]), rank=len(p))
+    return r.pending(y, p)
+
+
+def _fill_(r, use, q, x, p):
+    if use.args[0] is not q:
+        return None
+    return r.pending(r.call(use.target, (x, *use.args[1:]), use.kwargs, rank=len(p)), p)
+
+
+# target -> (class of the use, rule)
+RULES = {
+    **{target: (PERMUTATION, _fold) for target in PERMUTATIONS},
+    aten.select.int: (AXIS, _select),
+    aten.slice.Tensor: (AXIS, _slice),
+    aten.index.Tensor: (AXIS, _index),
+    aten.index_put_.default: (AXIS, _index_put_),
+    aten.index_put.default: (AXIS, _index_put_),
+    aten.copy_.default: (AXIS, _copy_),
+    aten.fill_.Scalar: (AGNOSTIC, _fill_),
+    aten.fill_.Tensor: (AGNOSTIC, _fill_),
+    aten.zero_.default: (AGNOSTIC, _fill_),
+    aten.clone.default: (AGNOSTIC, _same_shape),
+    aten.view.default: (AGNOSTIC, _view),
+    aten._unsafe_view.default: (AGNOSTIC, _view),
+    aten.reshape.default: (AGNOSTIC, _view),
+    aten.contiguous.default: (AGNOSTIC, _same_shape),
+}
+
+# Uses whose result depends on the order of memory, not only on logical indices: with a
+# permutation still pending they are refused rather than guessed.
+MEMORY_ORDER = {aten.view.default, aten._unsafe_view.default, aten.as_strided.default, aten.reshape.default,
+                aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default, aten.as_strided_.default}

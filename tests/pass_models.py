@@ -1,0 +1,103 @@
+"""Small models for the pass tests: one conv pool used in one particular way each."""
+
+import torch
+from torch import nn
+
+from layoutpass.kernels import conv_update
+
+SLOTS, TOK, DIM, WIDTH = 6, 3, 8, 4
+
+
+class OneConv(nn.Module):
+    """A decode step over an SD pool, the pool transposed with the given spelling."""
+
+    SPELLINGS = {
+        "transpose(-1, -2)": lambda p: p.transpose(-1, -2),
+        "transpose(1, 2)": lambda p: p.transpose(1, 2),
+        "mT": lambda p: p.mT,
+        "swapaxes(1, 2)": lambda p: p.swapaxes(1, 2),
+        "swapdims(2, 1)": lambda p: p.swapdims(2, 1),
+        "permute(0, 2, 1)": lambda p: p.permute(0, 2, 1),
+        "movedim(1, 2)": lambda p: p.movedim(1, 2),
+        "three transposes": lambda p: p.transpose(0, 1).transpose(1, 2).transpose(0, 2),
+    }
+
+    def __init__(self, spelling="transpose(-1, -2)", extra=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, WIDTH))
+        self.register_buffer("pool", torch.randn(SLOTS, TOK, DIM))
+        self.spelling, self.extra = spelling, extra
+
+    def forward(self, x, slots):
+        y = conv_update(x, self.SPELLINGS[self.spelling](self.pool), self.weight, None, "silu", slots,
+                        out=torch.empty_like(x))
+        return y if self.extra is None else y + self.extra(self.pool, slots)
+
+
+class DSIdiom(nn.Module):
+    """A model written for DS: the pool is stored (slot, dim, tok) and passed as is."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, WIDTH))
+        self.register_buffer("pool", torch.randn(SLOTS, DIM, TOK))
+
+    def forward(self, x, slots):
+        return conv_update(x, self.pool, self.weight, None, "silu", slots, out=torch.empty_like(x))
+
+
+class PoolArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, WIDTH))
+
+    def forward(self, x, slots, pool):
+        return conv_update(x, pool.transpose(1, 2), self.weight, None, "silu", slots, out=torch.empty_like(x))
+
+
+class NoPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(DIM, DIM)
+
+    def forward(self, x, slots):
+        return self.lin(x)
+
+
+def _zero_slot(pool, slots):
+    pool[slots[:1]] = 0.0  # free a slot: layout-agnostic
+    return 0
+
+
+def _block_copy(pool, slots):
+    pool[slots[1:2]] = pool[slots[:1]]  # copy one slot onto another (prefix caching)
+    return 0
+
+
+def _tail_copy(pool, slots):
+    pool[5, : TOK - 1] = pool[4, 1:].clone()  # spec-decode tail copy, written in SD terms
+    return 0
+
+
+def _tp_shard(pool, slots):
+    return pool[slots][..., 2:6].sum(1).repeat(1, 2)  # a TP shard of dim, read
+
+
+def _last_column(pool, slots):
+    return pool[slots, -1, :]  # the newest input of each sequence
+
+
+def _contiguous_read(pool, slots):
+    return pool.transpose(1, 2).contiguous()[slots][:, :, 0]
+
+
+def _flattened(pool, slots):
+    return pool.view(SLOTS, -1)[slots][:, :DIM]  # depends on SD memory order
+
+
+USES = {"zero slot": _zero_slot, "block copy": _block_copy, "tail copy": _tail_copy, "tp shard": _tp_shard,
+        "last column": _last_column, "contiguous read": _contiguous_read}
+
+
+def inputs(batch=3):
+    return dict(x=torch.randn(batch, DIM), slots=torch.tensor([1, 3, 4, 2][:batch], dtype=torch.int32))

@@ -1,0 +1,191 @@
+"""optimize(): every example model in both layouts, every permutation spelling, the
+axis-sensitive uses, the refusals, and the rewrites that must not happen."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import pass_models as pm
+from layoutpass import DS, SD, ArgumentError, LayoutPassError, check_equivalence, optimize
+from layoutpass.examples import ZOO, build
+from layoutpass.examples.scenario import Step, make_scenario
+from layoutpass.rewrites.permutes import PERMUTATIONS
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def pool_permutations(fast) -> int:
+    """Permutation nodes applied to a pool placeholder, in every rewritten graph."""
+    pools = {name.replace(".", "_") for name in fast.report.pools}
+    return sum(1 for g in fast.graphs.values() for n in g.module.graph.nodes
+               if n.target in PERMUTATIONS and n.args[0].op == "placeholder" and n.args[0].name[2:] in pools)
+
+
+def calls(n=4, batch=3):
+    torch.manual_seed(0)
+    return [Step("decode", pm.inputs(batch)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["DS", "SD"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_models_stay_equivalent(name, layout):
+    model = build(name, num_spec=1)
+    fast = optimize(model, layout)
+    result = check_equivalence(model, fast, prefills=3, steps=16)
+    assert result.ok, str(result)
+    assert {s.kind for s in result.steps} == {"prefill", "decode", "spec"} and len(result.steps) >= 19
+    pools = [n for n, b in model.named_buffers() if n.endswith("conv_state")]
+    assert sorted(fast.report.pools) == sorted(pools)
+    assert all(p.source == SD and p.target.axes == (DS if layout == "DS" else SD).axes
+               for p in fast.report.pools.values())
+    if layout == "DS":
+        assert pool_permutations(fast) == 0
+    assert all(use.source != "<no source line>" and ".py:" in use.source for use in fast.report.uses)
+    kernels = [u for u in fast.report.uses if u.kind == "kernel"]
+    assert len(kernels) == len(pools) * len(fast.graphs)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "short_conv"])
+def test_golden_code(name):
+    """Before/after code of the decode entry, compared with the committed golden files
+    (LAYOUTPASS_REGOLD=1 rewrites them)."""
+    model = build(name)
+    step = next(s for s in make_scenario(model.cfg) if s.kind == "decode")
+    fast = optimize(model, "DS", example_inputs=[step.inputs])
+    graphs = next(iter(fast.graphs.values()))
+    for which, code in (("before", graphs.before), ("after", graphs.after)):
+        path = GOLDEN / f"{name}_decode_{which}.txt"
+        if os.environ.get("LAYOUTPASS_REGOLD"):
+            path.write_text(code)
+        assert code == path.read_text(), f"{path.name} changed"
+    assert graphs.before.count("conv_state, 1, 2)") + graphs.before.count("m_t") > 0
+    assert "aten.transpose.int(b_mixers" not in graphs.after and "mT.default(b_mixers" not in graphs.after
+
+
+def test_op_counts_and_what_is_left_alone():
+    model = build("hybrid")
+    fast = optimize(model, "DS", example_inputs=[s.inputs for s in make_scenario(model.cfg)[:2]])
+    for graphs in fast.graphs.values():
+        before, after = graphs.before, graphs.after
+        assert after.count("layoutpass.conv_") == before.count("layoutpass.conv_") == 3
+        on_pools = r"aten\.(transpose\.int|swapaxes\.default)\(b_mixers_\d_conv_state"
+        assert len(re.findall(on_pools, before)) == 3 and not re.findall(on_pools, after)
+        # the transposes of activations are not pool uses: they stay
+        assert after.count("aten.transpose.int") == before.count("aten.transpose.int") - 2
+        assert after.count("lp_examples.recurrence") == before.count("lp_examples.recurrence")
+    for name, buf in fast.named_buffers():
+        original = model.get_buffer(name)
+        if name in fast.report.pools:
+            assert buf.shape == SD.convert(original, DS).shape and buf.is_contiguous()
+        else:
+            assert buf.shape == original.shape  # ssm states and KV caches keep their layout
+
+
+def test_already_in_target_layout_is_unchanged():
+    model = build("mamba1")
+    step = make_scenario(model.cfg)[0]
+    fast = optimize(model, "SD", example_inputs=[step.inputs])
+    graphs = next(iter(fast.graphs.values()))
+    assert graphs.after == graphs.before
+    assert {u.action.split(":")[0] for u in fast.report.uses} == {"kept"}
+
+
+@pytest.mark.parametrize("spelling", sorted(pm.OneConv.SPELLINGS))
+def test_every_permutation_spelling(spelling):
+    model = pm.OneConv(spelling)
+    fast = optimize(model, "DS")
+    assert check_equivalence(model, fast, calls()).ok
+    assert fast.report.pools["pool"].source == SD
+    assert pool_permutations(fast) == 0
+
+
+@pytest.mark.parametrize("use", sorted(pm.USES))
+def test_axis_sensitive_uses_are_remapped(use):
+    model = pm.OneConv(extra=pm.USES[use])
+    fast = optimize(model, "DS")
+    result = check_equivalence(model, fast, calls())
+    assert result.ok, str(result)
+    assert pool_permutations(fast) == 0
+    kinds = {u.kind for u in fast.report.uses}
+    assert "kernel" in kinds and kinds <= {"kernel", "permutation", "axis-sensitive", "layout-agnostic"}
+
+
+def test_axis_sensitive_use_changes_state():
+    """The tail copy really moves state (so its equivalence test can fail)."""
+    model = pm.OneConv(extra=pm.USES["tail copy"])
+    untouched = model.pool[5, pm.TOK - 1].clone()
+    assert not torch.equal(model.pool[5, :pm.TOK - 1], model.pool[4, 1:])
+    model(**pm.inputs())
+    assert torch.equal(model.pool[5, :pm.TOK - 1], model.pool[4, 1:])
+    assert torch.equal(model.pool[5, pm.TOK - 1], untouched)
+
+
+def test_ds_idiom_to_sd_keeps_one_permutation_and_says_so():
+    model = pm.DSIdiom()
+    fast = optimize(model, "SD")
+    assert check_equivalence(model, fast, calls()).ok
+    assert fast.report.pools["pool"].source.axes == DS.axes and fast.report.pools["pool"].target == SD
+    kept = [u for u in fast.report.uses if u.action.startswith("kept")]
+    assert kept and "permutation" in kept[0].action
+    assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.TOK, pm.DIM)
+
+
+def test_memory_order_use_is_refused_and_nothing_changes():
+    model = pm.OneConv(extra=pm._flattened)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LayoutPassError, match=r"node view .*memory order.*memory-order refusal.*pass_models.py:\d+: "):
+        optimize(model, "DS", example_inputs=[pm.inputs()])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_pool_as_forward_argument_is_refused_clearly():
+    model = pm.PoolArgument()
+    with pytest.raises(LayoutPassError, match="forward argument 'pool'.*keep conv-state pools as module buffers"):
+        optimize(model, "DS", example_inputs=[dict(pm.inputs(), pool=torch.randn(pm.SLOTS, pm.TOK, pm.DIM))])
+
+
+def test_optimize_never_changes_the_model():
+    model = build("gdn", num_spec=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize(model, "DS")
+    for step in make_scenario(model.cfg)[:4]:
+        fast(**step.inputs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(p is q for p, q in zip(model.parameters(), fast.parameters()))  # shared, not copied
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in fast.named_parameters()]
+    assert [n for n, _ in model.named_buffers()] == [n for n, _ in fast.named_buffers()]
+
+
+def test_new_batch_size_does_not_recapture():
+    model = pm.OneConv()
+    fast = optimize(model, "DS")
+    for batch in (2, 3, 4):
+        fast(**pm.inputs(batch))
+    assert len(fast.graphs) == 1
+
+
+def test_bad_input():
+    with pytest.raises(ArgumentError, match="^layout:"):
+        optimize(pm.OneConv(), "DX")
+    with pytest.raises(ArgumentError, match="^model:"):
+        optimize(lambda x: x)
+    with pytest.raises(LayoutPassError, match="no conv-state pool found"):
+        optimize(pm.NoPool(), example_inputs=[pm.inputs()])
+    assert not optimize(pm.NoPool(), example_inputs=[pm.inputs()], allow_missing=True).report.pools
+    with pytest.raises(ArgumentError, match="^example_inputs: the model does not capture"):
+        optimize(pm.OneConv(), example_inputs=[dict(x=torch.randn(3, 5), slots=torch.tensor([1, 2, 3]))])
+    with pytest.raises(ArgumentError, match="^state_buffers: no buffers named"):
+        optimize(pm.OneConv(), state_buffers=["pol"], example_inputs=[pm.inputs()])
+    with pytest.raises(ArgumentError, match="^example_inputs: each call"):
+        optimize(pm.OneConv(), example_inputs=[[1, 2]])
+
+
+def test_report_reads_well():
+    model = build("kda")
+    fast = optimize(model, "DS", example_inputs=[make_scenario(model.cfg)[0].inputs])
+    text = str(fast.report)
+    assert "pool mixers.0.q_conv_state (8, 3, 32): SD -> DS" in text
+    assert "deltanet.py" in text and "permute(0, 2, 1)" in text
