@@ -3,7 +3,7 @@
 from .equivalence import EquivalenceResult, check_equivalence
 from .errors import ArgumentError, LayoutPassError
 from .layout import DS, SD, Layout, Runs
-from .optimize import OptimizedModule, optimize
+from .pipeline import OptimizedModule, optimize
 
 __all__ = ["ArgumentError", "DS", "EquivalenceResult", "Layout", "LayoutPassError", "OptimizedModule", "Runs", "SD",
            "check_equivalence", "optimize"]

@@ -3,6 +3,7 @@ dynamic unless export specializes it), run later with the optimized module's own
 
 import copy
 import inspect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ class Entry:
     program: ExportedProgram
     graph_module: torch.fx.GraphModule  # rewritten copy of program.graph_module
     before: str  # the captured code, before any rewrite
+    seconds: dict[str, float]  # wall time of each stage for this entry
 
     def accepts(self, flat: list, spec) -> bool:
         if spec != self.program.call_spec.in_spec:
@@ -64,6 +66,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int) -> En
     """Export `model` for this call structure; the model and its buffers are not changed."""
     # Sizes 0 and 1 are specialized by export anyway; every other size stays symbolic.
     auto = lambda v: {i: Dim.AUTO for i in range(v.dim()) if v.shape[i] > 1} if isinstance(v, torch.Tensor) else None
+    start = time.perf_counter()
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
         dynamic = {name: pytree.tree_map(auto, value) for name, value in bound.items()}
@@ -74,4 +77,5 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int) -> En
     described = [f"{k}{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     described = [f"{list(a.shape)}" for a in args if isinstance(a, torch.Tensor)] + described
     gm = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
-    return Entry(f"entry{index}({', '.join(described)})", program, gm, program.graph_module.code)
+    return Entry(f"entry{index}({', '.join(described)})", program, gm, program.graph_module.code,
+                 {"capture": time.perf_counter() - start})

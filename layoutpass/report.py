@@ -60,8 +60,12 @@ class Report:
             lines.append(f"  pool {pool.name} {pool.shape}: {pool.source} -> {pool.target}")
         counts = self.counts
         lines.append("  " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
-        for use in self.uses:
-            lines.append(f"  [{use.entry}] {use.pool}: {use.op} ({use.kind}) -> {use.action}\n      at {use.source}")
+        for entry in self.entries:
+            lines.append(f"  {entry}")
+        grouped = Counter((u.pool, u.op, u.kind, u.action, u.source) for u in self.uses)
+        for (pool, op, kind, action, source), n in grouped.items():
+            times = f" (in {n} entries)" if n > 1 else ""
+            lines.append(f"  {pool}: {op} [{kind}] -> {action}{times}\n      at {source}")
         return "\n".join(lines)
 
 

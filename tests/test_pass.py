@@ -189,3 +189,23 @@ def test_report_reads_well():
     text = str(fast.report)
     assert "pool mixers.0.q_conv_state (8, 3, 32): SD -> DS" in text
     assert "deltanet.py" in text and "permute(0, 2, 1)" in text
+
+
+def test_check_equivalence_reports_a_difference():
+    reference, other = build("mamba2"), build("mamba2")
+    with torch.no_grad():
+        other.mixers[1].conv_weight.add_(1e-3)
+    result = check_equivalence(reference, other, steps=4)
+    assert not result.ok and "NOT equivalent" in str(result)
+    assert check_equivalence(reference, other, steps=4, atol=1e-1, rtol=1e-1).ok
+    bad = next(s for s in result.steps if not s.ok)
+    assert bad.step == 0 and bad.output_error > 0
+
+
+def test_check_equivalence_restores_both_models():
+    model = build("short_conv")
+    fast = optimize(model, "DS")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert check_equivalence(model, fast, steps=3).ok
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(DS.view(fast.get_buffer("mixers.0.conv_state"), SD), model.get_buffer("mixers.0.conv_state"))

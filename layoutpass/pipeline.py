@@ -2,6 +2,7 @@
 verify -> an nn.Module with the model's call signature, names and logical state."""
 
 import copy
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class OptimizedModule(nn.Module):
 
     def capture(self, args: tuple, kwargs: dict) -> Entry:
         entry = capture(self._model, args, kwargs, len(self._entries))
+        start = time.perf_counter()
         pools = self._discover(entry)
         new_pools = {name: pool for name, pool in pools.items() if name not in self.report.pools}
         report = Report(dict(self.report.pools, **new_pools), list(self.report.uses), self.report.entries + [entry.name])
@@ -77,6 +79,7 @@ class OptimizedModule(nn.Module):
         for name, pool in new_pools.items():  # the graph is sound: now move the state
             owner, leaf = _owner(self, name)
             owner.register_buffer(leaf, pool.source.convert(owner.get_buffer(leaf), pool.target))
+        entry.seconds["pass"] = time.perf_counter() - start
         self.report = report
         self.graphs[entry.name] = Graphs(entry.before, entry.graph_module.code, entry.graph_module)
         self._entries.append(entry)
