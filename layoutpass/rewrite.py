@@ -39,6 +39,14 @@ class Rewriter:
         self.worklist.append(node)
         return node
 
+    def adjust(self, operand, perm: tuple[int, ...]):
+        """`operand` permuted by perm to meet a rewritten use. A pool value's pending permutation
+        absorbs it (and may cancel); any other operand gets a plain permute, left alone."""
+        if isinstance(operand, torch.fx.Node) and operand.target is aten.permute.default and "lp_pool" in operand.meta:
+            inner = tuple(operand.args[1])
+            return self.pending(operand.args[0], tuple(inner[i] for i in perm))
+        return self.call(aten.permute.default, (operand, list(perm)), rank=len(perm))
+
     @staticmethod
     def rank(node) -> int:
         if not isinstance(node, torch.fx.Node):

@@ -8,6 +8,7 @@ view as it is (kept, reported). Each rule returns the node that replaces the use
 decline; `r` is the Rewriter (layoutpass/rewrite.py) that inserts nodes before the use."""
 
 import torch
+import torch.fx
 
 from layoutpass.report import AGNOSTIC, AXIS, PERMUTATION
 
@@ -128,7 +129,7 @@ def _index_put_(r, use, q, x, p):
     if lead < 0 or sorted(perm[:lead]) != list(range(lead)):
         return None
     if lead < len(perm):
-        values = r.pending(values, inverse(tuple(d - lead for d in perm[lead:])))
+        values = r.adjust(values, inverse(tuple(d - lead for d in perm[lead:])))
     y = r.call(use.target, (x, indices, values, *use.args[3:]), use.kwargs, rank=len(p))
     return r.pending(y, p)
 
@@ -136,7 +137,7 @@ def _index_put_(r, use, q, x, p):
 def _copy_(r, use, q, x, p):
     if use.args[0] is not q or r.rank(use.args[1]) != len(p):
         return None  # reading the pool into another tensor keeps the view; broadcasts too
-    y = r.call(aten.copy_.default, (x, r.pending(use.args[1], inverse(p)), *use.args[2:]), rank=len(p))
+    y = r.call(aten.copy_.default, (x, r.adjust(use.args[1], inverse(p)), *use.args[2:]), rank=len(p))
     return r.pending(y, p)
 
 
@@ -144,6 +145,48 @@ def _fill_(r, use, q, x, p):
     if use.args[0] is not q:
         return None
     return r.pending(r.call(use.target, (x, *use.args[1:]), use.kwargs, rank=len(p)), p)
+
+
+def _roll(r, use, q, x, p):
+    dims = [p[_norm(d, len(p))] for d in use.args[2]]
+    return r.pending(r.call(use.target, (x, use.args[1], dims), rank=len(p)), p)
+
+
+def _cat(r, use, q, x, p):
+    """cat along an axis: every operand is brought to the pool's new order."""
+    tensors, dim = use.args[0], _norm(use.args[1] if len(use.args) > 1 else 0, len(p))
+    if any(r.rank(t) != len(p) for t in tensors):
+        return None
+    moved = [x if t is q else r.adjust(t, inverse(p)) for t in tensors]
+    return r.pending(r.call(use.target, (moved, p[dim]), rank=len(p)), p)
+
+
+def _reduce(r, use, q, x, p):
+    """sum / mean / amax over axes."""
+    dims = [_norm(d, len(p)) for d in use.args[1]]
+    keepdim = use.args[2] if len(use.args) > 2 else use.kwargs.get("keepdim", False)
+    y = r.call(use.target, (x, [p[d] for d in dims], *use.args[2:]), use.kwargs,
+               rank=len(p) if keepdim else len(p) - len(dims))
+    if keepdim:
+        return r.pending(y, p)
+    gone = sorted(p[d] for d in dims)
+    return r.pending(y, tuple(v - sum(g < v for g in gone) for i, v in enumerate(p) if i not in dims))
+
+
+def _binary(r, use, q, x, p):
+    """Elementwise with another operand: scalars pass; a tensor operand is broadcast to the
+    pool's rank (leading unsqueezes) and brought to its new order."""
+    operands = []
+    for a in use.args[:2]:
+        if a is q:
+            operands.append(x)
+        elif not isinstance(a, torch.fx.Node) or r.rank(a) == 0:
+            operands.append(a)
+        else:
+            for _ in range(len(p) - r.rank(a)):
+                a = r.call(aten.unsqueeze.default, (a, 0), rank=r.rank(a) + 1)
+            operands.append(r.adjust(a, inverse(p)))
+    return r.pending(r.call(use.target, (*operands, *use.args[2:]), use.kwargs, rank=len(p)), p)
 
 
 # target -> (class of the use, rule)
@@ -158,6 +201,15 @@ RULES = {
     aten.fill_.Scalar: (AGNOSTIC, _fill_),
     aten.fill_.Tensor: (AGNOSTIC, _fill_),
     aten.zero_.default: (AGNOSTIC, _fill_),
+    aten.roll.default: (AXIS, _roll),
+    aten.cat.default: (AXIS, _cat),
+    aten.sum.dim_IntList: (AXIS, _reduce),
+    aten.mean.dim: (AXIS, _reduce),
+    aten.amax.default: (AXIS, _reduce),
+    **{op: (AGNOSTIC, _binary) for op in (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor)},
+    **{op: (AGNOSTIC, _same_shape) for op in (aten.silu.default, aten.neg.default, aten.exp.default,
+                                              aten.sigmoid.default, aten._to_copy.default, aten.mul.Scalar,
+                                              aten.add.Scalar)},
     aten.clone.default: (AGNOSTIC, _same_shape),
     aten.view.default: (AGNOSTIC, _view),
     aten._unsafe_view.default: (AGNOSTIC, _view),

@@ -101,3 +101,33 @@ USES = {"zero slot": _zero_slot, "block copy": _block_copy, "tail copy": _tail_c
 
 def inputs(batch=3):
     return dict(x=torch.randn(batch, DIM), slots=torch.tensor([1, 3, 4, 2][:batch], dtype=torch.int32))
+
+
+class CatIdiom(nn.Module):
+    """A pure-torch decode step on an SD pool: cat the new token, convolve, keep the tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, WIDTH))
+        self.register_buffer("pool", torch.randn(SLOTS, TOK, DIM))
+
+    def forward(self, x, slots):
+        window = torch.cat([self.pool[slots], x[:, None, :]], dim=1)  # (batch, tok + 1, dim)
+        y = (window * self.weight.t()).sum(1)
+        self.pool[slots] = window[:, 1:]
+        return torch.nn.functional.silu(y)
+
+
+class RollIdiom(nn.Module):
+    """HF transformers' spelling: roll the window, set the last column, multiply and sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, TOK + 1))
+        self.register_buffer("pool", torch.randn(SLOTS, TOK + 1, DIM))
+
+    def forward(self, x, slots):
+        state = self.pool[slots].roll(shifts=-1, dims=1)
+        state[:, -1] = x
+        self.pool[slots] = state
+        return (state * self.weight.t()[None]).sum(1)

@@ -209,3 +209,15 @@ def test_check_equivalence_restores_both_models():
     assert check_equivalence(model, fast, steps=3).ok
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(DS.view(fast.get_buffer("mixers.0.conv_state"), SD), model.get_buffer("mixers.0.conv_state"))
+
+
+@pytest.mark.parametrize("model_class", [pm.CatIdiom, pm.RollIdiom])
+def test_pure_torch_idioms_named_as_pools_are_remapped(model_class):
+    model = model_class()
+    fast = optimize(model, "DS", state_buffers={"pool": "SD"})
+    result = check_equivalence(model, fast, calls())
+    assert result.ok, str(result)
+    assert pool_permutations(fast) == 0
+    assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.DIM, model.pool.shape[1])
+    ops = {u.op for u in fast.report.uses}
+    assert ops & {"cat.default", "roll.default"} and "sum.dim_IntList" in ops
