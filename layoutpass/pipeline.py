@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from .capture import Entry, capture
 from layoutpass.rewrites.permutes import PERMUTATIONS
 
-from .discover import STATE_ARGUMENT, PoolNotFound, find_pools
+from .discover import STATE_ARGUMENT, PoolNotFound, find_idiom_pools, find_pools
 from .errors import ArgumentError, LayoutPassError
 from .layout import Layout, parse_layout
 from .report import KERNEL, Pool, Report, source_line
@@ -87,6 +87,7 @@ class OptimizedModule(nn.Module):
 
     def _discover(self, entry: Entry) -> dict[str, Pool]:
         found = find_pools(entry.program)
+        found.update({k: v for k, v in find_idiom_pools(entry.program).items() if k not in found})
         explicit = _explicit_pools(self._state_buffers, dict(self._model.named_buffers()))
         for name, layout in explicit.items():
             if name in found and layout is not None and found[name][0] != layout:

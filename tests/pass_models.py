@@ -131,3 +131,14 @@ class RollIdiom(nn.Module):
         state[:, -1] = x
         self.pool[slots] = state
         return (state * self.weight.t()[None]).sum(1)
+
+
+class ReadOnlyCat(nn.Module):
+    """A rank-3 buffer gathered and concatenated but never written: not a conv-state pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(SLOTS, TOK, DIM))
+
+    def forward(self, x, slots):
+        return torch.cat([self.table[slots], x[:, None, :]], dim=1).sum(1)

@@ -211,13 +211,20 @@ def test_check_equivalence_restores_both_models():
     assert torch.equal(DS.view(fast.get_buffer("mixers.0.conv_state"), SD), model.get_buffer("mixers.0.conv_state"))
 
 
+@pytest.mark.parametrize("named", [False, True])
 @pytest.mark.parametrize("model_class", [pm.CatIdiom, pm.RollIdiom])
-def test_pure_torch_idioms_named_as_pools_are_remapped(model_class):
+def test_pure_torch_idioms_are_found_and_remapped(model_class, named):
     model = model_class()
-    fast = optimize(model, "DS", state_buffers={"pool": "SD"})
+    fast = optimize(model, "DS", state_buffers={"pool": "SD"} if named else None)
     result = check_equivalence(model, fast, calls())
     assert result.ok, str(result)
     assert pool_permutations(fast) == 0
     assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.DIM, model.pool.shape[1])
+    assert fast.report.pools["pool"].source == SD
     ops = {u.op for u in fast.report.uses}
     assert ops & {"cat.default", "roll.default"} and "sum.dim_IntList" in ops
+
+
+def test_a_buffer_that_is_never_written_is_not_a_pool():
+    with pytest.raises(LayoutPassError, match="no conv-state pool found"):
+        optimize(pm.ReadOnlyCat(), example_inputs=[pm.inputs()])
