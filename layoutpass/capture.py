@@ -16,50 +16,70 @@ from .errors import ArgumentError
 
 @dataclass
 class Entry:
+    """One captured call structure. What forward() needs at call time is plain Python data
+    (no ExportedProgram lookups), so torch.compile can trace through the dispatch."""
+
     name: str
     program: ExportedProgram
     graph_module: torch.fx.GraphModule  # rewritten copy of program.graph_module
     before: str  # the captured code, before any rewrite
     seconds: dict[str, float]  # wall time of each stage for this entry
+    in_spec: object = None
+    out_spec: object = None
+    user_inputs: tuple = ()  # per user input: (dtype, rank, ((dim, size), ...) specialized) or the value
+    inputs: tuple = ()  # per graph input: (kind, target)
+    outputs: tuple = ()  # per graph output: (kind, target)
+    constants: dict = None
+
+    def __post_init__(self):
+        signature = self.program.graph_signature
+        self.constants = dict(self.program.constants)
+        self.in_spec, self.out_spec = self.program.call_spec.in_spec, self.program.call_spec.out_spec
+        self.inputs = tuple((s.kind, s.target) for s in signature.input_specs)
+        self.outputs = tuple((s.kind, s.target) for s in signature.output_specs)
+        nodes = {n.name: n for n in self.program.graph_module.graph.find_nodes(op="placeholder")}
+        self.user_inputs = tuple(_describe(nodes[s.arg.name].meta.get("val")) for s in signature.input_specs
+                                 if s.kind == InputKind.USER_INPUT)
 
     def accepts(self, flat: list, spec) -> bool:
-        if spec != self.program.call_spec.in_spec:
+        if spec != self.in_spec or len(flat) != len(self.user_inputs):
             return False
-        placeholders = [n for n in self.graph_module.graph.find_nodes(op="placeholder")]
-        users = [p for p, s in zip(placeholders, self.program.graph_signature.input_specs) if s.kind == InputKind.USER_INPUT]
-        for value, node in zip(flat, users):
-            expected = node.meta.get("val")
-            if isinstance(value, torch.Tensor) != isinstance(expected, torch.Tensor):
-                return False
-            if isinstance(value, torch.Tensor):
-                if value.dtype != expected.dtype or value.dim() != expected.dim():
+        for value, expected in zip(flat, self.user_inputs):
+            if not isinstance(value, torch.Tensor):
+                if value != expected:
                     return False
-                if any(isinstance(e, int) and e != v for e, v in zip(expected.shape, value.shape)):
-                    return False
-            elif value != expected:
+            elif not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1] \
+                    or any(value.shape[i] != size for i, size in expected[2]):
                 return False
         return True
 
     def run(self, module: torch.nn.Module, flat: list):
         user = iter(flat)
         inputs = []
-        for spec in self.program.graph_signature.input_specs:
-            if spec.kind == InputKind.USER_INPUT:
+        for kind, target in self.inputs:
+            if kind == InputKind.USER_INPUT:
                 inputs.append(next(user))
-            elif spec.kind == InputKind.PARAMETER:
-                inputs.append(module.get_parameter(spec.target))
-            elif spec.kind == InputKind.BUFFER:
-                inputs.append(module.get_buffer(spec.target))
+            elif kind == InputKind.PARAMETER:
+                inputs.append(module.get_parameter(target))
+            elif kind == InputKind.BUFFER:
+                inputs.append(module.get_buffer(target))
             else:
-                inputs.append(self.program.constants[spec.target])
+                inputs.append(self.constants[target])
         outputs = self.graph_module(*inputs)
         user_outputs = []
-        for spec, value in zip(self.program.graph_signature.output_specs, outputs):
-            if spec.kind == OutputKind.BUFFER_MUTATION:
-                module.get_buffer(spec.target).copy_(value)
-            elif spec.kind == OutputKind.USER_OUTPUT:
+        for (kind, target), value in zip(self.outputs, outputs):
+            if kind == OutputKind.BUFFER_MUTATION:
+                module.get_buffer(target).copy_(value)
+            elif kind == OutputKind.USER_OUTPUT:
                 user_outputs.append(value)
-        return pytree.tree_unflatten(user_outputs, self.program.call_spec.out_spec)
+        return pytree.tree_unflatten(user_outputs, self.out_spec)
+
+
+def _describe(val):
+    """A user input as captured: tensors by dtype, rank and the sizes export specialized."""
+    if isinstance(val, torch.Tensor):
+        return (val.dtype, val.dim(), tuple((i, s) for i, s in enumerate(val.shape) if isinstance(s, int)))
+    return val
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int) -> Entry:

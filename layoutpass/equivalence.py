@@ -49,6 +49,7 @@ class EquivalenceResult:
 
 def logical_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every buffer; the pools of an optimized model seen in the order the original stored them."""
+    model = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
     pools = getattr(getattr(model, "report", None), "pools", {})
     out = {}
     for name, buf in model.named_buffers():

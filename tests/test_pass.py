@@ -228,3 +228,13 @@ def test_pure_torch_idioms_are_found_and_remapped(model_class, named):
 def test_a_buffer_that_is_never_written_is_not_a_pool():
     with pytest.raises(LayoutPassError, match="no conv-state pool found"):
         optimize(pm.ReadOnlyCat(), example_inputs=[pm.inputs()])
+
+
+def test_torch_compile_of_the_optimized_model():
+    """No graph breaks (fullgraph): the dispatch is plain Python, the ops are custom ops."""
+    model = build("short_conv")
+    steps = make_scenario(model.cfg)[:4]
+    fast = optimize(model, "DS", example_inputs=[s.inputs for s in steps])
+    compiled = torch.compile(fast, fullgraph=True)
+    result = check_equivalence(model, compiled, steps, rtol=1e-4, atol=1e-5)
+    assert result.ok, str(result)
