@@ -61,8 +61,13 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
-        entry = next((e for e in self._entries if e.accepts(flat, spec)), None) or self.capture(args, kwargs)
-        return entry.run(self, flat)
+        return self.entry_for(args, kwargs, flat, spec).run(self, flat)
+
+    def entry_for(self, args: tuple, kwargs: dict, flat=None, spec=None) -> Entry:
+        """The captured entry that takes this call, captured now if none does."""
+        if flat is None:
+            flat, spec = pytree.tree_flatten((args, kwargs))
+        return next((e for e in self._entries if e.accepts(flat, spec)), None) or self.capture(args, kwargs)
 
     def capture(self, args: tuple, kwargs: dict) -> Entry:
         entry = capture(self._model, args, kwargs, len(self._entries))
@@ -156,7 +161,7 @@ def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs:
         raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
     fast = OptimizedModule(model, parse_layout(layout), state_buffers, allow_missing)
     for call in example_inputs or ():
-        fast.capture(*_split(call))
+        fast.entry_for(*_split(call))
     return fast
 
 
