@@ -12,15 +12,21 @@ from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from .capture import Entry, capture
-from layoutpass.rewrites.permutes import PERMUTATIONS
+from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
+
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from layoutpass.rewrites.lowering import CatUpdate, lower_cat_update, match_cat_update
 
 from .discover import STATE_ARGUMENT, PoolNotFound, find_idiom_pools, find_pools
 from .errors import ArgumentError, LayoutPassError
-from .layout import Layout, parse_layout
+from .layout import DS, Layout, parse_layout
 from .report import KERNEL, Pool, Report, source_line
 from .rewrite import relayout_graph
 
 aten = torch.ops.aten
+STATE_ARGUMENT_OPS = list(STATE_ARGUMENT)  # conv_update first
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class OptimizedModule(nn.Module):
     """The model's modules, parameters (shared) and buffers (copied; pools relayouted), run
     through the rewritten graphs. Calls with a new structure are captured on first use."""
 
-    def __init__(self, model: nn.Module, layout: Layout, state_buffers, allow_missing: bool):
+    def __init__(self, model: nn.Module, layout: Layout, state_buffers, allow_missing: bool, lower):
         super().__init__()
         work = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
         for name, child in work.named_children():
@@ -57,7 +63,7 @@ class OptimizedModule(nn.Module):
         self.layout, self.report, self.graphs = layout, Report(), {}
         self._entries: list[Entry] = []
         self._state_buffers = state_buffers
-        self._allow_missing = allow_missing
+        self._allow_missing, self._lower = allow_missing, lower
 
     def forward(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -80,6 +86,9 @@ class OptimizedModule(nn.Module):
         relayouts = {placeholders[by_buffer[name]]: (name, pool.target.permutation(pool.source))
                      for name, pool in pools.items() if pool.source != pool.target}
         relayout_graph(entry.graph_module, relayouts, report, entry.name)  # raises before anything changes
+        if self._lower is True or (self._lower == "auto" and any(b.is_cuda for b in self._model.buffers())):
+            _refresh_meta(entry.graph_module, relayouts)
+            _lower(entry, pools, by_buffer, report)
         _report_kernels(entry, pools, by_buffer, report)
         for name, pool in new_pools.items():  # the graph is sound: now move the state
             owner, leaf = _owner(self, name)
@@ -132,6 +141,35 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (module.get_submodule(path) if path else module), leaf
 
 
+def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
+    """Shapes for every node of the rewritten graph (the rules' new nodes have none), the
+    relayouted pools entering in their new layout."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    mode = detect_fake_mode([n.meta["val"] for n in placeholders])
+    with mode:
+        inputs = [n.meta["val"].permute(inverse(relayouts[n][1])).contiguous() if n in relayouts else n.meta["val"]
+                  for n in placeholders]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
+    """Pure-torch conv updates on DS pools -> the conv_update kernel (rewrites/lowering.py)."""
+    graph = entry.graph_module.graph
+    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    ds = {placeholders[by_buffer[name]]: name for name, pool in pools.items() if pool.target.axes == DS.axes}
+    for node in list(graph.nodes):
+        if node not in graph.nodes:
+            continue
+        match = match_cat_update(node, set(ds))
+        if isinstance(match, CatUpdate):
+            report.add(entry.name, ds[match.pool], node, KERNEL, "lowered: pure-torch cat/mul/sum -> conv_update")
+            lower_cat_update(graph, match, STATE_ARGUMENT_OPS[0])
+        elif match is not None:
+            pool = ds.get(node.args[0][0].args[0])
+            report.add(entry.name, pool, node, KERNEL, f"not lowered: {match}")
+    entry.graph_module.recompile()
+
+
 def _report_kernels(entry: Entry, pools, by_buffer, report: Report) -> None:
     """Every conv op on a pool: the layout its kernel runs on, and whether a view is left."""
     pool_of = {by_buffer[name]: name for name in pools}
@@ -150,16 +188,20 @@ def _report_kernels(entry: Entry, pools, by_buffer, report: Report) -> None:
 
 def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs: Sequence | None = None,
              state_buffers: Sequence[str] | Mapping[str, str] | None = None,
-             allow_missing: bool = False) -> OptimizedModule:
+             allow_missing: bool = False, lower: "bool | str" = "auto") -> OptimizedModule:
     """Store every conv-state pool of `model` in `layout` ("DS" or "SD") and rewrite every use.
 
     example_inputs: calls to capture now, each a dict of keyword arguments, a tuple of
     positional ones, or an (args, kwargs) pair; otherwise each new call structure is captured
     on first use. state_buffers: pool buffer names (or name -> stored layout, for pools no conv
-    op reaches). The model is never modified; a refused rewrite raises LayoutPassError."""
+    op reaches). lower: replace pure-torch conv updates on DS pools by the conv_update kernel
+    (True, False, or "auto": when the model's buffers are on CUDA). The model is never
+    modified; a refused rewrite raises LayoutPassError."""
     if not isinstance(model, nn.Module):
         raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
-    fast = OptimizedModule(model, parse_layout(layout), state_buffers, allow_missing)
+    if lower not in (True, False, "auto"):
+        raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
+    fast = OptimizedModule(model, parse_layout(layout), state_buffers, allow_missing, lower)
     for call in example_inputs or ():
         fast.entry_for(*_split(call))
     return fast
