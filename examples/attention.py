@@ -19,8 +19,11 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     (qp, valid), kp, vp = pad_tokens(q, batch), pad_tokens(k, batch)[0], pad_tokens(v, batch)[0]
     pos = context_lens[:, None] + torch.arange(valid.shape[1], device=q.device)[None, :]
     rows = slots[:, None].expand_as(pos)
-    k_cache[rows[valid], pos[valid]] = kp[valid]
-    v_cache[rows[valid], pos[valid]] = vp[valid]
+    if query_start_loc is None:  # decode: every token is real; no boolean mask (no sync, CUDA-graph safe)
+        k_cache[rows, pos], v_cache[rows, pos] = kp, vp
+    else:
+        k_cache[rows[valid], pos[valid]] = kp[valid]
+        v_cache[rows[valid], pos[valid]] = vp[valid]
     keys, values = k_cache[slots].float(), v_cache[slots].float()  # (batch, max_len, heads, hd)
     scores = torch.einsum("bqhd,bkhd->bhqk", qp.float(), keys) / q.shape[-1] ** 0.5
     visible = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= pos[:, :, None]
