@@ -26,7 +26,6 @@ from .report import KERNEL, Pool, Report, source_line
 from .rewrite import relayout_graph
 
 aten = torch.ops.aten
-STATE_ARGUMENT_OPS = list(STATE_ARGUMENT)  # conv_update first
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
         match = match_cat_update(node, set(ds))
         if isinstance(match, CatUpdate):
             report.add(entry.name, ds[match.pool], node, KERNEL, "lowered: pure-torch cat/mul/sum -> conv_update")
-            lower_cat_update(graph, match, STATE_ARGUMENT_OPS[0])
+            lower_cat_update(graph, match, torch.ops.layoutpass.conv_update.default)
         elif match is not None:
             pool = ds.get(node.args[0][0].args[0])
             report.add(entry.name, pool, node, KERNEL, f"not lowered: {match}")

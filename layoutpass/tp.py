@@ -39,9 +39,6 @@ class Plan:
     tp_dst: int
     pieces: tuple[Piece, ...]
 
-    def local_dim(self, tp: int) -> int:
-        return sum(self.channel_groups) // tp
-
     def runs_per_slot(self, src_rank: int, dst_rank: int) -> sympy.Expr:
         """Contiguous runs a src rank reads per slot for a dst rank (symbolic in state_len)."""
         return sympy.expand(sum((p.src_runs.count for p in self.pieces
