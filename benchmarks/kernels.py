@@ -195,14 +195,16 @@ def sweep(gen) -> None:
             for block in (128, 256, 512):
                 for seqs in (s for s in (1, 4) if s <= batch):
                     for warps in (1, 2, 4):
-                        for flat_run in ((True, False) if flat else (False,)):
-                            triton_conv.UPDATE_BLOCKS[flat] = [(1 << 62, block, seqs, warps, flat_run)]
+                        for path in (("rows", "flat", "tiled") if flat else ("tiled",)):
+                            if path == "rows" and seqs > 1:
+                                continue  # one sequence per program on that path
+                            triton_conv.UPDATE_BLOCKS[flat] = [(1 << 62, block, seqs, warps, path)]
                             call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
                             us = time_decode(call, pools, xs, outs, True, rep=50)
-                            results.append((us, block, seqs, warps, flat_run))
+                            results.append((us, block, seqs, warps, path))
             us, *config = min(results)
             table.append((batch, *config))
-            print(f"sweep decode {layout} B={batch}: {us:.2f} us with (BLOCK_D, SEQS, warps, flat)={tuple(config)}",
+            print(f"sweep decode {layout} B={batch}: {us:.2f} us with (BLOCK_D, SEQS, warps, path)={tuple(config)}",
                   flush=True)
         table[-1] = (1 << 62, *table[-1][1:])
         triton_conv.UPDATE_BLOCKS[flat] = table

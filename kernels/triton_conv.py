@@ -101,6 +101,39 @@ def _conv_state_kernel(
 
 
 @triton.jit
+def _ds_rows_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, dim, null_block_id,
+                    sx_seq, sx_dim, sw_dim, sw_k, ss_slot, so_seq, so_dim,
+                    STATE_LEN: tl.constexpr, WIDTH: tl.constexpr, COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    SILU: tl.constexpr, HAS_INDICES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The hot path on a dense DS pool: one token, no spec decode, state_len == width - 1.
+    The block's state is one [BLOCK_D, COLS] tile read once (rows of state_len, coalesced);
+    the window is that tile with x in its last column, the output its dot with the weight
+    tile, the new state the window shifted one column (in registers)."""
+    seq = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c = tl.arange(0, COLS)[None, :]
+    D2 = d[:, None]
+    slot = seq
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq).to(tl.int64)
+        if slot == null_block_id:
+            return
+    base = state_ptr + slot * ss_slot + D2 * STATE_LEN
+    state = tl.load(base + c, mask=(D2 < dim) & (c < STATE_LEN), other=0.0)
+    x = tl.load(x_ptr + seq * sx_seq + d * sx_dim, mask=d < dim, other=0.0)
+    w = tl.load(w_ptr + D2 * sw_dim + c * sw_k, mask=(D2 < dim) & (c < WIDTH), other=0.0)
+    window = tl.where(c == STATE_LEN, x[:, None], state)
+    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + d, mask=d < dim, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    shifted = tl.gather(window, tl.minimum(c + 1, COLS - 1).broadcast_to(BLOCK_D, COLS), axis=1)
+    tl.store(base + c, shifted, mask=(D2 < dim) & (c < STATE_LEN))
+    tl.store(out_ptr + seq * so_seq + d * so_dim, acc.to(out_ptr.dtype.element_ty), mask=d < dim)
+
+
+@triton.jit
 def _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
                  k: tl.constexpr, WIDTH: tl.constexpr):
     """Tap k's contribution: input position t - (WIDTH - 1) + k, from x inside the sequence,
@@ -161,16 +194,18 @@ def _flat(conv_state: torch.Tensor) -> bool:
 
 
 # Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps,
-# flat: treat a dense DS block as one flat run), the first match wins; PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
+# path), the first match wins. Paths: "tiled" (any strides), "flat" (a dense DS block as one
+# run), "rows" (dense DS, one token, no spec, state_len == width - 1; else "flat"); PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
 # `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels.json).
 UPDATE_BLOCKS = {
-    True: [(1 << 62, 128, 1, 4, True)],
-    False: [(16, 128, 1, 4, False), (64, 256, 1, 1, False), (256, 128, 1, 2, False), (1 << 62, 256, 1, 1, False)],
+    True: [(1 << 62, 128, 1, 4, "flat")],
+    False: [(16, 128, 1, 4, "tiled"), (64, 256, 1, 1, "tiled"), (256, 128, 1, 2, "tiled"),
+            (1 << 62, 256, 1, 1, "tiled")],
 }
 PREFILL_BLOCKS = {True: (64, 64, 4), False: (64, 64, 8)}
 
 
-def _update_config(flat: bool, batch: int) -> tuple[int, int, int, bool]:
+def _update_config(flat: bool, batch: int) -> tuple[int, int, int, str]:
     return next(config for most, *config in UPDATE_BLOCKS[flat] if batch <= most)
 
 
@@ -185,6 +220,11 @@ def update(x, conv_state, weight, bias, activation, conv_state_indices, num_acce
     else:
         batch, seqlen = x.shape[0], (x.shape[2] if x.dim() == 3 else 1)
         tok_p2 = triton.next_power_of_2(seqlen)
+        block_d, _, warps, path = _update_config(_flat(conv_state), batch)
+        if (path == "rows" and seqlen == 1 and num_accepted_tokens is None
+                and conv_state.shape[2] == weight.shape[1] - 1 and batch):
+            _launch_rows(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d, warps)
+            return
         sx = (x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0)
         so = (out.stride(0), out.stride(1), out.stride(2) if out.dim() == 3 else 0)
     _launch_state(x, weight, bias, conv_state, conv_state_indices, num_accepted_tokens, query_start_loc, None, out,
@@ -196,7 +236,8 @@ def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_i
     if batch == 0:
         return
     dim = conv_state.shape[1]
-    block_d, seqs, warps, flat = _update_config(_flat(conv_state), batch)
+    block_d, seqs, warps, path = _update_config(_flat(conv_state), batch)
+    flat = path != "tiled"
     block_d = min(block_d, triton.next_power_of_2(dim))
     grid = (triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))
     wrap_triton(_conv_state_kernel)[grid](
@@ -218,6 +259,17 @@ def _heads(conv_states, cache_indices, has_initial_state, batch, width) -> torch
     if has_initial_state is None:
         return torch.zeros_like(tail, memory_format=torch.contiguous_format)
     return torch.where(has_initial_state[:, None, None], tail, 0).contiguous()
+
+
+def _launch_rows(x, weight, bias, conv_state, indices, activation, null_block_id, out, block_d, warps):
+    dim = conv_state.shape[1]
+    block_d = min(block_d, triton.next_power_of_2(dim))
+    wrap_triton(_ds_rows_kernel)[(x.shape[0], triton.cdiv(dim, block_d))](
+        x, weight, bias, conv_state, indices, out, dim, null_block_id,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), conv_state.stride(0), out.stride(0), out.stride(1),
+        STATE_LEN=conv_state.shape[2], WIDTH=weight.shape[1], COLS=triton.next_power_of_2(weight.shape[1]),
+        HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_INDICES=indices is not None, BLOCK_D=block_d,
+        num_warps=warps)
 
 
 def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation,

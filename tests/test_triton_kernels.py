@@ -10,15 +10,14 @@ from layoutpass.kernels import conv_prefill, conv_update, triton_conv
 LAYOUTS = ["SD", "DS"]
 
 
-@pytest.fixture(params=["table", "small-blocks", "small-blocks-tiled"])
+@pytest.fixture(params=["table", "flat", "tiled", "rows"])
 def blocks(request, monkeypatch):
-    """The shipped block table; small channel blocks with several sequences per program, so
-    that interpreted shapes cross block and sequence-group edges; the same with dense DS pools
-    taking the tiled (not flat) path."""
+    """The shipped block table, then small channel blocks (and several sequences per program)
+    so that interpreted shapes cross block and sequence-group edges, with dense DS pools on
+    each path ("rows" falls back to "flat" where it does not apply)."""
     if request.param != "table":
-        flat = request.param == "small-blocks"
-        monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {dense: [(1 << 62, 16, 3, 1, dense and flat)]
-                                                           for dense in (True, False)})
+        monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {dense: [(1 << 62, 16, 3, 1, request.param if dense
+                                                                    else "tiled")] for dense in (True, False)})
     return request.param
 
 
@@ -40,6 +39,21 @@ def triton_prefill(**kw):
 def test_update_interpreted(width, form, spec, layout, blocks):
     update_case(width * 13 + len(form) + spec, layout=layout, width=width, form=form, spec=spec,
                 dim=37).check(triton_update)
+
+
+@pytest.mark.parametrize("width", range(2, 7))
+def test_rows_path_interpreted(width, monkeypatch):
+    """The DS hot path itself: one token, no spec decode, state_len == width - 1."""
+    monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {True: [(1 << 62, 16, 1, 1, "rows")], False: []})
+    called = []
+    monkeypatch.setattr(triton_conv, "_launch_rows", lambda *a: called.append(1) or RUN_ROWS(*a))
+    case = update_case(width, layout="DS", width=width, form="single", spec=False, dim=37, batch=4)
+    case.kwargs["conv_state"] = case.kwargs["conv_state"][:, :, :width - 1].contiguous()
+    case.check(triton_update)
+    assert called
+
+
+RUN_ROWS = triton_conv._launch_rows
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
