@@ -198,7 +198,7 @@ def _flat(conv_state: torch.Tensor) -> bool:
 # run), "rows" (dense DS, one token, no spec, state_len == width - 1; else "flat"); PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
 # `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels.json).
 UPDATE_BLOCKS = {
-    True: [(1 << 62, 128, 1, 4, "flat")],
+    True: [(16, 128, 1, 4, "flat"), (64, 256, 1, 4, "rows"), (256, 128, 1, 2, "rows"), (1 << 62, 128, 1, 1, "rows")],
     False: [(16, 128, 1, 4, "tiled"), (64, 256, 1, 1, "tiled"), (256, 128, 1, 2, "tiled"),
             (1 << 62, 256, 1, 1, "tiled")],
 }
