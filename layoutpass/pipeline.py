@@ -17,7 +17,7 @@ from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from layoutpass.rewrites.lowering import CatUpdate, lower_cat_update, match_cat_update
+from layoutpass.rewrites.lowering import MATCHERS, Update, lower
 
 from .discover import STATE_ARGUMENT, PoolNotFound, find_idiom_pools, find_pools
 from .errors import ArgumentError, LayoutPassError
@@ -159,14 +159,22 @@ def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
     for node in list(graph.nodes):
         if node not in graph.nodes:
             continue
-        match = match_cat_update(node, set(ds))
-        if isinstance(match, CatUpdate):
-            report.add(entry.name, ds[match.pool], node, KERNEL, "lowered: pure-torch cat/mul/sum -> conv_update")
-            lower_cat_update(graph, match, torch.ops.layoutpass.conv_update.default)
-        elif match is not None:
-            pool = ds.get(node.args[0][0].args[0])
-            report.add(entry.name, pool, node, KERNEL, f"not lowered: {match}")
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for matcher in MATCHERS:
+            match = matcher(node, set(ds), order)
+            if isinstance(match, Update):
+                report.add(entry.name, ds[match.pool], node, KERNEL, f"lowered: pure-torch {node.target.__name__.split('.')[0]} "
+                                                                     f"update -> conv_update")
+                lower(graph, match, torch.ops.layoutpass.conv_update.default)
+            elif match is not None:
+                report.add(entry.name, ds.get(_pool_of(node)), node, KERNEL, f"not lowered: {match}")
     entry.graph_module.recompile()
+
+
+def _pool_of(window: torch.fx.Node) -> torch.fx.Node:
+    """The pool an idiom's window gathers from (cat: first operand; roll: the input)."""
+    gathered = window.args[0][0] if window.target is aten.cat.default else window.args[0]
+    return gathered.args[0]
 
 
 def _report_kernels(entry: Entry, pools, by_buffer, report: Report) -> None:
