@@ -1,10 +1,12 @@
 """Triton conv update (decode) and prefill, specialized for the pool's layout.
 
-The access pattern follows the layout, not only the strides: under DS a program's
-[BLOCK_D, state_len] state block is one contiguous run of BLOCK_D * state_len elements per slot,
-loaded and stored flat; under SD (or any other strides) it is state_len rows of BLOCK_D
-channels, channels fastest. Each program loads everything it needs, then
-barriers, then stores, so in-place use (out over x, the state over itself) is race-free.
+The access pattern follows the layout, not only the strides (UPDATE_BLOCKS picks the path):
+under SD (or any other strides) a program's state block is state_len rows of BLOCK_D channels,
+channels fastest ("tiled"); under DS it is one contiguous run of BLOCK_D * state_len elements
+per slot, loaded and stored flat ("flat"), or, for one token without spec decode, read once as
+[BLOCK_D, width] rows with the window, the output and the shifted state made in registers
+("rows"). Each program loads everything it needs, then barriers, then stores, so in-place use
+(out over x, the state over itself) is race-free.
 Semantics: kernels/reference.py."""
 
 import torch

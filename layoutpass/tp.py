@@ -132,7 +132,6 @@ def execute(plan: Plan, pool: torch.Tensor, slots: torch.Tensor, role: str, inde
     if not isinstance(plan.state_len, sympy.Integer):
         plan = _bind(plan, pool, role)
     state_len = int(plan.state_len)
-    layout = plan.src_layout if role == "src" else plan.dst_layout
     mine = [p for p in plan.pieces if (p.src_rank if role == "src" else p.dst_rank) == index]
     block = pool.view(pool.shape[0], -1)
     peers = {}

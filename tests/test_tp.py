@@ -109,7 +109,8 @@ def test_execute_over_gloo(tp_src, tp_dst, layouts):
     world = tp_src + tp_dst
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, PORT[0], tp_src, tp_dst,
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, tp_src, tp_dst,
                                                [12, 6, 6], layouts, queue)) for r in range(world)]
     for proc in procs:
         proc.start()
@@ -117,11 +118,3 @@ def test_execute_over_gloo(tp_src, tp_dst, layouts):
     for proc in procs:
         proc.join(timeout=60)
     assert results == {r: True for r in range(world)}
-
-
-PORT = [_free_port()]
-
-
-@pytest.fixture(autouse=True)
-def fresh_port():
-    PORT[0] = _free_port()
