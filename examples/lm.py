@@ -74,6 +74,12 @@ class LM(nn.Module):
             h = h + mixer(norm(h), batch)
         return self.lm_head(self.final_norm(h))
 
+    def scenario(self, **options) -> list:
+        """A serving scenario for this model: examples.scenario.make_scenario's options."""
+        from .scenario import make_scenario
+
+        return make_scenario(self.cfg, device=self.embed.weight.device, **options)
+
 
 def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32,
           device: str | torch.device = "cpu", **overrides) -> LM:

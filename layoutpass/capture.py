@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
@@ -77,15 +78,17 @@ class Entry:
 
 def _describe(val):
     """A user input as captured: tensors by dtype, rank and the sizes export specialized."""
-    if isinstance(val, torch.Tensor):
-        return (val.dtype, val.dim(), tuple((i, s) for i, s in enumerate(val.shape) if isinstance(s, int)))
+    if isinstance(val, torch.Tensor):  # a size export replaced by a constant is specialized too
+        return (val.dtype, val.dim(), tuple((i, int(s)) for i, s in enumerate(val.shape) if is_concrete_int(s)))
     return val
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int) -> Entry:
-    """Export `model` for this call structure; the model and its buffers are not changed."""
-    # Sizes 0 and 1 are specialized by export anyway; every other size stays symbolic.
-    auto = lambda v: {i: Dim.AUTO for i in range(v.dim()) if v.shape[i] > 1} if isinstance(v, torch.Tensor) else None
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int, dynamic: bool = True) -> Entry:
+    """Export `model` for this call structure; the model and its buffers are not changed.
+    dynamic: sizes > 1 stay symbolic (sizes 0 and 1 export specializes anyway); otherwise
+    every size is specialized and a call of other sizes is captured anew."""
+    auto = lambda v: ({i: Dim.AUTO for i in range(v.dim()) if v.shape[i] > 1} if dynamic else None) \
+        if isinstance(v, torch.Tensor) else None
     start = time.perf_counter()
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments

@@ -15,10 +15,9 @@ def demo(args: argparse.Namespace) -> int:
     check that it computes the same outputs and states over a serving scenario."""
     from . import check_equivalence, optimize
     from .examples import build
-    from .examples.scenario import make_scenario
 
     model = build(args.model, num_spec=1)
-    steps = make_scenario(model.cfg, seed=args.seed)
+    steps = model.scenario(seed=args.seed)
     print(f"model {args.model!r}: layers {', '.join(model.cfg.layers)}; optimizing to {args.layout} ...", flush=True)
     start = time.perf_counter()
     fast = optimize(model, args.layout, example_inputs=[next(s.inputs for s in steps if s.kind == kind)
@@ -36,9 +35,10 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _load(spec: str):
-    """MODULE:FACTORY -> (model, calls): the factory returns a model (a layoutpass.examples LM
-    gets its serving scenario) or (model, [dict of keyword arguments per call])."""
-    from .examples.scenario import Step, make_scenario
+    """MODULE:FACTORY -> (model, calls): the factory returns a model with a scenario() method
+    (a layoutpass.examples LM, a layoutpass.hf.CacheAsBuffers) or (model, [dict of keyword
+    arguments per call])."""
+    from .examples.scenario import Step
 
     module, _, name = spec.partition(":")
     try:
@@ -48,9 +48,9 @@ def _load(spec: str):
     made = factory()
     model, calls = made if isinstance(made, tuple) else (made, None)
     if calls is None:
-        if not hasattr(model, "cfg"):
+        if not callable(getattr(model, "scenario", None)):
             raise ArgumentError("factory", f"{spec} returned a model without example calls; return (model, calls)")
-        return model, make_scenario(model.cfg)
+        return model, model.scenario()
     return model, [Step("call", dict(c)) for c in calls]
 
 

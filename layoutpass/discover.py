@@ -16,6 +16,7 @@ from .report import source_line
 aten = torch.ops.aten
 STATE_ARGUMENT = {kernel_ops.conv_update_op._opoverload: 1, kernel_ops.conv_prefill_op._opoverload: 3}
 OP_AXES = ("slot", "dim", "tok")
+FILLS = (aten.zero_.default, aten.fill_.Scalar, aten.fill_.Tensor)
 
 
 class PoolNotFound(LayoutPassError):
@@ -50,6 +51,8 @@ def _token_axis(buffer: torch.fx.Node) -> int | None:
             if use.target in PERMUTATIONS:
                 stack.append((use, tuple(dims[i] for i in permutation_of(use))))
             elif use.target is aten.index.Tensor and use.args[0] is node and len(use.args[1]) == 1:
+                stack.append((use, dims))
+            elif use.target in FILLS and use.args[0] is node:  # the same tensor, zeroed (a fresh start)
                 stack.append((use, dims))
             elif use.target in (aten.index_put_.default, aten.copy_.default) and use.args[0] is node:
                 written = True

@@ -78,17 +78,17 @@ def _restored(model: nn.Module):
 def check_equivalence(reference: nn.Module, candidate: nn.Module, scenario=None, *, steps: int = 16,
                       prefills: int = 3, seed: int = 0, rtol: float | None = None,
                       atol: float | None = None) -> EquivalenceResult:
-    """Run `scenario` (a list of examples.scenario.Step; by default one made for the reference's
-    config with `prefills` prefills and `steps` decode steps) through both models from the same
-    random logical state, comparing outputs and every buffer after every step. Both models'
-    buffers are restored afterwards."""
-    from layoutpass.examples.scenario import fill_state, make_scenario
+    """Run `scenario` (a list of examples.scenario.Step; by default the reference's own,
+    `reference.scenario(prefills=, decode_steps=, seed=)`, as layoutpass.examples LMs and
+    layoutpass.hf.CacheAsBuffers give) through both models from the same random logical state,
+    comparing outputs and every buffer after every step. Both models' buffers are restored
+    afterwards."""
+    from layoutpass.examples.scenario import fill_state
 
     if scenario is None:
-        if not hasattr(reference, "cfg"):
-            raise ArgumentError("scenario", "give a scenario for models that are not layoutpass.examples LMs")
-        device = next(reference.parameters()).device
-        scenario = make_scenario(reference.cfg, prefills=prefills, decode_steps=steps, seed=seed, device=device)
+        if not callable(getattr(reference, "scenario", None)):
+            raise ArgumentError("scenario", "give a scenario for a model without a scenario() method")
+        scenario = reference.scenario(prefills=prefills, decode_steps=steps, seed=seed)
     rtol, atol = (EXACT[0] if rtol is None else rtol), (EXACT[1] if atol is None else atol)
     results = []
     with ExitStack() as stack:

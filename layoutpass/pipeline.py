@@ -17,7 +17,7 @@ from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from layoutpass.rewrites.lowering import MATCHERS, Update, lower
+from layoutpass.rewrites.lowering import MATCHERS, Update, lower, pool_of
 
 from .discover import STATE_ARGUMENT, PoolNotFound, find_idiom_pools, find_pools
 from .errors import ArgumentError, LayoutPassError
@@ -49,7 +49,7 @@ class OptimizedModule(nn.Module):
     """The model's modules, parameters (shared) and buffers (copied; pools relayouted), run
     through the rewritten graphs. Calls with a new structure are captured on first use."""
 
-    def __init__(self, model: nn.Module, layout: Layout, state_buffers, allow_missing: bool, lower):
+    def __init__(self, model: nn.Module, layout: Layout, state_buffers, allow_missing: bool, lower, dynamic: bool):
         super().__init__()
         work = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
         for name, child in work.named_children():
@@ -62,7 +62,7 @@ class OptimizedModule(nn.Module):
         self.layout, self.report, self.graphs = layout, Report(), {}
         self._entries: list[Entry] = []
         self._state_buffers = state_buffers
-        self._allow_missing, self._lower = allow_missing, lower
+        self._allow_missing, self._lower, self._dynamic = allow_missing, lower, dynamic
 
     def forward(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -75,7 +75,7 @@ class OptimizedModule(nn.Module):
         return next((e for e in self._entries if e.accepts(flat, spec)), None) or self.capture(args, kwargs)
 
     def capture(self, args: tuple, kwargs: dict) -> Entry:
-        entry = capture(self._model, args, kwargs, len(self._entries))
+        entry = capture(self._model, args, kwargs, len(self._entries), self._dynamic)
         start = time.perf_counter()
         pools = self._discover(entry)
         new_pools = {name: pool for name, pool in pools.items() if name not in self.report.pools}
@@ -148,7 +148,8 @@ def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
     with mode:
         inputs = [n.meta["val"].permute(inverse(relayouts[n][1])).contiguous() if n in relayouts else n.meta["val"]
                   for n in placeholders]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    with torch.no_grad():  # shapes only; export's fake buffers may say they require grad
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
@@ -167,14 +168,8 @@ def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
                                                                      f"update -> conv_update")
                 lower(graph, match, torch.ops.layoutpass.conv_update.default)
             elif match is not None:
-                report.add(entry.name, ds.get(_pool_of(node)), node, KERNEL, f"not lowered: {match}")
+                report.add(entry.name, ds.get(pool_of(node)), node, KERNEL, f"not lowered: {match}")
     entry.graph_module.recompile()
-
-
-def _pool_of(window: torch.fx.Node) -> torch.fx.Node:
-    """The pool an idiom's window gathers from (cat: first operand; roll: the input)."""
-    gathered = window.args[0][0] if window.target is aten.cat.default else window.args[0]
-    return gathered.args[0]
 
 
 def _report_kernels(entry: Entry, pools, by_buffer, report: Report) -> None:
@@ -195,20 +190,25 @@ def _report_kernels(entry: Entry, pools, by_buffer, report: Report) -> None:
 
 def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs: Sequence | None = None,
              state_buffers: Sequence[str] | Mapping[str, str] | None = None,
-             allow_missing: bool = False, lower: "bool | str" = "auto") -> OptimizedModule:
+             allow_missing: bool = False, lower: "bool | str" = "auto", dynamic: bool | None = None) -> OptimizedModule:
     """Store every conv-state pool of `model` in `layout` ("DS" or "SD") and rewrite every use.
 
     example_inputs: calls to capture now, each a dict of keyword arguments, a tuple of
     positional ones, or an (args, kwargs) pair; otherwise each new call structure is captured
     on first use. state_buffers: pool buffer names (or name -> stored layout, for pools no conv
     op reaches). lower: replace pure-torch conv updates on DS pools by the conv_update kernel
-    (True, False, or "auto": when the model's buffers are on CUDA). The model is never
-    modified; a refused rewrite raises LayoutPassError."""
+    (True, False, or "auto": when the model's buffers are on CUDA). dynamic: one graph for
+    every size (True) or one per size (False: for code whose export is not sound for other
+    sizes); by default the model's `layoutpass_dynamic` attribute, else True. The model is
+    never modified; a refused rewrite raises LayoutPassError."""
     if not isinstance(model, nn.Module):
         raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
     if lower not in (True, False, "auto"):
         raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
-    fast = OptimizedModule(model, parse_layout(layout), state_buffers, allow_missing, lower)
+    dynamic = getattr(model, "layoutpass_dynamic", True) if dynamic is None else dynamic
+    if not isinstance(dynamic, bool):
+        raise ArgumentError("dynamic", f"expected True or False, got {dynamic!r}")
+    fast = OptimizedModule(model, parse_layout(layout), state_buffers, allow_missing, lower, dynamic)
     for call in example_inputs or ():
         fast.entry_for(*_split(call))
     return fast

@@ -1,15 +1,16 @@
 """Lowering pure-torch conv updates onto layoutpass::conv_update, as pattern rules.
 
-Once the pool is stored DS (tok last), the two spellings read, in aten:
-  cat (vLLM-style reference code):
-    window = cat([index(pool, [slots]), new], 2)        new: (batch, dim, 1)
-    index_put_(pool, [slots], window[..., 1:])
-  roll (Hugging Face transformers):
+Once the pool is stored DS (tok last), the spellings read, in aten:
+  cat (vLLM-style reference code; transformers' Mamba/Mamba2, whose batch row is the slot):
+    window = cat([index(pool, [slots]) or pool, new], 2)   new: (batch, dim, L)
+    index_put_(pool, [slots], window[..., L:])  or  pool.copy_(window[..., L:])
+  roll (transformers' older spelling):
     window = roll(index(pool, [slots]), -1, 2); window[..., -1].copy_(x)
     index_put_(pool, [slots], window)
-and then y = sum(window * weight, 2) [silu(y)]. Both are exactly conv_update on that pool (the
-cat form with state_len = width - 1, the roll form with state_len = width). A matcher returns
-an Update, None when the node is not the start of either idiom, or a string saying which part
+and then the convolution: y = sum(window * weight, 2) (one token), or the outputs of
+conv1d(window, weight, bias, padding=P, groups=dim) that end at the L new tokens; [silu(y)].
+Each is exactly conv_update on that pool (state_len >= width - 1, the state shifted by L). A
+matcher returns an Update, None when the node starts no idiom, or a string saying which part
 of an almost-match differed (for the report)."""
 
 from dataclasses import dataclass
@@ -19,20 +20,30 @@ import torch.fx
 
 aten = torch.ops.aten
 END = 1 << 62  # a slice end this large means "to the end"
+FILLS = (aten.zero_.default, aten.fill_.Scalar, aten.fill_.Tensor)
+ASSERT = aten._assert_tensor_metadata.default
 
 
 @dataclass(frozen=True)
 class Update:
     pool: torch.fx.Node
-    slots: torch.fx.Node
-    x: torch.fx.Node  # (batch, dim), or (batch, dim, 1) when squeeze is set
+    slots: torch.fx.Node | None  # None: batch row b is slot b
+    x: torch.fx.Node  # (batch, dim), or (batch, dim, L); (batch, dim, 1) squeezed when squeeze is set
     squeeze: bool
     weight: torch.fx.Node
-    reduce: torch.fx.Node  # the sum
-    result: torch.fx.Node  # what the kernel's output replaces (silu or the sum)
+    bias: torch.fx.Node | None
+    result: torch.fx.Node  # what the kernel's output replaces (silu or the convolution)
     activation: str | None
     mutations: tuple[torch.fx.Node, ...]  # the idiom's in-place ops, last one the state write
     anchor: torch.fx.Node  # the kernel goes right after it: once the state write and its inputs exist
+
+
+@dataclass(frozen=True)
+class _Conv:
+    weight: torch.fx.Node
+    bias: torch.fx.Node | None
+    result: torch.fx.Node
+    activation: str | None
 
 
 def _slice_args(node):
@@ -56,30 +67,111 @@ def _through_full_slices(node, want):
     return found
 
 
+def _base(node):
+    """The tensor an in-place fill returns is its input (the pool, zeroed for a fresh start)."""
+    while isinstance(node, torch.fx.Node) and node.target in FILLS:
+        node = node.args[0]
+    return node
+
+
 def _gather(node, pools):
-    """index(pool, [slots]) of a DS pool: (pool, slots), else None."""
+    """index(pool, [slots]) of a DS pool: (pool, slots); the pool itself: (pool, None)."""
     if getattr(node, "target", None) is aten.index.Tensor and node.args[0] in pools and len(node.args[1]) == 1:
         return node.args[0], node.args[1][0]
-    return None
+    return (_base(node), None) if _base(node) in pools else None
 
 
-def _convolution(window, order, last_write):
-    """The tail both idioms share: sum over tok of window * weight, optional SiLU, used after
-    the state is written. (weight, reduce, result, activation) or a reason."""
-    muls = [u for u in window.users if u.target is aten.mul.Tensor]
+def _values(node) -> list:
+    """node and the casts to its own dtype that copy it (transformers' `.to(weight.dtype)`)."""
+    found = [node]
+    for value in found:
+        found += [u for u in value.users if u.target is aten.to.dtype and u.args[1] == value.meta["val"].dtype]
+    return found
+
+
+def _users(values) -> list:
+    return [u for v in values for u in v.users if u not in values]
+
+
+def _static(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def _mul_sum(window, tokens):
+    """sum over tok of window * weight (one new token): (weight, bias, the sum) or a reason."""
+    muls = [u for u in _users(window) if u.target is aten.mul.Tensor]
     reduce = next(iter(muls[0].users), None) if len(muls) == 1 and len(muls[0].users) == 1 else None
     if reduce is None or reduce.target is not aten.sum.dim_IntList or list(reduce.args[1]) not in ([2], [-1]) \
             or len(reduce.args) > 2:
         return "the window is not multiplied by a weight and summed over the token axis"
-    weight = muls[0].args[1] if muls[0].args[0] is window else muls[0].args[0]
-    if not all(isinstance(s, int) for s in (*weight.meta["val"].shape, reduce.meta["val"].shape[1])):
+    if tokens != 1:
+        return "a multiply-and-sum window takes one new token"
+    return (muls[0].args[1] if muls[0].args[0] in window else muls[0].args[0]), None, reduce
+
+
+def _conv1d(window):
+    """A depthwise conv1d over the window: (weight, bias, the conv), None, or a reason."""
+    convs = [u for u in _users(window) if u.target is aten.conv1d.default and u.args[0] in window]
+    if len(convs) != 1:
+        return None
+    conv = convs[0]
+    weight, bias, stride, _, dilation, groups = (list(conv.args[1:]) + [None, [1], [0], [1], 1][len(conv.args) - 2:])[:6]
+    if list(stride) != [1] or list(dilation) != [1] or groups != weight.meta["val"].shape[0] \
+            or weight.meta["val"].shape[1] != 1:
+        return "the conv1d is not a depthwise convolution with stride and dilation 1"
+    return weight, bias, conv
+
+
+def _tail(node):
+    """Follow the convolution's output through token slices, one SiLU and same-dtype casts (in
+    any order): (the last node, the activation, [lo, hi) of the output kept)."""
+    lo, hi = 0, node.meta["val"].shape[-1]
+    activation = None
+    while True:
+        users = [u for u in node.users if u.target is not ASSERT]
+        nxt = users[0] if len(users) == 1 else None
+        if nxt is None:
+            return node, activation, (lo, hi)
+        if nxt.target is aten.slice.Tensor and _slice_args(nxt)[0] in (2, -1) and node.meta["val"].dim() == 3 \
+                and _static(_slice_args(nxt)[1] or 0, _slice_args(nxt)[2] or 0):
+            _, start, end = _slice_args(nxt)
+            n = hi - lo
+            start, end = [min(max(v + n if v < 0 else v, 0), n) for v in (start or 0, n if end is None else end)]
+            lo, hi = lo + start, lo + end
+        elif nxt.target is aten.silu.default and activation is None:
+            activation = "silu"
+        elif not (nxt.target is aten.to.dtype and nxt.args[1] == node.meta["val"].dtype):
+            return node, activation, (lo, hi)
+        node = nxt
+
+
+def _convolution(window, tokens, order, last_write):
+    """The tail all idioms share: the convolution of the window (a value and its copies), an
+    optional SiLU, used only after the state is written. A _Conv or a reason."""
+    conv = _conv1d(window) or _mul_sum(window, tokens)
+    if isinstance(conv, str):
+        return conv
+    weight, bias, op = conv
+    if not _static(*weight.meta["val"].shape):
         return "the weight's shape is not static"
-    users = list(reduce.users)
-    silu = users[0] if len(users) == 1 and users[0].target is aten.silu.default else None
-    result = silu or reduce
+    result, activation, kept = _tail(op)
+    if op.target is aten.conv1d.default:
+        # output j sees window columns j - P .. j - P + width - 1: keep those ending at the new tokens
+        first = window[0].meta["val"].shape[2] - tokens + op.args[4][0] - weight.meta["val"].shape[-1] + 1 \
+            if len(op.args) > 4 else None
+        if first is None or kept != (first, first + tokens):
+            return "the conv1d's outputs kept are not those of the new tokens"
     if any(order[u] < order[last_write] for u in result.users):
         return "the output is used before the new state is written"
-    return weight, reduce, result, "silu" if silu else None
+    return _Conv(weight, bias, result, activation)
+
+
+def _writes_back(pool, slots, value, node) -> bool:
+    """node writes value into the pool's gathered slots (or the whole pool)."""
+    if slots is None:
+        return node.target is aten.copy_.default and _base(node.args[0]) is pool and node.args[1] is value
+    return node.target is aten.index_put_.default and node.args[0] is pool and node.args[1] == [slots] \
+        and node.args[2] is value
 
 
 def match_cat(window, pools, order):
@@ -89,28 +181,32 @@ def match_cat(window, pools, order):
     if gathered is None:
         return None
     pool, slots = gathered
-    new = window.args[0][1]
-    if window.args[1] not in (2, -1):
+    if window.args[1:] not in ((2,), (-1,)):
         return "the window does not extend the state along the token axis"
-    if new.meta["val"].dim() != 3 or new.meta["val"].shape[2] != 1:
-        return "the new token is not (batch, dim, 1)"
-    tails = _through_full_slices(window, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
-                                 and _slice_args(u)[1] == 1 and (_slice_args(u)[2] is None or _slice_args(u)[2] >= END))
-    writes = [u for t in tails for u in t.users if u.target is aten.index_put_.default and u.args[0] is pool
-              and u.args[1] == [slots] and u.args[2] is t]
+    new = window.args[0][1]
+    tokens, state_len = new.meta["val"].shape[2] if new.meta["val"].dim() == 3 else None, pool.meta["val"].shape[2]
+    if tokens is None or not _static(tokens, state_len):
+        return "the new tokens are not (batch, dim, L) with L static"
+    length = tokens + state_len
+    windows = _values(window)
+    tails = [t for w in windows for t in _through_full_slices(w, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
+                                 and _static(_slice_args(u)[1] or 0) and (_slice_args(u)[1] or 0) % length == tokens
+                                 and (_slice_args(u)[2] is None or _slice_args(u)[2] >= length))]
+    writes = [u for t in tails for u in t.users if _writes_back(pool, slots, t, u)]
     if len(writes) != 1:
         return "the window's tail is not written back to the same slots"
-    conv = _convolution(window, order, writes[0])
+    conv = _convolution(windows, tokens, order, writes[0])
     if isinstance(conv, str):
         return conv
-    return _update(pool, slots, new, True, conv, (writes[0],), order)
+    squeeze = conv.result.meta["val"].dim() == 2  # multiply-and-sum: (batch, dim) out of one token
+    return _update(pool, slots, new, squeeze, conv, (writes[0],), order)
 
 
 def match_roll(window, pools, order):
     if window.target is not aten.roll.default:
         return None
     gathered = _gather(window.args[0], pools)
-    if gathered is None:
+    if gathered is None or gathered[1] is None:
         return None
     pool, slots = gathered
     if list(window.args[1]) != [-1] or list(window.args[2]) not in ([2], [-1]):
@@ -118,11 +214,10 @@ def match_roll(window, pools, order):
     sets = [c for s in _through_full_slices(window, lambda u: u.target is aten.select.int
                                             and tuple(u.args[1:]) in ((2, -1), (-1, -1)))
             for c in s.users if c.target is aten.copy_.default and c.args[0] is s]
-    writes = [u for u in window.users if u.target is aten.index_put_.default and u.args[0] is pool
-              and u.args[1] == [slots] and u.args[2] is window]
+    writes = [u for u in window.users if _writes_back(pool, slots, window, u)]
     if len(sets) != 1 or len(writes) != 1 or order[sets[0]] > order[writes[0]]:
         return "the new token is not set in the last column before the state is written back"
-    conv = _convolution(window, order, writes[0])
+    conv = _convolution([window], 1, order, writes[0])
     if isinstance(conv, str):
         return conv
     return _update(pool, slots, sets[0].args[1], False, conv, (sets[0], writes[0]), order)
@@ -131,26 +226,37 @@ def match_roll(window, pools, order):
 def _update(pool, slots, x, squeeze, conv, mutations, order):
     """The match, placed after the state write and everything the kernel reads; refused if the
     pool is read in between (that read would see the new state too early)."""
-    weight, reduce, result, activation = conv
     write = mutations[-1]
-    anchor = max((write, weight, x), key=lambda n: order[n])
+    anchor = max((n for n in (write, conv.weight, conv.bias, x) if n is not None), key=lambda n: order[n])
     if any(order[write] < order[u] <= order[anchor] for u in pool.users):
         return "the pool is read between the state write and the convolution"
-    return Update(pool, slots, x, squeeze, weight, reduce, result, activation, mutations, anchor)
+    return Update(pool, slots, x, squeeze, conv.weight, conv.bias, conv.result, conv.activation, mutations, anchor)
 
 
 MATCHERS = (match_cat, match_roll)
 
 
+def pool_of(window: torch.fx.Node) -> torch.fx.Node:
+    """The pool an idiom's window reads (cat: its first operand; roll: its input)."""
+    first = window.args[0][0] if window.target is aten.cat.default else window.args[0]
+    return _base(first.args[0] if first.target is aten.index.Tensor else first)
+
+
 def lower(graph: torch.fx.Graph, m: Update, conv_update) -> None:
     """Replace a match by one kernel call (null_block_id -1: the idiom skips no slot)."""
-    dim, width = m.reduce.meta["val"].shape[1], m.weight.meta["val"].shape[-1]
+    dim, width = m.result.meta["val"].shape[1], m.weight.meta["val"].shape[-1]
     with graph.inserting_before(m.anchor.next):  # in order, after the anchor
         x = graph.call_function(aten.select.int, (m.x, 2, 0)) if m.squeeze else m.x
         weight = graph.call_function(aten.reshape.default, (m.weight, [dim, width]))
         out = graph.call_function(aten.empty_like.default, (x,), {"memory_format": torch.contiguous_format})
-        graph.call_function(conv_update, (x, m.pool, weight, None, m.activation, m.slots, None, None, -1, -1, out))
+        kernel = graph.call_function(conv_update, (x, m.pool, weight, m.bias, m.activation, m.slots, None, None, -1, -1,
+                                                   out))
+    kernel.meta["stack_trace"] = m.mutations[-1].meta.get("stack_trace")
     m.result.replace_all_uses_with(out)
     for node in reversed(m.mutations):  # the kernel writes the state; the idiom's writes go
         graph.erase_node(node)
-    graph.eliminate_dead_code()
+    # the idiom's dtype asserts go with the values they check (an assert met before the value's
+    # last other user is gone survives one sweep: sweep again)
+    while graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not (
+            n.target is ASSERT and all(u.target is ASSERT for u in n.args[0].users))):
+        pass
