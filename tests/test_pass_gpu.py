@@ -21,8 +21,9 @@ def test_zoo_on_cuda(name):
     assert all(p.target.axes == ("slot", "dim", "tok") for p in fast.report.pools.values())
 
 
-def test_cat_idiom_lowered_on_cuda():
-    model = pm.CatIdiom().cuda()
+@pytest.mark.parametrize("idiom", [pm.CatIdiom, pm.RollIdiom])
+def test_pure_torch_idioms_lowered_on_cuda(idiom):
+    model = idiom().cuda()
     calls = [pm.inputs() for _ in range(4)]
     calls = [{k: v.cuda() for k, v in c.items()} for c in calls]
     fast = optimize(model, "DS", example_inputs=calls[:1])  # lower="auto": on, the buffers are on CUDA
