@@ -89,9 +89,10 @@ def make_scenario(cfg: ModelConfig, *, prefills: int = 3, decode_steps: int = 16
 def fill_state(model: torch.nn.Module, seed: int = 0) -> None:
     """Random data in every buffer (pools, caches), so a step that reads or writes the wrong
     place changes the result; never start a comparison from zeros."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for buf in model.buffers():
-        buf.copy_(torch.randn(buf.shape, generator=gen, dtype=torch.float32).to(buf))
+    gens = {}
+    for buf in model.buffers():  # drawn where the buffer lives: GBs of GPU state fill in moments
+        gen = gens.setdefault(buf.device, torch.Generator(device=buf.device).manual_seed(seed))
+        buf.copy_(torch.randn(buf.shape, generator=gen, dtype=torch.float32, device=buf.device).to(buf))
 
 
 @torch.no_grad()
