@@ -125,9 +125,15 @@ def _ds_rows_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, dim, null_
     x = tl.load(x_ptr + seq * sx_seq + d * sx_dim, mask=d < dim, other=0.0)
     w = tl.load(w_ptr + D2 * sw_dim + c * sw_k, mask=(D2 < dim) & (c < WIDTH), other=0.0)
     window = tl.where(c == STATE_LEN, x[:, None], state)
-    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    # Taps accumulated one by one from the bias, as _conv_state_kernel does: the same roundings,
+    # so a DS pool gives bit-identical outputs to an SD one (columns are picked out exactly).
     if HAS_BIAS:
-        acc += tl.load(b_ptr + d, mask=d < dim, other=0.0).to(tl.float32)
+        acc = tl.load(b_ptr + d, mask=d < dim, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+    for k in tl.static_range(WIDTH):
+        wk = tl.sum(tl.where(c == k, w.to(tl.float32), 0.0), axis=1)
+        acc += wk * tl.sum(tl.where(c == k, window.to(tl.float32), 0.0), axis=1)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     shifted = tl.gather(window, tl.minimum(c + 1, COLS - 1).broadcast_to(BLOCK_D, COLS), axis=1)

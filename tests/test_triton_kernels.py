@@ -86,3 +86,22 @@ def test_update_gpu(seed, dtype, layout):
 def test_prefill_gpu(seed, dtype, layout):
     prefill_case(seed, layout=layout, dtype=dtype, device="cuda", dim=[5, 700, 2048, 4096][seed % 4],
                  lens=[[1, 300, 0, 7], [2048], [5, 64, 1000, 3, 2], [4, 3, 2, 1]][seed % 4]).check(conv_prefill)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device, batch", [("cpu", 1), ("cpu", 17), ("cpu", 70)] + [
+    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in (1, 17, 64, 256, 1024)])
+def test_both_layouts_give_the_same_bits(device, batch, dtype):
+    """What check_equivalence's exact default rests on: whichever path the block table picks
+    for an SD and for a DS pool, the taps are summed in one order (on the GPU, the same FMAs)."""
+    gen = torch.Generator().manual_seed(batch)
+    dim, width = (5376, 4) if device == "cuda" else (37, 4)
+    slots = batch + 5
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    x, weight, bias, sd = rand(batch, dim), rand(dim, width), rand(dim), rand(slots, width - 1, dim)
+    ds = sd.transpose(1, 2).contiguous()
+    idx = torch.randperm(slots, generator=gen)[:batch].to(device=device, dtype=torch.int32)
+    outs = [conv_update(x, pool, weight, bias, "silu", idx, out=torch.empty_like(x))
+            for pool in (sd.transpose(1, 2), ds)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(sd.transpose(1, 2), ds)
