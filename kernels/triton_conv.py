@@ -103,11 +103,36 @@ def _conv_state_kernel(
 
 
 @triton.jit
+def _taps(acc, window, w, COLS: tl.constexpr, WIDTH: tl.constexpr):
+    """acc + sum_k w[:, k] * window[:, k], one tap after another from k = 0, as
+    _conv_state_kernel sums them: the same roundings, so a DS pool gives the bits an SD pool
+    gives. The columns come apart by splits (in registers), COLS 2 or 4."""
+    if COLS == 2:
+        v0, v1 = tl.split(window)
+        w0, w1 = tl.split(w)
+        v2, v3, w2, w3 = v1, v1, w1, w1  # unused: WIDTH <= 2
+    else:
+        ve, vo = tl.split(tl.reshape(window, (window.shape[0], 2, 2)))  # columns (0, 2), (1, 3)
+        we, wo = tl.split(tl.reshape(w, (w.shape[0], 2, 2)))
+        v0, v2 = tl.split(ve)
+        v1, v3 = tl.split(vo)
+        w0, w2 = tl.split(we)
+        w1, w3 = tl.split(wo)
+    acc += w0 * v0
+    acc += w1 * v1
+    if WIDTH > 2:
+        acc += w2 * v2
+    if WIDTH > 3:
+        acc += w3 * v3
+    return acc
+
+
+@triton.jit
 def _ds_rows_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, dim, null_block_id,
                     sx_seq, sx_dim, sw_dim, sw_k, ss_slot, so_seq, so_dim,
                     STATE_LEN: tl.constexpr, WIDTH: tl.constexpr, COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     SILU: tl.constexpr, HAS_INDICES: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The hot path on a dense DS pool: one token, no spec decode, state_len == width - 1.
+    """The hot path on a dense DS pool: one token, no spec decode, state_len == width - 1 <= 3.
     The block's state is one [BLOCK_D, COLS] tile read once (rows of state_len, coalesced);
     the window is that tile with x in its last column, the output its dot with the weight
     tile, the new state the window shifted one column (in registers)."""
@@ -125,15 +150,11 @@ def _ds_rows_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, dim, null_
     x = tl.load(x_ptr + seq * sx_seq + d * sx_dim, mask=d < dim, other=0.0)
     w = tl.load(w_ptr + D2 * sw_dim + c * sw_k, mask=(D2 < dim) & (c < WIDTH), other=0.0)
     window = tl.where(c == STATE_LEN, x[:, None], state)
-    # Taps accumulated one by one from the bias, as _conv_state_kernel does: the same roundings,
-    # so a DS pool gives bit-identical outputs to an SD one (columns are picked out exactly).
     if HAS_BIAS:
         acc = tl.load(b_ptr + d, mask=d < dim, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_D,), tl.float32)
-    for k in tl.static_range(WIDTH):
-        wk = tl.sum(tl.where(c == k, w.to(tl.float32), 0.0), axis=1)
-        acc += wk * tl.sum(tl.where(c == k, window.to(tl.float32), 0.0), axis=1)
+    acc = _taps(acc, window.to(tl.float32), w.to(tl.float32), COLS, WIDTH)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     shifted = tl.gather(window, tl.minimum(c + 1, COLS - 1).broadcast_to(BLOCK_D, COLS), axis=1)
@@ -203,7 +224,7 @@ def _flat(conv_state: torch.Tensor) -> bool:
 
 # Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps,
 # path), the first match wins. Paths: "tiled" (any strides), "flat" (a dense DS block as one
-# run), "rows" (dense DS, one token, no spec, state_len == width - 1; else "flat"); PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
+# run), "rows" (dense DS, one token, no spec, state_len == width - 1 <= 3; else "flat"); PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
 # `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels.json).
 UPDATE_BLOCKS = {
     True: [(16, 128, 1, 4, "flat"), (64, 256, 1, 4, "rows"), (256, 128, 1, 2, "rows"), (1 << 62, 128, 1, 1, "rows")],
@@ -230,7 +251,7 @@ def update(x, conv_state, weight, bias, activation, conv_state_indices, num_acce
         tok_p2 = triton.next_power_of_2(seqlen)
         block_d, _, warps, path = _update_config(_flat(conv_state), batch)
         if (path == "rows" and seqlen == 1 and num_accepted_tokens is None
-                and conv_state.shape[2] == weight.shape[1] - 1 and batch):
+                and conv_state.shape[2] == weight.shape[1] - 1 <= 3 and batch):
             _launch_rows(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d, warps)
             return
         sx = (x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0)
