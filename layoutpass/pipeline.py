@@ -153,7 +153,7 @@ def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
 
 
 def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
-    """Pure-torch conv updates on DS pools -> the conv_update kernel (rewrites/lowering.py)."""
+    """Pure-torch conv updates on DS pools -> the conv kernels (rewrites/lowering.py)."""
     graph = entry.graph_module.graph
     placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
     ds = {placeholders[by_buffer[name]]: name for name, pool in pools.items() if pool.target.axes == DS.axes}
@@ -164,9 +164,9 @@ def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
         for matcher in MATCHERS:
             match = matcher(node, set(ds), order)
             if isinstance(match, Update):
-                report.add(entry.name, ds[match.pool], node, KERNEL, f"lowered: pure-torch {node.target.__name__.split('.')[0]} "
-                                                                     f"update -> conv_update")
-                lower(graph, match, torch.ops.layoutpass.conv_update.default)
+                idiom = node.target.__name__.split(".")[0]
+                report.add(entry.name, ds[match.pool], node, KERNEL, f"lowered: pure-torch {idiom} update -> {match.kernel}")
+                lower(graph, match)
             elif match is not None:
                 report.add(entry.name, ds.get(pool_of(node)), node, KERNEL, f"not lowered: {match}")
     entry.graph_module.recompile()

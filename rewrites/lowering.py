@@ -30,12 +30,17 @@ class Update:
     slots: torch.fx.Node | None  # None: batch row b is slot b
     x: torch.fx.Node  # (batch, dim), or (batch, dim, L); (batch, dim, 1) squeezed when squeeze is set
     squeeze: bool
+    tokens: int  # L: one goes to conv_update, more to conv_prefill (a token loop would not scale)
     weight: torch.fx.Node
     bias: torch.fx.Node | None
     result: torch.fx.Node  # what the kernel's output replaces (silu or the convolution)
     activation: str | None
     mutations: tuple[torch.fx.Node, ...]  # the idiom's in-place ops, last one the state write
     anchor: torch.fx.Node  # the kernel goes right after it: once the state write and its inputs exist
+
+    @property
+    def kernel(self) -> str:
+        return "conv_update" if self.tokens == 1 else "conv_prefill"
 
 
 @dataclass(frozen=True)
@@ -199,7 +204,7 @@ def match_cat(window, pools, order):
     if isinstance(conv, str):
         return conv
     squeeze = conv.result.meta["val"].dim() == 2  # multiply-and-sum: (batch, dim) out of one token
-    return _update(pool, slots, new, squeeze, conv, (writes[0],), order)
+    return _update(pool, slots, new, squeeze, tokens, conv, (writes[0],), order)
 
 
 def match_roll(window, pools, order):
@@ -220,17 +225,18 @@ def match_roll(window, pools, order):
     conv = _convolution([window], 1, order, writes[0])
     if isinstance(conv, str):
         return conv
-    return _update(pool, slots, sets[0].args[1], False, conv, (sets[0], writes[0]), order)
+    return _update(pool, slots, sets[0].args[1], False, 1, conv, (sets[0], writes[0]), order)
 
 
-def _update(pool, slots, x, squeeze, conv, mutations, order):
+def _update(pool, slots, x, squeeze, tokens, conv, mutations, order):
     """The match, placed after the state write and everything the kernel reads; refused if the
     pool is read in between (that read would see the new state too early)."""
     write = mutations[-1]
     anchor = max((n for n in (write, conv.weight, conv.bias, x) if n is not None), key=lambda n: order[n])
     if any(order[write] < order[u] <= order[anchor] for u in pool.users):
         return "the pool is read between the state write and the convolution"
-    return Update(pool, slots, x, squeeze, conv.weight, conv.bias, conv.result, conv.activation, mutations, anchor)
+    return Update(pool, slots, x, squeeze, tokens, conv.weight, conv.bias, conv.result, conv.activation, mutations,
+                  anchor)
 
 
 MATCHERS = (match_cat, match_roll)
@@ -242,15 +248,28 @@ def pool_of(window: torch.fx.Node) -> torch.fx.Node:
     return _base(first.args[0] if first.target is aten.index.Tensor else first)
 
 
-def lower(graph: torch.fx.Graph, m: Update, conv_update) -> None:
-    """Replace a match by one kernel call (null_block_id -1: the idiom skips no slot)."""
+def lower(graph: torch.fx.Graph, m: Update) -> None:
+    """Replace a match by one m.kernel call (null_block_id -1: the idiom skips no slot). One
+    token: conv_update. L tokens per row: conv_prefill over the rows as varlen sequences of L,
+    each starting from its slot's state."""
     dim, width = m.result.meta["val"].shape[1], m.weight.meta["val"].shape[-1]
     with graph.inserting_before(m.anchor.next):  # in order, after the anchor
-        x = graph.call_function(aten.select.int, (m.x, 2, 0)) if m.squeeze else m.x
-        weight = graph.call_function(aten.reshape.default, (m.weight, [dim, width]))
-        out = graph.call_function(aten.empty_like.default, (x,), {"memory_format": torch.contiguous_format})
-        kernel = graph.call_function(conv_update, (x, m.pool, weight, m.bias, m.activation, m.slots, None, None, -1, -1,
-                                                   out))
+        call = graph.call_function
+        weight = call(aten.reshape.default, (m.weight, [dim, width]))
+        if m.kernel == "conv_update":
+            x = call(aten.select.int, (m.x, 2, 0)) if m.squeeze else m.x
+            out = call(aten.empty_like.default, (x,), {"memory_format": torch.contiguous_format})
+            kernel = call(torch.ops.layoutpass.conv_update.default,
+                          (x, m.pool, weight, m.bias, m.activation, m.slots, None, None, -1, -1, out))
+        else:
+            batch, device = m.x.meta["val"].shape[0], m.x.meta["val"].device
+            tokens = call(aten.reshape.default, (call(aten.permute.default, (m.x, [1, 0, 2])), [dim, batch * m.tokens]))
+            starts = call(aten.arange.start_step, (0, batch * m.tokens + 1, m.tokens),
+                          {"dtype": torch.int32, "device": device})
+            initial = call(aten.ones.default, ([batch],), {"dtype": torch.bool, "device": device})
+            kernel = call(torch.ops.layoutpass.conv_prefill.default,
+                          (tokens, weight, m.bias, m.pool, starts, m.slots, initial, m.activation, -1))
+            out = call(aten.permute.default, (call(aten.reshape.default, (kernel, [dim, batch, m.tokens])), [1, 0, 2]))
     kernel.meta["stack_trace"] = m.mutations[-1].meta.get("stack_trace")
     m.result.replace_all_uses_with(out)
     for node in reversed(m.mutations):  # the kernel writes the state; the idiom's writes go

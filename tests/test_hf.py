@@ -49,20 +49,25 @@ def test_optimized_transformers_models_are_equivalent(family, layout, lower, dev
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_conv_updates_are_lowered(family, device):
-    """Decode (conv1d without padding, last output) and continuation chunks (conv1d padded,
-    outputs of the new tokens) both become conv_update; nothing is left unlowered."""
+    """Decode (conv1d without padding, last output) becomes conv_update, prompts and
+    continuation chunks (conv1d padded, outputs of the new tokens) conv_prefill; nothing is
+    left unlowered."""
     model = tiny(family, device=device)
     calls = [dict(input_ids=torch.randint(0, 64, (4, n), device=device), **fresh) for n, fresh in
              ((7, {"fresh": True}), (1, {}), (3, {}))]
     fast = optimize(model, "DS", lower=True, example_inputs=calls)
-    for graphs in fast.graphs.values():
-        assert graphs.after.count("layoutpass.conv_update") == 2 and "aten.conv1d" not in graphs.after
+    kernels = {torch.ops.layoutpass.conv_update.default, torch.ops.layoutpass.conv_prefill.default}
+    for (name, graphs), tokens in zip(fast.graphs.items(), (7, 1, 3)):
+        kernel = "conv_update" if tokens == 1 else "conv_prefill"  # L tokens: the prefill kernel
+        assert graphs.after.count(f"layoutpass.{kernel}") == 2 and "aten.conv1d" not in graphs.after, name
         for pool in graphs.module.graph.find_nodes(op="placeholder"):
             if pool.name.startswith("b_conv_state"):  # read and written by the kernel alone
-                users = {u.target for u in pool.users} | {u.target for z in pool.users for u in z.users}
-                assert users <= {torch.ops.layoutpass.conv_update.default, torch.ops.aten.zero_.default}, users
+                zeroed = [z for z in pool.users if z.target is torch.ops.aten.zero_.default]
+                users = {u.target for u in pool.users} | {u.target for z in zeroed for u in z.users}
+                assert users <= kernels | {torch.ops.aten.zero_.default}, users
     actions = {u.action for u in fast.report.uses if u.kind == "kernel"}
-    assert actions == {"lowered: pure-torch cat update -> conv_update", "lowered: DS kernel, pool passed directly"}
+    assert actions == {"lowered: pure-torch cat update -> conv_update", "lowered: pure-torch cat update -> conv_prefill",
+                       "lowered: DS kernel, pool passed directly"}
     assert check_equivalence(model, fast, [s for s in model.scenario(decode_steps=6)], rtol=1e-5, atol=1e-5).ok
 
 
@@ -77,3 +82,13 @@ def test_bad_arguments_name_themselves():
                                       num_attention_heads=4, num_key_value_heads=4)
     with pytest.raises(ArgumentError, match="model: .*attention"):
         CacheAsBuffers(transformers.LlamaForCausalLM(config), 2)
+
+
+@pytest.mark.gpu
+def test_long_prompts_run_on_the_prefill_kernel():
+    model = tiny("mamba2", device="cuda")
+    steps = model.scenario(prefills=2, decode_steps=5, max_prompt=300)
+    fast = optimize(model, "DS")
+    result = check_equivalence(model, fast, steps, rtol=1e-5, atol=1e-5)
+    assert result.ok, str(result)
+    assert "lowered: pure-torch cat update -> conv_prefill" in {u.action for u in fast.report.uses}
