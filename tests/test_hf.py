@@ -1,6 +1,10 @@
 """Hugging Face transformers interop: tiny random Mamba and Mamba2 through CacheAsBuffers,
 optimize and check_equivalence (skipped without transformers)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +15,7 @@ from layoutpass.errors import ArgumentError  # noqa: E402
 from layoutpass.hf import CacheAsBuffers, tiny  # noqa: E402
 
 FAMILIES = ("mamba", "mamba2")
+ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -92,3 +97,19 @@ def test_long_prompts_run_on_the_prefill_kernel():
     result = check_equivalence(model, fast, steps, rtol=1e-5, atol=1e-5)
     assert result.ok, str(result)
     assert "lowered: pure-torch cat update -> conv_prefill" in {u.action for u in fast.report.uses}
+
+
+def test_transformers_does_not_load_our_kernels_a_second_time():
+    """kernels/ at the checkout's root would import as a top-level `kernels`, which transformers
+    tries for Hugging Face's package: its ops would be registered anew, and the pass, holding
+    the first ones, would find no conv op in graphs captured after."""
+    tiny("mamba")
+    shadow = sys.modules.get("kernels")
+    assert shadow is None or Path(shadow.__file__).resolve().parent != ROOT / "kernels"
+
+
+def test_the_command_line_checks_a_transformers_model():
+    done = subprocess.run([sys.executable, "-m", "layoutpass", "check", "layoutpass.hf:tiny_mamba2", "--layout", "SD"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("equivalent over")
