@@ -7,11 +7,14 @@ Once the pool is stored DS (tok last), the spellings read, in aten:
   roll (transformers' older spelling):
     window = roll(index(pool, [slots]), -1, 2); window[..., -1].copy_(x)
     index_put_(pool, [slots], window)
+  prompt (pure-torch prefill from no history):
+    index_put_(pool, [slots], pad(x)[..., -state_len:])  or  pool.copy_(...);  window = x or pad(x)
 and then the convolution: y = sum(window * weight, 2) (one token), or the outputs of
 conv1d(window, weight, bias, padding=P, groups=dim) that end at the L new tokens; [silu(y)].
-Each is exactly conv_update on that pool (state_len >= width - 1, the state shifted by L). A
-matcher returns an Update, None when the node starts no idiom, or a string saying which part
-of an almost-match differed (for the report)."""
+Each is exactly a kernel call on that pool (state_len >= width - 1, the state shifted by L):
+conv_update for one token after a history, conv_prefill otherwise. A matcher returns an
+Update, None when the node starts no idiom, or a string saying which part of an almost-match
+differed (for the report)."""
 
 from dataclasses import dataclass
 
@@ -31,6 +34,7 @@ class Update:
     x: torch.fx.Node  # (batch, dim), or (batch, dim, L); (batch, dim, 1) squeezed when squeeze is set
     squeeze: bool
     tokens: int  # L: one goes to conv_update, more to conv_prefill (a token loop would not scale)
+    initial: bool  # the rows start from their slots' states (else from zeros: a prompt)
     weight: torch.fx.Node
     bias: torch.fx.Node | None
     result: torch.fx.Node  # what the kernel's output replaces (silu or the convolution)
@@ -40,7 +44,7 @@ class Update:
 
     @property
     def kernel(self) -> str:
-        return "conv_update" if self.tokens == 1 else "conv_prefill"
+        return "conv_update" if self.tokens == 1 and self.initial else "conv_prefill"
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ def match_cat(window, pools, order):
     if isinstance(conv, str):
         return conv
     squeeze = conv.result.meta["val"].dim() == 2  # multiply-and-sum: (batch, dim) out of one token
-    return _update(pool, slots, new, squeeze, tokens, conv, (writes[0],), order)
+    return _update(pool, slots, new, squeeze, tokens, True, conv, (writes[0],), order)
 
 
 def match_roll(window, pools, order):
@@ -225,21 +229,76 @@ def match_roll(window, pools, order):
     conv = _convolution([window], 1, order, writes[0])
     if isinstance(conv, str):
         return conv
-    return _update(pool, slots, sets[0].args[1], False, 1, conv, (sets[0], writes[0]), order)
+    return _update(pool, slots, sets[0].args[1], False, 1, True, conv, (sets[0], writes[0]), order)
 
 
-def _update(pool, slots, x, squeeze, tokens, conv, mutations, order):
+def _update(pool, slots, x, squeeze, tokens, initial, conv, mutations, order):
     """The match, placed after the state write and everything the kernel reads; refused if the
     pool is read in between (that read would see the new state too early)."""
     write = mutations[-1]
     anchor = max((n for n in (write, conv.weight, conv.bias, x) if n is not None), key=lambda n: order[n])
     if any(order[write] < order[u] <= order[anchor] for u in pool.users):
         return "the pool is read between the state write and the convolution"
-    return Update(pool, slots, x, squeeze, tokens, conv.weight, conv.bias, conv.result, conv.activation, mutations,
-                  anchor)
+    return Update(pool, slots, x, squeeze, tokens, initial, conv.weight, conv.bias, conv.result, conv.activation,
+                  mutations, anchor)
 
 
-MATCHERS = (match_cat, match_roll)
+def _pool_write(node, value, pools):
+    """(pool, slots or None) when node writes value into a DS pool (whole, or gathered slots)."""
+    if node.target is aten.copy_.default and _base(node.args[0]) in pools and node.args[1] is value:
+        return _base(node.args[0]), None
+    if node.target is aten.index_put_.default and node.args[0] in pools and len(node.args[1]) == 1 \
+            and node.args[2] is value:
+        return node.args[0], node.args[1][0]
+    return None
+
+
+def _left_pad_of(node):
+    """x when node zero-pads x on the left of its last axis only, else None."""
+    pad = node.args[1] if node.target in (aten.constant_pad_nd.default, aten.pad.default) else None
+    value = node.args[2] if node.target is aten.constant_pad_nd.default and len(node.args) > 2 else \
+        node.kwargs.get("value") if node.target is aten.constant_pad_nd.default else None
+    mode = node.args[2] if node.target is aten.pad.default and len(node.args) > 2 else "constant"
+    if pad is None or len(pad) != 2 or pad[1] != 0 or mode != "constant" or value not in (None, 0) \
+            or (node.target is aten.pad.default and len(node.args) > 3 and node.args[3] not in (None, 0)):
+        return None
+    return node.args[0]
+
+
+def match_prompt(conv, pools, order):
+    """A prompt from no history (transformers' prefill without a cache, pure-torch vLLM-style
+    prefill): a depthwise conv1d over the new tokens x (or x zero-padded on the left), and the
+    last state_len columns of x (or of x zero-padded on the left) written to a DS pool."""
+    if conv.target is not aten.conv1d.default:
+        return None
+    window = conv.args[0]
+    while window.target is aten.to.dtype and window.args[1] == window.args[0].meta["val"].dtype:
+        window = window.args[0]
+    x = _left_pad_of(window) or window
+    if x.target is aten.cat.default or x.meta["val"].dim() != 3 or not _static(x.meta["val"].shape[2]):
+        return None  # a window with history is match_cat's
+    tokens = x.meta["val"].shape[2]
+    padded = [u for u in x.users if _left_pad_of(u) is x]
+    writes = []
+    for value in {v for w in [x, *padded] for v in _values(w)}:
+        length = value.meta["val"].shape[2]
+        for tail in _through_full_slices(value, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
+                                         and _static(_slice_args(u)[1] or 0, length)
+                                         and (_slice_args(u)[2] is None or _slice_args(u)[2] >= length)):
+            for user in tail.users:
+                found = _pool_write(user, tail, pools)
+                if found and (_slice_args(tail)[1] or 0) % length == length - found[0].meta["val"].shape[2]:
+                    writes.append((user, found))
+    if len(writes) != 1:
+        return None  # no pool keeps these tokens: a stateless conv, not ours
+    write, (pool, slots) = writes[0]
+    conv = _convolution(_values(conv.args[0]), tokens, order, write)
+    if isinstance(conv, str):
+        return conv
+    return _update(pool, slots, x, False, tokens, False, conv, (write,), order)
+
+
+MATCHERS = (match_cat, match_roll, match_prompt)
 
 
 def pool_of(window: torch.fx.Node) -> torch.fx.Node:
@@ -250,8 +309,8 @@ def pool_of(window: torch.fx.Node) -> torch.fx.Node:
 
 def lower(graph: torch.fx.Graph, m: Update) -> None:
     """Replace a match by one m.kernel call (null_block_id -1: the idiom skips no slot). One
-    token: conv_update. L tokens per row: conv_prefill over the rows as varlen sequences of L,
-    each starting from its slot's state."""
+    token after a history: conv_update. Otherwise conv_prefill over the rows as varlen
+    sequences of L, each from its slot's state (m.initial) or from zeros."""
     dim, width = m.result.meta["val"].shape[1], m.weight.meta["val"].shape[-1]
     with graph.inserting_before(m.anchor.next):  # in order, after the anchor
         call = graph.call_function
@@ -266,7 +325,7 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
             tokens = call(aten.reshape.default, (call(aten.permute.default, (m.x, [1, 0, 2])), [dim, batch * m.tokens]))
             starts = call(aten.arange.start_step, (0, batch * m.tokens + 1, m.tokens),
                           {"dtype": torch.int32, "device": device})
-            initial = call(aten.ones.default, ([batch],), {"dtype": torch.bool, "device": device})
+            initial = call(aten.ones.default, ([batch],), {"dtype": torch.bool, "device": device}) if m.initial else None
             kernel = call(torch.ops.layoutpass.conv_prefill.default,
                           (tokens, weight, m.bias, m.pool, starts, m.slots, initial, m.activation, -1))
             out = call(aten.permute.default, (call(aten.reshape.default, (kernel, [dim, batch, m.tokens])), [1, 0, 2]))

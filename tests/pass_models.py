@@ -142,3 +142,25 @@ class ReadOnlyCat(nn.Module):
 
     def forward(self, x, slots):
         return torch.cat([self.table[slots], x[:, None, :]], dim=1).sum(1)
+
+
+class PromptIdiom(nn.Module):
+    """A pure-torch prefill from no history on a DS pool: the conv pads the prompt itself, the
+    state is the prompt's tail, zero-padded on the left when shorter."""
+
+    def __init__(self, stateless=False):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(DIM, WIDTH)), nn.Parameter(torch.randn(DIM))
+        self.register_buffer("pool", torch.randn(SLOTS, DIM, TOK))
+        self.stateless = stateless
+
+    def forward(self, x, slots):  # x: (batch, DIM, L)
+        tokens = x.shape[2]
+        if not self.stateless:
+            self.pool[slots] = torch.nn.functional.pad(x, (max(0, TOK - tokens), 0))[..., -TOK:]
+        y = torch.nn.functional.conv1d(x, self.weight[:, None], self.bias, padding=WIDTH - 1, groups=DIM)
+        return torch.nn.functional.silu(y[..., :tokens])
+
+
+def prompt(tokens, batch=3):
+    return dict(x=torch.randn(batch, DIM, tokens), slots=torch.tensor([1, 3, 4, 2][:batch]))

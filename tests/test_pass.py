@@ -255,6 +255,28 @@ def test_pure_torch_updates_are_lowered_to_the_kernel(model_class, op):
     assert f"aten.{op}" in next(iter(unlowered.graphs.values())).after
 
 
+def test_a_pure_torch_prompt_is_lowered_to_the_prefill_kernel():
+    """conv1d over the prompt (any length, shorter than the state too) and its tail written to
+    the pool: one conv_prefill from zero history. Sizes are specialized (dynamic=False): the
+    pad amount is a Python expression of the length."""
+    model, calls = pm.PromptIdiom(), [pm.prompt(n) for n in (1, 2, 9)]
+    fast = optimize(model, "DS", lower=True, dynamic=False, state_buffers={"pool": "DS"}, example_inputs=calls)
+    for graphs in fast.graphs.values():
+        assert "layoutpass.conv_prefill" in graphs.after and "aten.conv1d" not in graphs.after
+        assert "index_put_" not in graphs.after
+    assert {u.action for u in fast.report.uses if u.action.startswith("lowered: pure-torch")} == {
+        "lowered: pure-torch conv1d update -> conv_prefill"}
+    # another summation order than conv1d's: rounding only
+    assert check_equivalence(model, fast, [Step("prefill", c) for c in calls], rtol=1e-5, atol=1e-5).ok
+
+
+def test_a_stateless_conv1d_is_not_lowered():
+    fast = optimize(pm.PromptIdiom(stateless=True), "DS", lower=True, dynamic=False, state_buffers={"pool": "DS"},
+                    example_inputs=[pm.prompt(5)])
+    assert "aten.conv1d" in next(iter(fast.graphs.values())).after
+    assert not [u for u in fast.report.uses if u.kind == "kernel"]
+
+
 def test_lowering_says_why_a_near_match_is_not_lowered():
     model = pm.CatIdiom()
     model.forward = lambda x, slots: torch.cat([model.pool[slots], x[:, None, :]], dim=1).sum(1)

@@ -32,6 +32,15 @@ def test_pure_torch_idioms_lowered_on_cuda(idiom):
     assert check_equivalence(model, fast, [Step("decode", c) for c in calls], rtol=1e-5, atol=1e-5).ok
 
 
+def test_pure_torch_prompt_lowered_on_cuda():
+    model = pm.PromptIdiom().cuda()
+    calls = [{k: v.cuda() for k, v in pm.prompt(n).items()} for n in (1, 2, 9, 300)]
+    fast = optimize(model, "DS", dynamic=False, state_buffers={"pool": "DS"}, example_inputs=calls)
+    assert "lowered: pure-torch conv1d update -> conv_prefill" in {u.action for u in fast.report.uses}
+    from layoutpass.examples.scenario import Step
+    assert check_equivalence(model, fast, [Step("prefill", c) for c in calls], rtol=1e-5, atol=1e-5).ok
+
+
 def test_decode_step_captures_in_a_cuda_graph():
     model = build("hybrid", num_spec=1, device="cuda")
     steps = make_scenario(model.cfg, device="cuda")
