@@ -1,4 +1,5 @@
-"""Lowering pure-torch conv updates onto layoutpass::conv_update, as pattern rules.
+"""Lowering pure-torch conv updates onto the conv kernels (layoutpass::conv_update and
+conv_prefill), as pattern rules.
 
 Once the pool is stored DS (tok last), the spellings read, in aten:
   cat (vLLM-style reference code; transformers' Mamba/Mamba2, whose batch row is the slot):
@@ -166,9 +167,9 @@ def _convolution(window, tokens, order, last_write):
     result, activation, kept = _tail(op)
     if op.target is aten.conv1d.default:
         # output j sees window columns j - P .. j - P + width - 1: keep those ending at the new tokens
-        first = window[0].meta["val"].shape[2] - tokens + op.args[4][0] - weight.meta["val"].shape[-1] + 1 \
-            if len(op.args) > 4 else None
-        if first is None or kept != (first, first + tokens):
+        padding = op.args[4][0] if len(op.args) > 4 else 0
+        first = window[0].meta["val"].shape[2] - tokens + padding - weight.meta["val"].shape[-1] + 1
+        if kept != (first, first + tokens):
             return "the conv1d's outputs kept are not those of the new tokens"
     if any(order[u] < order[last_write] for u in result.users):
         return "the output is used before the new state is written"
