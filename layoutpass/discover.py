@@ -7,7 +7,7 @@ import torch.fx
 from torch.export.graph_signature import InputKind
 
 from layoutpass.kernels import ops as kernel_ops
-from layoutpass.rewrites.permutes import PERMUTATIONS, compose, permutation_of
+from layoutpass.rewrites.permutes import FILLS, PERMUTATIONS, compose, permutation_of
 
 from .errors import LayoutPassError
 from .layout import Layout
@@ -16,7 +16,6 @@ from .report import source_line
 aten = torch.ops.aten
 STATE_ARGUMENT = {kernel_ops.conv_update_op._opoverload: 1, kernel_ops.conv_prefill_op._opoverload: 3}
 OP_AXES = ("slot", "dim", "tok")
-FILLS = (aten.zero_.default, aten.fill_.Scalar, aten.fill_.Tensor)
 
 
 class PoolNotFound(LayoutPassError):

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from layoutpass.rewrites.permutes import FILLS
+
 aten = torch.ops.aten
 END = 1 << 62  # a slice end this large means "to the end"
-FILLS = (aten.zero_.default, aten.fill_.Scalar, aten.fill_.Tensor)
 ASSERT = aten._assert_tensor_metadata.default
 
 

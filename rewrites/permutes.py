@@ -189,6 +189,9 @@ def _binary(r, use, q, x, p):
     return r.pending(r.call(use.target, (*operands, *use.args[2:]), use.kwargs, rank=len(p)), p)
 
 
+# In-place fills: the tensor they return is their input, filled whatever its layout.
+FILLS = (aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default)
+
 # target -> (class of the use, rule)
 RULES = {
     **{target: (PERMUTATION, _fold) for target in PERMUTATIONS},
@@ -198,9 +201,7 @@ RULES = {
     aten.index_put_.default: (AXIS, _index_put_),
     aten.index_put.default: (AXIS, _index_put_),
     aten.copy_.default: (AXIS, _copy_),
-    aten.fill_.Scalar: (AGNOSTIC, _fill_),
-    aten.fill_.Tensor: (AGNOSTIC, _fill_),
-    aten.zero_.default: (AGNOSTIC, _fill_),
+    **{op: (AGNOSTIC, _fill_) for op in FILLS},
     aten.roll.default: (AXIS, _roll),
     aten.cat.default: (AXIS, _cat),
     aten.sum.dim_IntList: (AXIS, _reduce),
