@@ -181,6 +181,10 @@ def test_bad_input():
         optimize(pm.OneConv(), state_buffers=["pol"], example_inputs=[pm.inputs()])
     with pytest.raises(ArgumentError, match="^example_inputs: each call"):
         optimize(pm.OneConv(), example_inputs=[[1, 2]])
+    with pytest.raises(ArgumentError, match="^lower:"):
+        optimize(pm.OneConv(), lower="yes")
+    with pytest.raises(ArgumentError, match="^dynamic:"):
+        optimize(pm.OneConv(), dynamic="yes")
 
 
 def test_report_reads_well():
