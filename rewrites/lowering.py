@@ -177,12 +177,23 @@ def _convolution(window, tokens, order, last_write):
     return _Conv(weight, bias, result, activation)
 
 
-def _writes_back(pool, slots, value, node) -> bool:
-    """node writes value into the pool's gathered slots (or the whole pool)."""
-    if slots is None:
-        return node.target is aten.copy_.default and _base(node.args[0]) is pool and node.args[1] is value
-    return node.target is aten.index_put_.default and node.args[0] is pool and node.args[1] == [slots] \
-        and node.args[2] is value
+def _pool_write(node, value, pools):
+    """(pool, slots or None) when node writes value into a DS pool (whole, or gathered slots)."""
+    if node.target is aten.copy_.default and _base(node.args[0]) in pools and node.args[1] is value:
+        return _base(node.args[0]), None
+    if node.target is aten.index_put_.default and node.args[0] in pools and len(node.args[1]) == 1 \
+            and node.args[2] is value:
+        return node.args[0], node.args[1][0]
+    return None
+
+
+def _token_tails(value, length):
+    """(slice, its start) for each slice of value from a static start to the end of the token
+    axis (of size length), looking through slices that keep whole axes."""
+    tails = _through_full_slices(value, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
+                                 and _static(_slice_args(u)[1] or 0)
+                                 and (_slice_args(u)[2] is None or _slice_args(u)[2] >= length))
+    return [(t, (_slice_args(t)[1] or 0) % length) for t in tails]
 
 
 def match_cat(window, pools, order):
@@ -200,10 +211,8 @@ def match_cat(window, pools, order):
         return "the new tokens are not (batch, dim, L) with L static"
     length = tokens + state_len
     windows = _values(window)
-    tails = [t for w in windows for t in _through_full_slices(w, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
-                                 and _static(_slice_args(u)[1] or 0) and (_slice_args(u)[1] or 0) % length == tokens
-                                 and (_slice_args(u)[2] is None or _slice_args(u)[2] >= length))]
-    writes = [u for t in tails for u in t.users if _writes_back(pool, slots, t, u)]
+    writes = [u for w in windows for t, start in _token_tails(w, length) if start == tokens
+              for u in t.users if _pool_write(u, t, {pool}) == (pool, slots)]
     if len(writes) != 1:
         return "the window's tail is not written back to the same slots"
     conv = _convolution(windows, tokens, order, writes[0])
@@ -225,7 +234,7 @@ def match_roll(window, pools, order):
     sets = [c for s in _through_full_slices(window, lambda u: u.target is aten.select.int
                                             and tuple(u.args[1:]) in ((2, -1), (-1, -1)))
             for c in s.users if c.target is aten.copy_.default and c.args[0] is s]
-    writes = [u for u in window.users if _writes_back(pool, slots, window, u)]
+    writes = [u for u in window.users if _pool_write(u, window, {pool}) == (pool, slots)]
     if len(sets) != 1 or len(writes) != 1 or order[sets[0]] > order[writes[0]]:
         return "the new token is not set in the last column before the state is written back"
     conv = _convolution([window], 1, order, writes[0])
@@ -243,16 +252,6 @@ def _update(pool, slots, x, squeeze, tokens, initial, conv, mutations, order):
         return "the pool is read between the state write and the convolution"
     return Update(pool, slots, x, squeeze, tokens, initial, conv.weight, conv.bias, conv.result, conv.activation,
                   mutations, anchor)
-
-
-def _pool_write(node, value, pools):
-    """(pool, slots or None) when node writes value into a DS pool (whole, or gathered slots)."""
-    if node.target is aten.copy_.default and _base(node.args[0]) in pools and node.args[1] is value:
-        return _base(node.args[0]), None
-    if node.target is aten.index_put_.default and node.args[0] in pools and len(node.args[1]) == 1 \
-            and node.args[2] is value:
-        return node.args[0], node.args[1][0]
-    return None
 
 
 def _left_pad_of(node):
@@ -281,16 +280,10 @@ def match_prompt(conv, pools, order):
         return None  # a window with history is match_cat's
     tokens = x.meta["val"].shape[2]
     padded = [u for u in x.users if _left_pad_of(u) is x]
-    writes = []
-    for value in {v for w in [x, *padded] for v in _values(w)}:
-        length = value.meta["val"].shape[2]
-        for tail in _through_full_slices(value, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
-                                         and _static(_slice_args(u)[1] or 0, length)
-                                         and (_slice_args(u)[2] is None or _slice_args(u)[2] >= length)):
-            for user in tail.users:
-                found = _pool_write(user, tail, pools)
-                if found and (_slice_args(tail)[1] or 0) % length == length - found[0].meta["val"].shape[2]:
-                    writes.append((user, found))
+    writes = [(user, found) for value in {v for w in [x, *padded] for v in _values(w)}
+              if _static(length := value.meta["val"].shape[2])
+              for tail, start in _token_tails(value, length) for user in tail.users
+              if (found := _pool_write(user, tail, pools)) and start == length - found[0].meta["val"].shape[2]]
     if len(writes) != 1:
         return None  # no pool keeps these tokens: a stateless conv, not ours
     write, (pool, slots) = writes[0]
