@@ -1,23 +1,28 @@
-"""End-to-end benchmark on a CUDA card: whole models at 2.7B-class widths, prefill and decode
-steps, three rows each, timed in the same run (../shared/PERFORMANCE.md, issue "Lowering ...
-end-to-end speed"):
+"""End-to-end benchmark on a CUDA card: whole models at 2.7B-class widths, decode steps in CUDA
+graphs and a prefill, three rows each, timed in the same run (../shared/PERFORMANCE.md):
 
-  SD, reference ops   the model as written (vLLM's SD pools + transposes), its conv ops on the
-                      pure-torch reference implementation
-  SD, our kernels     the same model on our Triton kernels (what vLLM users run today)
-  optimize(DS)        optimize(model, "DS"): DS pools, no transposes, the DS kernels
+  SD, vLLM convs    the model as vLLM runs it: SD pools + transposes, the conv on vLLM's Triton
+                    causal_conv1d_update / causal_conv1d_fn (--vllm MODULE, e.g. the file
+                    benchmarks/peers/fetch.py extracts)
+  SD, our convs     the same model on our Triton kernels
+  optimize(DS)      optimize(model, "DS"): DS pools, no transposes, the DS kernels
 
-Decode steps are CUDA-graph replays (do_bench_cudagraph); a row whose step cannot be captured
-is timed with plain launches and says so. Prefill uses do_bench. Before timing, each case is
-checked: optimize(DS) against the SD model on our kernels with check_equivalence (exact: the
-same arithmetic on relayouted state), and the reference row's logits against the kernels'.
+The non-conv ops run on maintained kernels: the SSM and delta-rule recurrences on FLA's Triton
+ops (fla-core must be installed), attention through scaled_dot_product_attention (see
+examples/recurrence.py, examples/attention.py). Before timing, each case is checked from one
+random state: optimize(DS) against the SD model on our convs (exact: same arithmetic on
+relayouted state), and the vLLM row's logits and states against optimize(DS)'s (close). The
+conv's share of a step is the conv kernels' part of the GPU kernel time of one eager step
+(torch.profiler).
 
-    python benchmarks/e2e.py --out DIR          # table + e2e.json + e2e.md
-    python benchmarks/e2e.py --smoke            # tiny models on the CPU: the checks only
+    python benchmarks/e2e.py --vllm vllm_conv --out DIR    # table + e2e.json + e2e.md
+    python benchmarks/e2e.py --smoke                       # tiny models on the CPU: the checks only
 """
 
 import argparse
 import contextlib
+import importlib
+import importlib.metadata
 import json
 import random
 import statistics
@@ -26,18 +31,22 @@ from pathlib import Path
 
 import torch
 
-from layoutpass import check_equivalence, optimize
+from layoutpass import optimize
+from layoutpass.equivalence import logical_buffers
 from layoutpass.examples import ZOO
 from layoutpass.examples.lm import SIZES, LM, ModelConfig
-from layoutpass.examples.scenario import Step
-from layoutpass.kernels import reference, triton_conv
+from layoutpass.examples.scenario import Step, fill_state
+from layoutpass.kernels import triton_conv
 
-# The hybrid's attention op materializes its (tokens x tokens) scores and its GDN layers step
-# token by token in Python: 16k-token prompts are out of its reach, and it has half the layers.
-MODELS = {"mamba2": (ZOO["mamba2"] * 8, ((8, 2048), (1, 16384))), "hybrid": (ZOO["hybrid"] * 2, ((8, 2048),))}
+# Mamba2-2.7B has 64 layers; the hybrid repeats (mamba2, attention, gdn, mamba2) 4 times (its
+# attention caches and a DS twin of every pool must fit the card beside it).
+MODELS = {"mamba2": ZOO["mamba2"] * 32, "hybrid": ZOO["hybrid"] * 4}
 DECODE_BATCHES = (1, 64, 256)
+PREFILL = (8, 2048)
 ROUNDS = 3
-ROWS = ("SD, reference ops", "SD, our kernels", "optimize(DS)")
+ROWS = ("SD, vLLM convs", "SD, our convs", "optimize(DS)")
+CONV_KERNELS = ("_conv_state_kernel", "_ds_vec_kernel", "_ds_rows_kernel", "_prefill_out_kernel",
+                "_causal_conv1d_update_kernel", "_causal_conv1d_fwd_kernel")
 
 
 def build(layers, size: str, device, dtype, **overrides) -> LM:
@@ -48,13 +57,15 @@ def build(layers, size: str, device, dtype, **overrides) -> LM:
 
 
 @contextlib.contextmanager
-def reference_ops():
-    """The conv ops' CUDA path runs the pure-torch reference instead of Triton (this
-    benchmark's first row); restored on exit."""
+def vllm_convs(module):
+    """The conv ops' CUDA path runs vLLM's kernels instead of ours (the first row); restored on
+    exit. vLLM's functions take the same (slot, dim, state_len) pool views."""
     update, prefill = triton_conv.update, triton_conv.prefill
-    triton_conv.update = lambda x, s, w, b, act, idx, nat, qsl, max_query_len, null, out: reference.conv_update(
-        x, s, w, b, act, idx, nat, qsl, null, out)
-    triton_conv.prefill = reference.conv_prefill
+    if module is not None:
+        triton_conv.update = lambda x, s, w, b, act, idx, nat, qsl, max_query_len, null, out: \
+            module.causal_conv1d_update(x, s, w, b, act, idx, nat, qsl, max_query_len, null, out=out)
+        triton_conv.prefill = lambda x, w, b, s, qsl, idx, init, act, null: module.causal_conv1d_fn(
+            x, w, b, s, qsl, idx, init, act, null_block_id=null)
     try:
         yield
     finally:
@@ -76,32 +87,34 @@ def prefill_step(cfg: ModelConfig, seqs: int, tokens: int, device) -> Step:
                                 query_start_loc=ints([i * tokens for i in range(seqs + 1)])))
 
 
-def check(model: LM, fast, step: Step) -> dict:
-    """optimize(DS) == the SD model on our kernels (exact); the reference ops' logits beside."""
-    result = check_equivalence(model, fast, [step])
-    repeat = None
-    if not result.ok:  # is the SD model itself deterministic here? run it twice from one state
-        print(f"optimize(DS) differs from the SD model:\n{result}", flush=True)
-        with torch.no_grad():
-            start = [b.clone() for b in model.buffers()]
-            model(**step.inputs)
-            first = [b.clone() for b in model.buffers()]
-            for buf, saved in zip(model.buffers(), start):
-                buf.copy_(saved)
-            model(**step.inputs)
-            repeat = max((a.float() - b.float()).abs().max().item() for a, b in zip(first, model.buffers()))
-            for buf, saved in zip(model.buffers(), start):
-                buf.copy_(saved)
-    with torch.no_grad():
-        state = [b.clone() for b in model.buffers()]
-        ours = model(**step.inputs).float()
-        for buf, saved in zip(model.buffers(), state):
-            buf.copy_(saved)
-        with reference_ops():
-            ref = model(**step.inputs).float()
-    return dict(exact=result.ok, output_error=result.steps[0].output_error, state_error=result.steps[0].state_error,
-                worst_buffer=result.steps[0].worst_buffer, sd_repeat_state_diff=repeat, reference_max_abs_diff=(ours - ref).abs().max().item(),
-                logits_max_abs=ours.abs().max().item())
+def _worst(model, fast) -> tuple[float, str | None]:
+    """Largest |difference| between the two models' logical buffers, and where."""
+    theirs = logical_buffers(fast)
+    diffs = {name: (buf.float() - theirs[name].float()).abs().max().item() for name, buf in logical_buffers(model).items()}
+    name = max(diffs, key=diffs.get)
+    return diffs[name], name
+
+
+@torch.no_grad()
+def check(model: LM, fast, step: Step, vllm) -> dict:
+    """From one random state (fill_state is deterministic, so no copy of the state is kept):
+    optimize(DS) first, then the vLLM row, compared within tolerance; then the SD model on our
+    convs from that state again, compared exactly."""
+    fast(**step.inputs)  # a first call captures (and relayouts) before any state is loaded
+    fill_state(model, seed=1)
+    start = logical_buffers(model)
+    for name, view in logical_buffers(fast).items():
+        view.copy_(start[name])
+    ds = fast(**step.inputs).float()
+    with vllm_convs(vllm):
+        ref = model(**step.inputs).float()
+    vllm_logits, vllm_state = (ref - ds).abs().max().item(), _worst(model, fast)
+    fill_state(model, seed=1)
+    ours = model(**step.inputs).float()
+    state_diff, worst = _worst(model, fast)
+    return dict(exact=torch.equal(ours, ds) and state_diff == 0, logits_diff=(ours - ds).abs().max().item(),
+                state_diff=state_diff, worst_buffer=worst if state_diff else None,
+                vllm_logits_diff=vllm_logits, vllm_state_diff=vllm_state[0], logits_max_abs=ds.abs().max().item())
 
 
 def time_call(call, graph: bool) -> float:
@@ -117,22 +130,37 @@ def time_call(call, graph: bool) -> float:
         return ms
 
 
-def bench_case(name: str, model: LM, fast, step: Step, work: str, decode: bool) -> list[dict]:
+def conv_share(call) -> float:
+    """The conv kernels' fraction of the GPU kernel time of one eager call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in kernels)
+    conv = sum(e.device_time_total for e in kernels if any(k in e.name for k in CONV_KERNELS))
+    return conv / total if total else 0.0
+
+
+def bench_case(name: str, model: LM, fast, step: Step, work: str, decode: bool, vllm) -> list[dict]:
     calls = {ROWS[0]: lambda: model(**step.inputs), ROWS[1]: lambda: model(**step.inputs),
              ROWS[2]: lambda: fast(**step.inputs)}
-    # the reference ops read index values on the host: no CUDA graph can hold them
-    notes = {row: "cuda graph" if decode and row != ROWS[0] else "plain launches" for row in ROWS}
+    contexts = {ROWS[0]: lambda: vllm_convs(vllm), ROWS[1]: contextlib.nullcontext, ROWS[2]: contextlib.nullcontext}
     times = {row: [] for row in ROWS}
     for _ in range(ROUNDS):  # rows interleaved, median over rounds
         for row in ROWS:
-            with reference_ops() if row == ROWS[0] else contextlib.nullcontext():
-                times[row].append(time_call(calls[row], notes[row] == "cuda graph"))
-    ms = {row: statistics.median(t) for row, t in times.items()}
+            with contexts[row]():
+                times[row].append(time_call(calls[row], decode))
     out = []
     for row in ROWS:
-        out.append(dict(model=name, work=work, impl=row, ms=ms[row], timing=notes[row],
-                        ds_speedup=ms[row] / ms[ROWS[2]]))
-        print(f"{name:7s} {work:16s} {row:18s} {ms[row]:9.3f} ms  x{ms[row] / ms[ROWS[2]]:.3f}  ({notes[row]})",
+        with contexts[row]():
+            share = conv_share(calls[row])
+        ms = statistics.median(times[row])
+        out.append(dict(model=name, work=work, impl=row, ms=ms, conv_share=share,
+                        timing="cuda graph" if decode else "plain launches",
+                        ds_speedup=ms / statistics.median(times[ROWS[2]])))
+        print(f"{name:7s} {work:16s} {row:16s} {ms:9.3f} ms  x{out[-1]['ds_speedup']:.3f}  conv {100 * share:.1f}%",
               flush=True)
     return out
 
@@ -140,12 +168,13 @@ def bench_case(name: str, model: LM, fast, step: Step, work: str, decode: bool) 
 def run(args, report) -> None:
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     size = "tiny" if args.smoke else "2.7b"
+    vllm = importlib.import_module(args.vllm) if args.vllm else None
     rows, checks = [], []
     for name in args.models:
-        layers, prefills = MODELS[name]
-        layers = layers[:4] if args.smoke else layers
+        layers = MODELS[name][:4] if args.smoke else MODELS[name]
+        prefill = (PREFILL[0], 16) if args.smoke else PREFILL
         cases = [("decode", b, max(DECODE_BATCHES) + 1, 512) for b in DECODE_BATCHES]
-        cases += [("prefill", p, p[0] + 1, p[1]) for p in prefills]
+        cases += [("prefill", prefill, prefill[0] + 1, prefill[1])]
         built = {}
         for kind, shape, slots, max_len in cases:
             key = (slots, max_len)
@@ -158,36 +187,43 @@ def run(args, report) -> None:
             if kind == "decode":
                 step, work = decode_step(model.cfg, min(shape, slots - 1), device), f"decode B={shape}"
             else:
-                tokens = shape[1] if not args.smoke else 16
-                step, work = prefill_step(model.cfg, shape[0], tokens, device), f"prefill {shape[0]}x{tokens}"
-            checks.append(dict(model=name, work=work, **check(model, fast, step)))
+                step, work = prefill_step(model.cfg, *shape, device), f"prefill {shape[0]}x{shape[1]}"
+            checks.append(dict(model=name, layers=len(layers), work=work, **check(model, fast, step, vllm)))
             print(f"{name:7s} {work:16s} checked: {checks[-1]}", flush=True)
             if not args.smoke:
-                rows += bench_case(name, model, fast, step, work, decode=kind == "decode")
+                rows += bench_case(name, model, fast, step, work, kind == "decode", vllm)
                 report(rows, checks)  # after every case: a run cut short keeps what it measured
 
 
-def write(out: Path, rows: list[dict], checks: list[dict]) -> list[str]:
+def write(out: Path, rows: list[dict], checks: list[dict], args) -> list[str]:
     import triton
 
+    from layoutpass.examples.recurrence import fla_ops
+
     card = torch.cuda.get_device_name()
-    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, dtype="bfloat16", size="2.7b",
-                models={k: list(v[0]) for k, v in MODELS.items()}, rounds=ROUNDS, config=SIZES["2.7b"])
+    fla = fla_ops() is not None and importlib.metadata.version("fla-core")
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, fla_core=fla, vllm_convs=args.vllm,
+                dtype="bfloat16", size="2.7b", models={k: list(v) for k, v in MODELS.items()}, rounds=ROUNDS,
+                config=SIZES["2.7b"], kernels=dict(update_blocks={str(k): v for k, v in triton_conv.UPDATE_BLOCKS.items()},
+                                                   pdl=triton_conv.PDL))
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e.json").write_text(json.dumps(dict(meta, rows=rows, checks=checks), indent=1))
-    lines = [f"Card: {card}; torch {torch.__version__}; triton {triton.__version__}. bf16, 2.7B-class widths "
-             f"({SIZES['2.7b']}); mamba2: 16 layers, hybrid: 8; median of {ROUNDS} interleaved rounds. "
-             "Speedup of optimize(DS) = row time / optimize(DS) time, same run.", "",
-             "| model | work | impl | time (ms) | optimize(DS) speedup | timing |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['work']} | {r['impl']} | {r['ms']:.3f} | {r['ds_speedup']:.3f}x | {r['timing']} |"
-              for r in rows]
-    lines += ["", "Checks before timing, from the same random state: optimize(DS) against the SD model on our "
-              "kernels (check_equivalence, exact), and the SD model's logits on the reference ops against ours.", "",
-              "| model | work | DS == SD (exact) | max |diff| outputs / state | reference vs ours, max |diff| logits |",
+    lines = [f"Card: {card}; torch {torch.__version__}; triton {triton.__version__}; fla-core {fla}. bf16, 2.7B-class "
+             f"widths ({SIZES['2.7b']}); mamba2: {len(MODELS['mamba2'])} layers, hybrid: {len(MODELS['hybrid'])} "
+             f"(mamba2, attention, gdn, mamba2 x {len(MODELS['hybrid']) // 4}); recurrences on FLA's Triton kernels, "
+             "attention on scaled_dot_product_attention; decode in CUDA graphs, prefill plain launches; median of "
+             f"{ROUNDS} interleaved rounds. Speedup of optimize(DS) = row time / optimize(DS) time, same run. "
+             "Conv share: the conv kernels' part of the GPU kernel time of one eager step (torch.profiler).", "",
+             "| model | work | impl | time (ms) | optimize(DS) speedup | conv share | timing |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['work']} | {r['impl']} | {r['ms']:.3f} | {r['ds_speedup']:.3f}x | "
+              f"{100 * r['conv_share']:.1f}% | {r['timing']} |" for r in rows]
+    lines += ["", "Checks before timing, from one random state: optimize(DS) against the SD model on our convs "
+              "(exact), and the SD model on vLLM's convs against optimize(DS) (max |difference|).", "",
+              "| model | work | DS == SD on our convs (exact) | vLLM convs vs DS: logits / state | logits up to |",
               "|---|---|---|---|---|"]
     lines += [f"| {c['model']} | {c['work']} | {'yes' if c['exact'] else 'NO: ' + str(c['worst_buffer'])} | "
-              f"{c['output_error']:.3g} / {c['state_error']:.3g} | {c['reference_max_abs_diff']:.3g} "
-              f"(logits up to {c['logits_max_abs']:.3g}) |" for c in checks]
+              f"{c['vllm_logits_diff']:.3g} / {c['vllm_state_diff']:.3g} | {c['logits_max_abs']:.3g} |" for c in checks]
     (out / "e2e.md").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -196,10 +232,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--vllm", help="module with vLLM's causal_conv1d_update / causal_conv1d_fn (the first row)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, checks only")
     args = parser.parse_args()
+    if not args.smoke:
+        from layoutpass.examples.recurrence import fla_ops
+
+        if fla_ops() is None or not args.vllm:
+            parser.error("the GPU benchmark needs fla-core installed and --vllm MODULE")
     final = {}
-    run(args, lambda rows, checks: final.update(lines=write(args.out, rows, checks)))
+    run(args, lambda rows, checks: final.update(lines=write(args.out, rows, checks, args)))
     print("\n".join(final.get("lines", [])))
 
 

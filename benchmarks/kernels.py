@@ -1,10 +1,13 @@
 """Kernel benchmark on a CUDA card: the decode update and the prefill conv, ours with SD and
-with DS pools, against a pure-torch path, torch.compile of it, and optional peers
-(--peer-update / --peer-prefill MODULE:FUNC with vLLM's signatures), each as a fraction of
-the device copy bandwidth measured in the same run (../shared/PERFORMANCE.md).
+with DS pools, and the peers in the same run on the same data: vLLM's Triton kernels
+(--peer-update / --peer-prefill MODULE:FUNC, functions with causal_conv1d_update's /
+causal_conv1d_fn's signatures; benchmarks/peers/fetch.py extracts vLLM 0.33's) and FLA's
+causal_conv1d_update (--fla; fla-core must be importable). Every implementation is checked
+against ours (and ours against a pure-torch step) before it is timed. Figures are fractions of
+the device copy bandwidth measured in the same run (bytes per PERFORMANCE.md's count).
 
-    python benchmarks/kernels.py --out DIR            # table + kernels.json + kernels.md
-    python benchmarks/kernels.py --sweep --out DIR    # first choose the block shapes, then the same
+    python benchmarks/kernels.py --out DIR            # tables + kernels.json + kernels.md
+    python benchmarks/kernels.py --sweep --out DIR    # first choose the DS block shapes, then the same
 """
 
 import argparse
@@ -27,6 +30,8 @@ BATCHES = (1, 16, 64, 256, 1024)
 PREFILLS = ((8, 2048), (64, 256), (1, 16384))
 ROUNDS = 3
 ELEM = torch.finfo(DTYPE).bits // 8
+FLA_NOTE = ("FLA keeps a dense (batch, dim, width) cache of the batch's own rows (no slot pool): a step reads "
+            "its last width - 1 columns and writes all width (its bytes counted so)")
 
 
 def copy_bandwidth() -> float:
@@ -37,9 +42,10 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * ELEM / ms / 1e6
 
 
-def make_pools(layout: str, count: int) -> list[torch.Tensor]:
-    """`count` random pools stored in `layout`, as (slot, dim, state_len) views."""
-    shape = (SLOTS, STATE_LEN, DIM) if layout == "SD" else (SLOTS, DIM, STATE_LEN)
+def make_pools(layout: str, count: int, batch: int = 0) -> list[torch.Tensor]:
+    """`count` random pools stored in `layout` as the op sees them: (slot, dim, state_len)
+    views; "dense" is FLA's (batch, dim, width) cache."""
+    shape = {"SD": (SLOTS, STATE_LEN, DIM), "DS": (SLOTS, DIM, STATE_LEN), "dense": (batch, DIM, WIDTH)}[layout]
     pools = [torch.randn(shape, device="cuda", dtype=DTYPE) for _ in range(count)]
     return [p.transpose(1, 2) if layout == "SD" else p for p in pools]
 
@@ -77,152 +83,235 @@ def decode_case(batch: int, gen: random.Random):
     return idx, xs, weight, bias
 
 
-def decode_impls(args, idx, weight, bias):
-    """name -> (layout, call(x, state, out) -> output, graphable)."""
+def decode_impls(args, idx, weight, bias) -> dict:
+    """name -> (pool layouts, call(x, pool, out) writing out)."""
+    impls = {"ours": (("SD", "DS"), lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o))}
     update_peer = peer(args.peer_update)
-    impls = {
-        "ours": lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o),
-        "torch": lambda x, s, o: torch_update(x, s, weight, bias, idx),
-        "torch.compile": lambda x, s, o: compiled_update(x, s, weight, bias, idx),
-    }
     if update_peer:
-        impls["peer"] = lambda x, s, o: update_peer(x, s, weight, bias, activation="silu", conv_state_indices=idx)
+        impls[args.peer_label] = (("SD", "DS"), lambda x, s, o: update_peer(
+            x, s, weight, bias, activation="silu", conv_state_indices=idx, out=o))
+    if args.fla:
+        from fla.modules.causal_conv1d import causal_conv1d_update as fla_update
+
+        impls["FLA"] = (("dense",), lambda x, s, o: o.copy_(fla_update(x, s, weight=weight, bias=bias,
+                                                                        activation="silu")[0]))
     return impls
 
 
-torch._dynamo.config.cache_size_limit = 64  # one compile per batch size and pool layout
-compiled_update = torch.compile(torch_update, dynamic=False)
-compiled_prefill = torch.compile(torch_prefill, dynamic=False)
+def close(got, expected) -> float:
+    """Max |difference| after an allclose at bf16 tolerance (raises on a mismatch)."""
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    return (got.float() - expected.float()).abs().max().item()
 
 
-def check_decode(args, name, batch, gen):
-    """The implementation against the pure-torch step on fresh data, before any timing."""
+def check_decode(args, batch, gen) -> dict:
+    """Before any timing, on fresh data: ours against the pure-torch step (SD and DS, states
+    exact, and SD and DS bit-identical), then every peer against ours."""
     idx, xs, weight, bias = decode_case(batch, gen)
-    call = decode_impls(args, idx, weight, bias)[name]
-    for layout in ("SD", "DS"):
-        (state,) = make_pools(layout, 1)
-        expected_state = state.clone()
-        expected = torch_update(xs[0].clone(), expected_state, weight, bias, idx)
-        got = call(xs[0].clone(), state, torch.empty_like(xs[0]))
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(state.float(), expected_state.float(), rtol=0, atol=0)
+    x, result, ours = xs[0], {}, {}
+    pools = {layout: make_pools(layout, 1)[0] for layout in ("SD", "DS")}
+    for name, (layouts, call) in decode_impls(args, idx, weight, bias).items():
+        for layout in layouts:
+            out = torch.empty_like(x)
+            if layout == "dense":  # FLA: history in columns 1..width-1; the whole window written back
+                state = torch.cat([torch.randn_like(pools["DS"][idx][..., :1]), pools["DS"][idx]], -1)
+                call(x.clone(), state, out)
+                torch.testing.assert_close(state[..., 1:], ours["DS"][1][idx], rtol=0, atol=0)
+                result[f"{name} vs ours DS"] = close(out, ours["DS"][0])
+                continue
+            state = pools[layout].clone()
+            call(x.clone(), state, out)
+            if name == "ours":
+                expected_state = pools[layout].clone()
+                expected = torch_update(x.clone(), expected_state, weight, bias, idx)
+                torch.testing.assert_close(state, expected_state, rtol=0, atol=0)
+                result[f"ours {layout} vs torch"] = close(out, expected)
+                ours[layout] = (out, state)
+            else:
+                torch.testing.assert_close(state, ours[layout][1], rtol=0, atol=0)
+                result[f"{name} {layout} vs ours"] = close(out, ours[layout][0])
+    outs = []
+    for layout in ("SD", "DS"):  # one initial state in both layouts
+        pool = make_pools(layout, 1)[0]
+        pool.copy_(pools["DS"])
+        outs.append(conv_update(x.clone(), pool, weight, bias, "silu", idx, out=torch.empty_like(x)))
+    result["ours SD == DS (bits)"] = torch.equal(outs[0], outs[1])
+    return result
 
 
-def time_decode(call, pools, xs, outs, graph: bool, rep: int = 200) -> float:
-    """Microseconds per call: one replay calls every layer's pool once (L2-cold pools)."""
+def time_decode(call, pools, xs, outs, rep: int = 200) -> float:
+    """Microseconds per call: one CUDA-graph replay calls every layer's pool once (L2-cold)."""
     def step():
         for layer in range(LAYERS):
             call(xs[layer], pools[layer], outs[layer])
     step()
     torch.cuda.synchronize()
-    ms = do_bench_cudagraph(step, rep=rep, return_mode="median") if graph else do_bench(step, return_mode="median")
-    return ms * 1e3 / LAYERS
+    return do_bench_cudagraph(step, rep=rep, return_mode="median") * 1e3 / LAYERS
 
 
-def bench_decode(args, bw, rows, gen):
+def decode_bytes(batch: int, layout: str) -> int:
+    cols = STATE_LEN + WIDTH if layout == "dense" else 2 * STATE_LEN
+    return batch * (cols * DIM + 2 * DIM) * ELEM + (WIDTH + 1) * DIM * ELEM
+
+
+def bench_decode(args, bw, rows, checks, gen):
     for batch in BATCHES:
         idx, xs, weight, bias = decode_case(batch, gen)
         outs = [torch.empty_like(x) for x in xs]
         impls = decode_impls(args, idx, weight, bias)
-        for name in impls:
-            check_decode(args, name, batch, gen)
-        layouts = {name: (("SD", "DS") if name in ("ours", "peer") else ("DS",)) for name in impls}
-        pools = {layout: make_pools(layout, LAYERS) for layout in ("SD", "DS")}
+        checks.append(dict(work=f"decode B={batch}", **check_decode(args, batch, gen)))
+        pools = {layout: make_pools(layout, LAYERS, batch) for layout in ("SD", "DS", "dense")}
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(ROUNDS):
-            for name, call in impls.items():
-                for layout in layouts[name]:
-                    graph = name in ("ours", "peer")
-                    times.setdefault((name, layout), []).append(time_decode(call, pools[layout], xs, outs, graph))
-        moved = batch * (2 * STATE_LEN * DIM + 2 * DIM) * ELEM + (WIDTH + 1) * DIM * ELEM
+            for name, (layouts, call) in impls.items():
+                for layout in layouts:
+                    times.setdefault((name, layout), []).append(time_decode(call, pools[layout], xs, outs))
         for (name, layout), ts in times.items():
             us = statistics.median(ts)
             rows.append(dict(work=f"decode B={batch}", impl=name, layout=layout, us=us,
-                             frac_bw=moved / (us * 1e-6) / 1e9 / bw, timing="cudagraph" if name in ("ours", "peer") else "launches"))
+                             frac_bw=decode_bytes(batch, layout) / (us * 1e-6) / 1e9 / bw, timing="cudagraph"))
+        print(f"decode B={batch}: " + ", ".join(f"{n} {l} {statistics.median(t):.2f} us" for (n, l), t in times.items()),
+              flush=True)
 
 
-def bench_prefill(args, bw, rows, gen):
+def prefill_case(batch: int, length: int, gen: random.Random):
+    tokens = batch * length
+    x = torch.randn(tokens, DIM, device="cuda", dtype=DTYPE).t()  # vLLM's tokens-major buffer
+    weight = torch.randn(DIM, WIDTH, device="cuda", dtype=DTYPE)
+    bias = torch.randn(DIM, device="cuda", dtype=DTYPE)
+    idx = torch.tensor(gen.sample(range(1, SLOTS), batch), device="cuda", dtype=torch.int32)
+    has_init = torch.tensor([gen.random() < 0.5 for _ in range(batch)], device="cuda")
+    qsl = torch.arange(0, tokens + 1, length, device="cuda", dtype=torch.int32)
+    return x, weight, bias, idx, has_init, qsl
+
+
+def prefill_impls(args, x, weight, bias, idx, has_init, qsl) -> dict:
+    impls = {"ours": lambda s: conv_prefill(x, weight, bias, s, qsl, idx, has_init, "silu")}
     prefill_peer = peer(args.peer_prefill)
+    if prefill_peer:
+        impls[args.peer_label] = lambda s: prefill_peer(x, weight, bias, conv_states=s, query_start_loc=qsl,
+                                                        cache_indices=idx, has_initial_state=has_init,
+                                                        activation="silu")
+    return impls
+
+
+def check_prefill(args, batch, length, gen) -> dict:
+    """Ours against the pure-torch prefill, then the peer against ours, on fresh data."""
+    case = prefill_case(batch, length, gen)
+    x, weight, bias, idx, has_init, _ = case
+    result, ours = {}, {}
+    for name, call in prefill_impls(args, *case).items():
+        for layout in ("SD", "DS"):
+            (pool,) = make_pools(layout, 1)
+            expected_state, state = pool.clone(), pool.clone()
+            expected = torch_prefill(x, weight, bias, expected_state, [length] * batch, idx, has_init)
+            got = call(state)
+            torch.testing.assert_close(state, expected_state, rtol=0, atol=0)
+            if name == "ours":
+                ours[layout] = got
+                result[f"ours {layout} vs torch"] = close(got, expected)
+            else:
+                result[f"{name} {layout} vs ours"] = close(got, ours[layout])
+    result["ours SD == DS (bits)"] = torch.equal(ours["SD"], ours["DS"])
+    return result
+
+
+def bench_prefill(args, bw, rows, checks, gen):
     for batch, length in PREFILLS:
-        tokens = batch * length
-        x = torch.randn(tokens, DIM, device="cuda", dtype=DTYPE).t()  # vLLM's tokens-major buffer
-        weight = torch.randn(DIM, WIDTH, device="cuda", dtype=DTYPE)
-        bias = torch.randn(DIM, device="cuda", dtype=DTYPE)
-        idx = torch.tensor(gen.sample(range(1, SLOTS), batch), device="cuda", dtype=torch.int32)
-        has_init = torch.tensor([gen.random() < 0.5 for _ in range(batch)], device="cuda")
-        qsl = torch.arange(0, tokens + 1, length, device="cuda", dtype=torch.int32)
-        lens = [length] * batch
-        impls = {
-            "ours": lambda s: conv_prefill(x, weight, bias, s, qsl, idx, has_init, "silu"),
-            "torch": lambda s: torch_prefill(x, weight, bias, s, lens, idx, has_init),
-            "torch.compile": lambda s: compiled_prefill(x, weight, bias, s, lens, idx, has_init),
-        }
-        if prefill_peer:
-            impls["peer"] = lambda s: prefill_peer(x, weight, bias, conv_states=s, query_start_loc=qsl,
-                                                   cache_indices=idx, has_initial_state=has_init, activation="silu")
-        for name, call in impls.items():
-            for layout in ("SD", "DS"):
-                (state,) = make_pools(layout, 1)
-                expected_state = state.clone()
-                expected = torch_prefill(x, weight, bias, expected_state, lens, idx, has_init)
-                got = call(state)
-                torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-                torch.testing.assert_close(state.float(), expected_state.float(), rtol=0, atol=0)
+        work = f"prefill {batch} x {length}"
+        checks.append(dict(work=work, **check_prefill(args, batch, length, gen)))
+        impls = prefill_impls(args, *prefill_case(batch, length, gen))
         pools = {layout: make_pools(layout, 1)[0] for layout in ("SD", "DS")}
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(ROUNDS):
             for name, call in impls.items():
-                for layout in (("SD", "DS") if name in ("ours", "peer") else ("DS",)):
+                for layout in ("SD", "DS"):
                     ms = do_bench(lambda: call(pools[layout]), return_mode="median")
                     times.setdefault((name, layout), []).append(ms * 1e3)
-        moved = 2 * tokens * DIM * ELEM + 2 * batch * STATE_LEN * DIM * ELEM
+        moved = 2 * batch * length * DIM * ELEM + 2 * batch * STATE_LEN * DIM * ELEM
         for (name, layout), ts in times.items():
             us = statistics.median(ts)
-            rows.append(dict(work=f"prefill {batch} x {length}", impl=name, layout=layout, us=us,
-                             frac_bw=moved / (us * 1e-6) / 1e9 / bw, timing="launches"))
+            rows.append(dict(work=work, impl=name, layout=layout, us=us, frac_bw=moved / (us * 1e-6) / 1e9 / bw,
+                             timing="launches"))
+        print(f"{work}: " + ", ".join(f"{n} {l} {statistics.median(t):.1f} us" for (n, l), t in times.items()),
+              flush=True)
 
 
-def sweep(gen) -> None:
-    """Time every decode block shape per layout and batch and every prefill tile, then put the
-    winners in the kernels' tables (the benchmark that follows uses them; commit them)."""
-    for flat, layout in ((False, "SD"), (True, "DS")):
-        table = []
-        for batch in BATCHES:
-            idx, xs, weight, bias = decode_case(batch, gen)
-            outs = [torch.empty_like(x) for x in xs]
-            pools = make_pools(layout, LAYERS)
-            results = []
-            for block in (128, 256, 512):
-                for seqs in (s for s in (1, 4) if s <= batch):
-                    for warps in (1, 2, 4):
-                        for path in (("rows", "flat", "tiled") if flat else ("tiled",)):
-                            if path == "rows" and seqs > 1:
-                                continue  # one sequence per program on that path
-                            triton_conv.UPDATE_BLOCKS[flat] = [(1 << 62, block, seqs, warps, path)]
-                            call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
-                            us = time_decode(call, pools, xs, outs, True, rep=50)
-                            results.append((us, block, seqs, warps, path))
-            us, *config = min(results)
-            table.append((batch, *config))
-            print(f"sweep decode {layout} B={batch}: {us:.2f} us with (BLOCK_D, SEQS, warps, path)={tuple(config)}",
-                  flush=True)
-        table[-1] = (1 << 62, *table[-1][1:])
-        triton_conv.UPDATE_BLOCKS[flat] = table
-    x = torch.randn(8 * 2048, DIM, device="cuda", dtype=DTYPE).t()
-    weight, bias = torch.randn(DIM, WIDTH, device="cuda", dtype=DTYPE), torch.randn(DIM, device="cuda", dtype=DTYPE)
-    idx = torch.tensor(gen.sample(range(1, SLOTS), 8), device="cuda", dtype=torch.int32)
-    qsl = torch.arange(0, 8 * 2048 + 1, 2048, device="cuda", dtype=torch.int32)
+def sweep(gen, log) -> None:
+    """Time the DS decode candidates per batch (the shipped table's entry, and the vec path's
+    block shapes, sequences per program and programmatic dependent launch) and the prefill
+    tiles, then put the winners in the kernels' tables (the benchmark that follows uses them;
+    commit them). The SD table is kept."""
+    table, pdl_wins = [], 0
+    for batch in BATCHES:
+        idx, xs, weight, bias = decode_case(batch, gen)
+        outs = [torch.empty_like(x) for x in xs]
+        pools = make_pools("DS", LAYERS)
+        shipped = triton_conv._update_config(True, batch)
+        candidates = [(*shipped, False)] + [
+            (block, seqs, warps, "vec", pdl) for block in (256, 512, 1024) for warps in (1, 2, 4)
+            for seqs in (1, 2, 4) for pdl in (False, True) if block >= 256 * warps and seqs <= batch]
+        results = []
+        for block, seqs, warps, path, pdl in candidates:
+            triton_conv.UPDATE_BLOCKS[True] = [(1 << 62, block, seqs, warps, path)]
+            triton_conv.PDL = pdl
+            call = lambda x, s, o: conv_update(x, s, weight, bias, "silu", idx, out=o)
+            results.append((time_decode(call, pools, xs, outs, rep=50), block, seqs, warps, path, pdl))
+        results.sort()
+        log(f"sweep decode DS B={batch}: " + "; ".join(f"{r[0]:.2f} us {r[1:]}" for r in results[:6]) +
+            f"; shipped {shipped}: {next(r[0] for r in results if r[1:] == (*shipped, False)):.2f} us")
+        us, *config, pdl = results[0]
+        pdl_wins += pdl
+        table.append((batch, *config))
+    table[-1] = (1 << 62, *table[-1][1:])
+    triton_conv.UPDATE_BLOCKS[True] = table
+    triton_conv.PDL = pdl_wins > len(BATCHES) // 2
+    x, weight, bias, idx, has_init, qsl = prefill_case(8, 2048, gen)
     (state,) = make_pools("DS", 1)
     results = []
-    for bt, bd in ((16, 128), (32, 128), (32, 256), (64, 128), (16, 256), (8, 512), (64, 64), (128, 64)):
-        for warps in (4, 8):
-            triton_conv.PREFILL_BLOCKS[False] = (bt, bd, warps)
-            ms = do_bench(lambda: conv_prefill(x, weight, bias, state, qsl, idx, None, "silu"), return_mode="median")
-            results.append((ms * 1e3, bt, bd, warps))
-    us, *best = min(results)
+    for bt, bd, warps in ((64, 64, 8), (32, 128, 4), (64, 128, 8), (128, 64, 8), (16, 256, 4)):
+        for tiles in (1, 4, 16):
+            triton_conv.PREFILL_BLOCKS[False] = (bt, bd, warps, tiles)
+            ms = do_bench(lambda: conv_prefill(x, weight, bias, state, qsl, idx, has_init, "silu"),
+                          return_mode="median")
+            results.append((ms * 1e3, bt, bd, warps, tiles))
+    results.sort()
+    us, *best = results[0]
     triton_conv.PREFILL_BLOCKS[False] = tuple(best)
-    print(f"sweep prefill 8x2048 DS: {us:.1f} us with (BLOCK_T, BLOCK_D, warps)={tuple(best)}", flush=True)
-    print(f"UPDATE_BLOCKS = {triton_conv.UPDATE_BLOCKS}\nPREFILL_BLOCKS = {triton_conv.PREFILL_BLOCKS}", flush=True)
+    log("sweep prefill 8x2048 DS: " + "; ".join(f"{r[0]:.1f} us {r[1:]}" for r in results[:6]))
+    log(f"UPDATE_BLOCKS[True] = {triton_conv.UPDATE_BLOCKS[True]}\nPDL = {triton_conv.PDL}\n"
+        f"PREFILL_BLOCKS = {triton_conv.PREFILL_BLOCKS}")
+
+
+def check_compiled(gen) -> str:
+    """torch.compile(fullgraph=True) of a DS decode step at every batch gives eager's bits
+    (inductor launches our kernels itself: the block table's choices, PDL included)."""
+    results = []
+    for batch in BATCHES:
+        idx, xs, weight, bias = decode_case(batch, gen)
+        (pool,) = make_pools("DS", 1)
+        step = lambda x, s: conv_update(x, s, weight, bias, "silu", idx, out=torch.empty_like(x))
+        try:
+            got = torch.compile(step, fullgraph=True)(xs[0].clone(), compiled_pool := pool.clone())
+        except Exception as error:  # reported in the results, not raised: the timings still run
+            return f"torch.compile failed at B={batch}: {type(error).__name__}: {str(error)[:300]}"
+        eager_pool = pool.clone()
+        results.append(torch.equal(got, step(xs[0].clone(), eager_pool)) and torch.equal(compiled_pool, eager_pool))
+    return "torch.compile == eager (bits) at every batch" if all(results) else f"torch.compile differs: {results}"
+
+
+def wide_table(rows: list[dict], peer_label: str) -> list[str]:
+    """One line per work, one column per implementation and pool (the issue's table)."""
+    columns = [(peer_label, "SD"), (peer_label, "DS"), ("FLA", "dense"), ("ours", "SD"), ("ours", "DS")]
+    columns = [c for c in columns if any((r["impl"], r["layout"]) == c for r in rows)]
+    names = {"dense": "dense (B, D, 4)"}
+    lines = ["| us (of copy bw) | " + " | ".join(f"{i} {names.get(l, l)}" for i, l in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for work in dict.fromkeys(r["work"] for r in rows):
+        cells = {(r["impl"], r["layout"]): r for r in rows if r["work"] == work}
+        lines.append(f"| {work} | " + " | ".join(
+            f"{cells[c]['us']:.1f} ({100 * cells[c]['frac_bw']:.0f}%)" if c in cells else "-" for c in columns) + " |")
+    return lines
 
 
 def main():
@@ -231,30 +320,47 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--peer-update", help="MODULE:FUNC with causal_conv1d_update's signature")
     parser.add_argument("--peer-prefill", help="MODULE:FUNC with causal_conv1d_fn's signature")
+    parser.add_argument("--peer-label", default="vLLM", help="the peer's name in the tables")
+    parser.add_argument("--fla", action="store_true", help="FLA's causal_conv1d_update (fla-core installed)")
     args = parser.parse_args()
     gen = random.Random(0)
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    print(f"{card}, torch {torch.__version__}, triton {triton.__version__}: copy bandwidth {bw:.0f} GB/s", flush=True)
-    if args.sweep:
-        sweep(gen)
-    rows = []
-    bench_decode(args, bw, rows, gen)
-    bench_prefill(args, bw, rows, gen)
-    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, copy_bw_gbs=round(bw),
-                update_blocks={str(k): v for k, v in triton_conv.UPDATE_BLOCKS.items()},
-                prefill_blocks={str(k): v for k, v in triton_conv.PREFILL_BLOCKS.items()},
-                dim=DIM, width=WIDTH, slots=SLOTS, dtype=str(DTYPE), layers_per_replay=LAYERS, rounds=ROUNDS)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    log_lines = [f"{card}, torch {torch.__version__}, triton {triton.__version__}: copy bandwidth {bw:.0f} GB/s"]
+
+    def log(line):
+        log_lines.append(line)
+        print(line, flush=True)
+
+    print(log_lines[0], flush=True)
+    if args.sweep:
+        sweep(gen, log)
+    rows, checks = [], []
+    log(check_compiled(gen))
+    checks.append(dict(work="torch.compile", result=log_lines[-1]))
+    bench_decode(args, bw, rows, checks, gen)
+    bench_prefill(args, bw, rows, checks, gen)
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, copy_bw_gbs=round(bw),
+                update_blocks={str(k): v for k, v in triton_conv.UPDATE_BLOCKS.items()}, pdl=triton_conv.PDL,
+                prefill_blocks={str(k): v for k, v in triton_conv.PREFILL_BLOCKS.items()},
+                dim=DIM, width=WIDTH, slots=SLOTS, dtype=str(DTYPE), layers_per_replay=LAYERS, rounds=ROUNDS,
+                peers=dict(update=args.peer_update, prefill=args.peer_prefill, label=args.peer_label, fla=args.fla))
+    (args.out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows, checks=checks), indent=1))
     lines = [f"Card: {card}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s "
              f"(bytes read + written). bf16, dim {DIM}, width {WIDTH}, pools of {SLOTS} slots, random slots; "
-             f"decode timed per call over {LAYERS} layers' pools (L2-cold); median of {ROUNDS} interleaved rounds.",
-             "", "| work | impl | pool | time (us) | of copy bw | timing |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['work']} | {r['impl']} | {r['layout']} | {r['us']:.1f} | {100 * r['frac_bw']:.0f}% | {r['timing']} |"
-              for r in rows]
+             f"decode: CUDA-graph replays calling the kernel once per layer over {LAYERS} layers' pools (L2-cold), "
+             f"time per call; prefill: plain launches; median of {ROUNDS} interleaved rounds. "
+             f"Each implementation checked against ours on the same data before timing (kernels.json: checks).", ""]
+    lines += wide_table(rows, args.peer_label)
+    if args.fla:
+        lines += ["", f"FLA: {FLA_NOTE}."]
+    lines += ["", "| checks (max abs difference; states compared exactly) |", "|---|"]
+    lines += [f"| {c['work']}: " + ", ".join(f"{k} {v if isinstance(v, (bool, str)) else f'{v:.3g}'}"
+                                              for k, v in c.items() if k != "work") + " |" for c in checks]
     (args.out / "kernels.md").write_text("\n".join(lines) + "\n")
+    (args.out / "bench.log").write_text("\n".join(log_lines) + "\n")
     print("\n".join(lines))
 
 

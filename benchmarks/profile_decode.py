@@ -1,14 +1,24 @@
 """One decode call per pool layout at B=1024 (bf16, dim 8192), for a profiler:
-    ncu --kernel-name regex:conv_state --section SpeedOfLight --section MemoryWorkloadAnalysis \\
-        python benchmarks/profile_decode.py"""
+    ncu --kernel-name regex:"conv_state|ds_" --section SpeedOfLight --section MemoryWorkloadAnalysis \\
+        python benchmarks/profile_decode.py [--blocks kernels.json]
+--blocks takes the block tables a `benchmarks/kernels.py --sweep` run wrote (else the shipped ones)."""
 
+import argparse
+import json
 import random
 
 import torch
 
-from layoutpass.kernels import conv_update
+from layoutpass.kernels import conv_update, triton_conv
 
 DIM, SLOTS, BATCH = 8192, 4096, 1024
+parser = argparse.ArgumentParser()
+parser.add_argument("--blocks", help="a kernels.json whose update_blocks and pdl to use")
+args = parser.parse_args()
+if args.blocks:
+    meta = json.load(open(args.blocks))
+    triton_conv.UPDATE_BLOCKS = {k == "True": [tuple(e) for e in v] for k, v in meta["update_blocks"].items()}
+    triton_conv.PDL = meta["pdl"]
 idx = torch.tensor(random.Random(0).sample(range(1, SLOTS), BATCH), device="cuda", dtype=torch.int32)
 weight = torch.randn(DIM, 4, device="cuda", dtype=torch.bfloat16)
 bias = torch.randn(DIM, device="cuda", dtype=torch.bfloat16)

@@ -24,12 +24,25 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     else:
         k_cache[rows[valid], pos[valid]] = kp[valid]
         v_cache[rows[valid], pos[valid]] = vp[valid]
-    keys, values = k_cache[slots].float(), v_cache[slots].float()  # (batch, max_len, heads, hd)
-    scores = torch.einsum("bqhd,bkhd->bhqk", qp.float(), keys) / q.shape[-1] ** 0.5
+    keys, values = k_cache[slots], v_cache[slots]  # (batch, max_len, heads, hd)
     visible = torch.arange(keys.shape[1], device=q.device)[None, None, :] <= pos[:, :, None]
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    out = torch.einsum("bhqk,bkhd->bqhd", F.softmax(scores, -1), values)
+    out = (_sdpa if q.is_cuda else _attend)(qp, keys.to(q.dtype), values.to(q.dtype), visible)
     return unpad_tokens(out, batch, q.shape[0]).to(q.dtype)
+
+
+def _attend(q, keys, values, visible):
+    """Pure-torch attention in fp32 (q (batch, tokens, heads, hd), keys/values (batch, len,
+    heads, hd), visible (batch, tokens, len)): the CPU path and the oracle for _sdpa."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys.float()) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", F.softmax(scores, -1), values.float())
+
+
+def _sdpa(q, keys, values, visible):
+    """The same through torch's fused scaled_dot_product_attention (the CUDA path)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=visible[:, None])
+    return out.transpose(1, 2)
 
 
 @cached_attention.register_fake

@@ -3,12 +3,19 @@
 vLLM's model files call kernels for the scan just as for the conv; we do the same so that the
 models capture to clean graphs with dynamic token counts. Each family is one `step` rule in
 STEPS: `step(state, params, *inputs_t) -> (y_t, new_state)`, with y_t shaped like inputs_t[0].
-The pure-torch loop over tokens is slow but exact; the conv state is this project's subject.
+The pure-torch loop over tokens is slow but exact: it is the CPU path and the oracle. On CUDA,
+a step that keeps only its last state runs on FLA's maintained Triton kernels when fla-core is
+installed (imported on first use; see _fla_step): Mamba2's SSD as simple GLA with a scalar
+decay per head, the per-head-decay delta rule (GDN) as FLA's gated delta rule. Spec-decode steps
+(every intermediate state kept), Mamba1 and KDA's per-channel decay stay on the torch loop.
 
 A recurrent pool holds (num_spec + 1) snapshots per slot, right-aligned: after a k-token step
 the state after token i sits at position num_spec + 1 - k + i. So with spec decode the state
 after the last accepted token is at num_accepted_tokens - 1, and otherwise at the last one.
 """
+
+import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +79,11 @@ def recurrence(kind: str, inputs: list[torch.Tensor], params: list[torch.Tensor]
                num_accepted_tokens: torch.Tensor | None) -> torch.Tensor:
     """inputs: prefill (tokens, ...) with query_start_loc, or decode (batch, k, ...)."""
     batch = Batch(slots, context_lens, query_start_loc, num_accepted_tokens)
+    one_state = query_start_loc is not None or inputs[0].shape[1] == 1
+    if inputs[0].is_cuda and one_state and _fla_handles(kind, inputs) and fla_ops() is not None:
+        y, state = _fla_step(kind, inputs, params, _read(pool, batch).float(), query_start_loc)
+        pool[slots, pool.shape[1] - 1] = state.to(pool.dtype)
+        return y
     padded = [pad_tokens(u.float(), batch)[0] for u in inputs]
     valid = pad_tokens(inputs[0], batch)[1]
     state = _read(pool, batch).float()
@@ -108,6 +120,44 @@ def _read(pool: torch.Tensor, batch: Batch) -> torch.Tensor:
     state = pool[batch.slots.long(), pos]
     fresh = ~batch.has_initial_state
     return torch.where(fresh.view(-1, *[1] * (state.dim() - 1)), torch.zeros_like(state), state)
+
+
+@functools.cache
+def fla_ops() -> SimpleNamespace | None:
+    """FLA's Triton ops (fla-core), or None where it is not installed (CPU machines, CI)."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except ImportError:
+        return None
+    return SimpleNamespace(gla=(chunk_simple_gla, fused_recurrent_simple_gla),
+                           delta_rule=(chunk_gated_delta_rule, fused_recurrent_gated_delta_rule))
+
+
+def _fla_handles(kind: str, inputs: list[torch.Tensor]) -> bool:
+    return kind == "mamba2" or (kind == "delta_rule" and inputs[4].dim() == inputs[0].dim() - 1)
+
+
+def _fla_step(kind, inputs, params, state, query_start_loc):
+    """One step on FLA's kernels from `state` (batch, heads, ., .) fp32; returns (y, final state).
+    Prefill tokens (T, ...) run as one varlen sequence batch (FLA's chunked form), decode
+    (batch, 1, ...) token by token (its fused recurrent form)."""
+    varlen = query_start_loc is not None
+    chunked, recurrent = fla_ops().gla if kind == "mamba2" else fla_ops().delta_rule
+    run = functools.partial(chunked if varlen else recurrent, scale=1.0, initial_state=state.contiguous(),
+                            output_final_state=True, cu_seqlens=query_start_loc.long() if varlen else None)
+    seqs = (lambda t: t.unsqueeze(0)) if varlen else (lambda t: t)
+    if kind == "mamba2":  # h = exp(dt a) h + (dt x) b^T, y = h c + d x: GLA with q = c, k = b, v = dt x
+        x, dt, b, c = inputs
+        a, d = params
+        v = (dt.float()[..., None] * x.float()).to(x.dtype)
+        o, state = run(seqs(c), seqs(b), seqs(v), g=seqs(dt.float() * a.float()), state_v_first=True)
+        y = o.reshape(x.shape).float() + d.float()[:, None] * x.float()
+    else:  # the state decays, recalls k, stores beta (v - recalled) at k; y = q . state
+        v, q, k, beta, decay = inputs
+        o, state = run(seqs(q), seqs(k), seqs(v), g=seqs(torch.log(decay.float())), beta=seqs(beta))
+        y = o.reshape(v.shape)
+    return y.to(inputs[0].dtype), state
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:

@@ -163,15 +163,170 @@ def _ds_rows_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, dim, null_
 
 
 @triton.jit
-def _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
-                 k: tl.constexpr, WIDTH: tl.constexpr):
+def _cols8(v):
+    """The 8 columns of a [G, 8] tile as [G] tensors (splits: register moves, no shuffles)."""
+    even, odd = tl.split(tl.reshape(v, (v.shape[0], 2, 2, 2)))
+    e0, e1 = tl.split(even)
+    o0, o1 = tl.split(odd)
+    c0, c4 = tl.split(e0)
+    c2, c6 = tl.split(e1)
+    c1, c5 = tl.split(o0)
+    c3, c7 = tl.split(o1)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _row8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """A [G, 8] tile from 8 [G] columns (joins: the inverse of _cols8)."""
+    even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.reshape(tl.join(even, odd), (c0.shape[0], 8))
+
+
+@triton.jit
+def _deinterleave(p0, p1, p2, p3, K: tl.constexpr):
+    """K pieces [G, 8] that hold 8 channels x K columns channel-major (a dense (dim, K) run, 8K
+    elements per group of 8 channels) -> column j of the 8 channels as [G, 8], j < K (unused
+    outputs repeat p0). Register moves only: every element stays in its thread."""
+    t0, t1, t2, t3 = p0, p0, p0, p0
+    if K == 2:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(p0)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(p1)
+        t0 = _row8(a0, a2, a4, a6, b0, b2, b4, b6)
+        t1 = _row8(a1, a3, a5, a7, b1, b3, b5, b7)
+    elif K == 3:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(p0)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(p1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(p2)
+        t0 = _row8(a0, a3, a6, b1, b4, b7, c2, c5)
+        t1 = _row8(a1, a4, a7, b2, b5, c0, c3, c6)
+        t2 = _row8(a2, a5, b0, b3, b6, c1, c4, c7)
+    elif K == 4:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(p0)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(p1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(p2)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _cols8(p3)
+        t0 = _row8(a0, a4, b0, b4, c0, c4, d0, d4)
+        t1 = _row8(a1, a5, b1, b5, c1, c5, d1, d5)
+        t2 = _row8(a2, a6, b2, b6, c2, c6, d2, d6)
+        t3 = _row8(a3, a7, b3, b7, c3, c7, d3, d7)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _shifted(p0, p1, p2, x, S: tl.constexpr):
+    """The new state of 8 channels, as the S pieces of its dense run: each channel's columns
+    moved one to the left and x appended (the run shifted by one element, x every S-th)."""
+    n0, n1, n2 = x, x, x
+    x0, x1, x2, x3, x4, x5, x6, x7 = _cols8(x)
+    if S == 2:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(p0)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(p1)
+        n0 = _row8(a1, x0, a3, x1, a5, x2, a7, x3)
+        n1 = _row8(b1, x4, b3, x5, b5, x6, b7, x7)
+    elif S == 3:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _cols8(p0)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _cols8(p1)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _cols8(p2)
+        n0 = _row8(a1, a2, x0, a4, a5, x1, a7, b0)
+        n1 = _row8(x2, b2, b3, x3, b5, b6, x4, c0)
+        n2 = _row8(c1, x5, c3, c4, x6, c6, c7, x7)
+    return n0, n1, n2
+
+
+@triton.jit
+def _pieces(at, mask, K: tl.constexpr):
+    """K consecutive [G, 8] pieces from `at` (unused outputs repeat the first)."""
+    p0 = tl.load(at, mask=mask, other=0.0)
+    p1, p2, p3 = p0, p0, p0
+    if K > 1:
+        p1 = tl.load(at + 8, mask=mask, other=0.0)
+    if K > 2:
+        p2 = tl.load(at + 16, mask=mask, other=0.0)
+    if K > 3:
+        p3 = tl.load(at + 24, mask=mask, other=0.0)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _ds_vec_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, batch, groups, null_block_id,
+                   sx8, ss8, so8, STATE_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                   HAS_INDICES: tl.constexpr, BLOCK_D: tl.constexpr, SEQS: tl.constexpr, PDL: tl.constexpr):
+    """The hot path on a dense DS pool: one token, no spec decode, state_len == width - 1 <= 3,
+    dim a multiple of 8. Each thread owns groups of 8 channels, whose state is 8 * state_len
+    contiguous elements: state_len 16-byte vectors in bf16 (x, out, bias: one each; weights:
+    width). The taps and the shifted state are rearranged in registers (_deinterleave,
+    _shifted), and summed in _conv_state_kernel's order (bit-identical to an SD pool).
+    Strides come divided by 8 so that the compiler sees 16-byte alignment."""
+    if PDL:  # programmatic dependent launch: start while the previous kernel drains
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    WIDTH: tl.constexpr = STATE_LEN + 1
+    G: tl.constexpr = BLOCK_D // 8
+    group = (tl.program_id(1) * G + tl.arange(0, G)[:, None]).to(tl.int64)
+    lane = tl.arange(0, 8)[None, :]
+    in_dim = group < groups
+    w0, w1, w2, w3 = _pieces(w_ptr + group * (8 * WIDTH) + lane, in_dim, WIDTH)
+    w0, w1, w2, w3 = _deinterleave(w0.to(tl.float32), w1.to(tl.float32), w2.to(tl.float32), w3.to(tl.float32),
+                                   WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + group * 8 + lane, mask=in_dim, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((G, 8), tl.float32)
+    for i in range(SEQS):
+        seq = (tl.program_id(0) * SEQS + i).to(tl.int64)
+        live = seq < batch
+        slot = seq
+        if HAS_INDICES:
+            slot = tl.load(idx_ptr + seq, mask=live, other=null_block_id).to(tl.int64)
+            live = live & (slot != null_block_id)
+        mask = in_dim & live
+        s_at = state_ptr + slot * (ss8 * 8) + group * (8 * STATE_LEN) + lane
+        p0, p1, p2, _ = _pieces(s_at, mask, STATE_LEN)
+        x = tl.load(x_ptr + seq * (sx8 * 8) + group * 8 + lane, mask=mask, other=0.0)
+        v0, v1, v2, _ = _deinterleave(p0, p1, p2, p2, STATE_LEN)
+        acc = bias
+        acc += w0 * v0.to(tl.float32)
+        if STATE_LEN > 1:
+            acc += w1 * v1.to(tl.float32)
+        if STATE_LEN > 2:
+            acc += w2 * v2.to(tl.float32)
+        if STATE_LEN == 1:
+            acc += w1 * x.to(tl.float32)
+        elif STATE_LEN == 2:
+            acc += w2 * x.to(tl.float32)
+        else:
+            acc += w3 * x.to(tl.float32)
+        if SILU:
+            acc = acc / (1.0 + tl.exp(-acc))
+        n0, n1, n2 = _shifted(p0, p1, p2, x, STATE_LEN)
+        tl.debug_barrier()  # every load of this sequence before any store (out may alias x)
+        tl.store(s_at, n0, mask=mask)
+        if STATE_LEN > 1:
+            tl.store(s_at + 8, n1, mask=mask)
+        if STATE_LEN > 2:
+            tl.store(s_at + 16, n2, mask=mask)
+        tl.store(out_ptr + seq * (so8 * 8) + group * 8 + lane, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefill_weights(w_ptr, D2, dim, sw_dim, sw_k, WIDTH: tl.constexpr):
+    """The taps' weights as a tuple of fp32 tiles, loaded once per program."""
+    ws = ()
+    for k in tl.static_range(WIDTH):
+        ws = ws + (tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32),)
+    return ws
+
+
+@triton.jit
+def _prefill_tap(x_ptr, head_ptr, wk, D2, T2, seq, start, live, dim, sx_dim, sx_tok, k: tl.constexpr,
+                 WIDTH: tl.constexpr):
     """Tap k's contribution: input position t - (WIDTH - 1) + k, from x inside the sequence,
     from `head` before its start."""
     p = T2 - (WIDTH - 1) + k
     vx = tl.load(x_ptr + D2 * sx_dim + p * sx_tok, mask=live & (p >= start), other=0.0)
     h = WIDTH - 1 - start + p
     vh = tl.load(head_ptr + (seq * (WIDTH - 1) + h) * dim + D2, mask=live & (p < start), other=0.0)
-    wk = tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32)
     return wk * (vx.to(tl.float32) + vh.to(tl.float32))
 
 
@@ -181,40 +336,46 @@ def _prefill_out_kernel(
     num_tokens, dim, null_block_id,
     sx_dim, sx_tok, sw_dim, sw_k, so_dim, so_tok,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
-    TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr,
 ):
-    """A (token block, channel block) of the varlen prefill output. Token blocks may span
-    sequences: each token finds its sequence; taps before a sequence's start read `head`, the
-    (batch, width - 1, dim) inputs before it (its initial state's tail, or zeros). The pool is
-    not touched here, so this kernel is the same for every pool layout."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """TILES consecutive (token block, channel block) tiles of the varlen prefill output, the
+    weights loaded once. Token blocks may span sequences: each token finds its sequence; taps
+    before a sequence's start read `head`, the (batch, width - 1, dim) inputs before it (its
+    initial state's tail, or zeros). The pool is not touched here, so this kernel is the same
+    for every pool layout."""
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     if TOK_FAST:
-        D2, T2 = d[:, None], t[None, :]
+        D2 = d[:, None]
     else:
-        D2, T2 = d[None, :], t[:, None]
-    mask = (T2 < num_tokens) & (D2 < dim)
-    seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
-    start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
-    live = mask
-    if HAS_INDICES:
-        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
-        live = live & (slot != null_block_id)
+        D2 = d[None, :]
+    ws = _prefill_weights(w_ptr, D2, dim, sw_dim, sw_k, WIDTH)
     if HAS_BIAS:
-        acc = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32) + tl.zeros((1, 1), tl.float32)
+        bias = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32)
     else:
-        acc = tl.zeros((1, 1), tl.float32)
-    # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
-    acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
-                        WIDTH - 1, WIDTH)
-    tl.debug_barrier()
-    for k in tl.static_range(WIDTH - 1):
-        acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
-                            k, WIDTH)
-    if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))
-    acc = tl.where(live, acc, 0.0)
-    tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        bias = tl.zeros((1, 1), tl.float32)
+    for i in range(TILES):
+        t = (tl.program_id(0) * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        if TOK_FAST:
+            T2 = t[None, :]
+        else:
+            T2 = t[:, None]
+        mask = (T2 < num_tokens) & (D2 < dim)
+        seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
+        start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
+        live = mask
+        if HAS_INDICES:
+            slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
+            live = live & (slot != null_block_id)
+        # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
+        acc = bias + _prefill_tap(x_ptr, head_ptr, ws[WIDTH - 1], D2, T2, seq, start, live, dim, sx_dim, sx_tok,
+                                  WIDTH - 1, WIDTH)
+        tl.debug_barrier()
+        for k in tl.static_range(WIDTH - 1):
+            acc += _prefill_tap(x_ptr, head_ptr, ws[k], D2, T2, seq, start, live, dim, sx_dim, sx_tok, k, WIDTH)
+        if SILU:
+            acc = acc / (1.0 + tl.exp(-acc))
+        acc = tl.where(live, acc, 0.0)
+        tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _flat(conv_state: torch.Tensor) -> bool:
@@ -231,7 +392,8 @@ UPDATE_BLOCKS = {
     False: [(16, 128, 1, 4, "tiled"), (64, 256, 1, 1, "tiled"), (256, 128, 1, 2, "tiled"),
             (1 << 62, 256, 1, 1, "tiled")],
 }
-PREFILL_BLOCKS = {True: (64, 64, 4), False: (64, 64, 8)}
+PREFILL_BLOCKS = {True: (64, 64, 4, 1), False: (64, 64, 8, 1)}
+PDL = False  # programmatic dependent launch on the vec path (Hopper and newer; CUDA only)
 
 
 def _update_config(flat: bool, batch: int) -> tuple[int, int, int, str]:
@@ -249,10 +411,15 @@ def update(x, conv_state, weight, bias, activation, conv_state_indices, num_acce
     else:
         batch, seqlen = x.shape[0], (x.shape[2] if x.dim() == 3 else 1)
         tok_p2 = triton.next_power_of_2(seqlen)
-        block_d, _, warps, path = _update_config(_flat(conv_state), batch)
-        if (path == "rows" and seqlen == 1 and num_accepted_tokens is None
+        block_d, seqs, warps, path = _update_config(_flat(conv_state), batch)
+        if (path in ("rows", "vec") and seqlen == 1 and num_accepted_tokens is None
                 and conv_state.shape[2] == weight.shape[1] - 1 <= 3 and batch):
-            _launch_rows(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d, warps)
+            if path == "vec" and _vec_ok(x, weight, bias, conv_state, out):
+                _launch_vec(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d,
+                            seqs, warps)
+            else:
+                _launch_rows(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d,
+                             warps)
             return
         sx = (x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0)
         so = (out.stride(0), out.stride(1), out.stride(2) if out.dim() == 3 else 0)
@@ -301,6 +468,25 @@ def _launch_rows(x, weight, bias, conv_state, indices, activation, null_block_id
         num_warps=warps)
 
 
+def _vec_ok(x, weight, bias, conv_state, out) -> bool:
+    """The vec path's layout: 8-channel groups are whole 16-byte-aligned vectors."""
+    strides = (x.stride(0), out.stride(0), conv_state.stride(0), conv_state.shape[1])
+    return (all(s % 8 == 0 for s in strides) and x.stride(1) == 1 and out.stride(1) == 1
+            and weight.is_contiguous() and (bias is None or bias.stride(0) == 1)
+            and conv_state.stride(2) == 1 and conv_state.stride(1) == conv_state.shape[2])
+
+
+def _launch_vec(x, weight, bias, conv_state, indices, activation, null_block_id, out, block_d, seqs, warps):
+    dim, batch = conv_state.shape[1], x.shape[0]
+    block_d = max(8, min(block_d, triton.next_power_of_2(dim)))
+    pdl = dict(launch_pdl=True) if PDL else {}
+    wrap_triton(_ds_vec_kernel)[(triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))](
+        x, weight, bias, conv_state, indices, out, batch, dim // 8, null_block_id,
+        x.stride(0) // 8, conv_state.stride(0) // 8, out.stride(0) // 8,
+        STATE_LEN=conv_state.shape[2], HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_INDICES=indices is not None, BLOCK_D=block_d, SEQS=seqs, PDL=PDL, num_warps=warps, **pdl)
+
+
 def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation,
             null_block_id) -> torch.Tensor:
     """Outputs first (they read the initial states), then the final states (they overwrite them)."""
@@ -312,15 +498,16 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     seq_of_token = torch.searchsorted(query_start_loc[1:], torch.arange(num_tokens, device=x.device,
                                                                         dtype=query_start_loc.dtype), right=True)
     tok_fast = x.stride(1) == 1 and x.stride(0) != 1
-    block_t, block_d, warps = PREFILL_BLOCKS[tok_fast]
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
+    block_t, block_d, warps, tiles = PREFILL_BLOCKS[tok_fast]
+    tiles = min(tiles, triton.cdiv(num_tokens, block_t))
+    grid = (triton.cdiv(num_tokens, block_t * tiles), triton.cdiv(dim, block_d))
     init = None if has_initial_state is None else has_initial_state.to(torch.int8)
     wrap_triton(_prefill_out_kernel)[grid](
         x, weight, bias, _heads(conv_states, cache_indices, has_initial_state, batch, weight.shape[1]),
         seq_of_token, query_start_loc, cache_indices, out, num_tokens, dim, null_block_id,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d,
+        HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d, TILES=tiles,
         num_warps=warps)
     # Final states: the decode kernel's state shift over each sequence's tokens, without outputs;
     # sequences with no initial state read zeros.

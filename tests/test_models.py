@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from layoutpass import ArgumentError
 from layoutpass.examples import ZOO, build
@@ -100,3 +101,88 @@ def test_bad_model_names():
         build("mamba2", size="70b")
     with pytest.raises(ArgumentError, match="^layers:"):
         LM(ModelConfig(layers=("mamba2", "rwkv")))
+
+
+def _recurrence_case(kind, prefill, device="cuda", heads=4, head_dim=64, n=64, seed=0):
+    """Random inputs of the recurrence op (examples/recurrence.py) for one step."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)
+    lens = [5, 130, 64, 1] if prefill else [1] * 5
+    slots = ints(*range(1, len(lens) + 1))
+    context = ints(*[(0 if i % 2 else 7) for i in range(len(lens))])
+    qsl = ints(0, *torch.tensor(lens).cumsum(0).tolist()) if prefill else None
+    shape = (sum(lens),) if prefill else (len(lens), 1)
+    if kind == "mamba2":
+        inputs = [rand(*shape, heads, head_dim), F.softplus(rand(*shape, heads)), rand(*shape, heads, n) / n**0.5,
+                  rand(*shape, heads, n) / n**0.5]
+        params = [-torch.linspace(0.5, 2, heads), torch.ones(heads)]
+        pool = rand(len(lens) + 2, 1, heads, head_dim, n)
+    else:
+        unit = lambda t: F.normalize(t, dim=-1)
+        inputs = [rand(*shape, heads, head_dim), unit(rand(*shape, heads, head_dim)) * head_dim**-0.5,
+                  unit(rand(*shape, heads, head_dim)), torch.sigmoid(rand(*shape, heads)),
+                  torch.exp(-F.softplus(rand(*shape, heads)))]
+        params, pool = [], rand(len(lens) + 2, 1, heads, head_dim, head_dim)
+    to = lambda t: None if t is None else t.to(device)
+    return [to(t) for t in inputs], [to(t) for t in params], to(pool), to(slots), to(context), to(qsl)
+
+
+def _relative_error(got, expected):
+    return ((got.double().cpu() - expected.double().cpu()).norm() / expected.double().cpu().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mamba2", "delta_rule"])
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "decode"])
+def test_recurrence_on_fla_matches_the_torch_loop(kind, prefill):
+    """On CUDA the op runs FLA's kernels; on the CPU the pure-torch loop (the oracle)."""
+    from layoutpass.examples.recurrence import fla_ops, recurrence
+
+    if fla_ops() is None:
+        pytest.skip("fla-core is not installed")
+    inputs, params, pool, slots, context, qsl = _recurrence_case(kind, prefill)
+    cpu = [[t.cpu() for t in inputs], [t.cpu() for t in params], pool.cpu(), slots.cpu(), context.cpu(),
+           None if qsl is None else qsl.cpu()]
+    got = recurrence(kind, inputs, params, pool, slots, context, qsl, None)
+    expected = recurrence(kind, *cpu, None)
+    assert _relative_error(got, expected) < 1e-2
+    assert _relative_error(pool, cpu[2]) < 1e-2
+    untouched = [0, pool.shape[0] - 1]
+    assert torch.equal(pool[untouched].cpu(), cpu[2][untouched])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill", "decode"])
+def test_sdpa_attention_matches_the_torch_scores(prefill):
+    from layoutpass.examples.attention import cached_attention
+
+    gen = torch.Generator().manual_seed(1)
+    heads, hd, slots, max_len = 4, 32, 6, 160
+    lens = [5, 130, 1] if prefill else [1, 1, 1]
+    q, k, v = (torch.randn(sum(lens), heads, hd, generator=gen) for _ in range(3))
+    if not prefill:
+        q, k, v = (t.view(len(lens), 1, heads, hd) for t in (q, k, v))
+    caches = [torch.randn(slots, max_len, heads, hd, generator=gen) for _ in range(2)]
+    args = [ints(1, 3, 4), ints(0, 9, 20), ints(0, *torch.tensor(lens).cumsum(0).tolist()) if prefill else None]
+    expected = cached_attention(q, k, v, *[c.clone() for c in caches], *args)
+    cuda = lambda t: None if t is None else t.cuda()
+    got = cached_attention(cuda(q), cuda(k), cuda(v), *[cuda(c) for c in caches], *[cuda(a) for a in args])
+    assert _relative_error(got, expected) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mamba2", "hybrid"])
+@torch.no_grad()
+def test_cuda_model_matches_the_cpu_model(name):
+    """The whole serving scenario: CUDA (Triton convs, FLA recurrences, SDPA) against the CPU
+    (pure-torch ops) from the same weights and states."""
+    sizes = dict(hidden=128, head_dim=32, d_state=32, heads=4, max_len=160)
+    model = build(name, **sizes)
+    fill_state(model, seed=6)
+    steps = make_scenario(model.cfg, seed=7)
+    expected = run_scenario(model, steps)
+    cuda = build(name, **sizes, device="cuda")
+    cuda.load_state_dict(model.state_dict())
+    cuda_steps = [type(s)(s.kind, {k: v.cuda() for k, v in s.inputs.items()}) for s in steps]
+    for got, want in zip(run_scenario(cuda, cuda_steps), expected):
+        assert _relative_error(got, want) < 1e-2

@@ -14,7 +14,8 @@ LAYOUTS = ["SD", "DS"]
 def blocks(request, monkeypatch):
     """The shipped block table, then small channel blocks (and several sequences per program)
     so that interpreted shapes cross block and sequence-group edges, with dense DS pools on
-    each path ("rows" falls back to "flat" where it does not apply)."""
+    each path ("rows" falls back to "flat" where it does not apply; "vec", which needs whole
+    8-channel groups, has its own test)."""
     if request.param != "table":
         monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {dense: [(1 << 62, 16, 3, 1, request.param if dense
                                                                     else "tiled")] for dense in (True, False)})
@@ -41,20 +42,23 @@ def test_update_interpreted(width, form, spec, layout, blocks):
                 dim=37).check(triton_update)
 
 
-@pytest.mark.parametrize("width", range(2, 7))
-def test_rows_path_interpreted(width, monkeypatch):
-    """The DS hot path itself: one token, no spec decode, state_len == width - 1 <= 3 (wider
-    windows take the flat path)."""
-    monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {True: [(1 << 62, 16, 1, 1, "rows")], False: []})
+@pytest.mark.parametrize("path, dim, seqs, dtype", [("rows", 37, 1, torch.float32), ("vec", 40, 1, torch.bfloat16),
+                                                    ("vec", 40, 3, torch.float32), ("vec", 37, 1, torch.float32)])
+@pytest.mark.parametrize("width", range(2, 6))
+def test_one_token_ds_paths_interpreted(path, dim, seqs, dtype, width, monkeypatch):
+    """The DS hot paths themselves: one token, no spec decode, state_len == width - 1 <= 3
+    (wider windows take the flat path); "vec" also needs whole 8-channel groups (dim 37
+    falls back to "rows"). Block 16: two groups per program, and a partial block at dim 40."""
+    monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {True: [(1 << 62, 16, seqs, 1, path)], False: []})
     called = []
-    monkeypatch.setattr(triton_conv, "_launch_rows", lambda *a: called.append(1) or RUN_ROWS(*a))
-    case = update_case(width, layout="DS", width=width, form="single", spec=False, dim=37, batch=4)
+    for launch in ("_launch_rows", "_launch_vec"):
+        run = getattr(triton_conv, launch)
+        monkeypatch.setattr(triton_conv, launch, lambda *a, name=launch, run=run: called.append(name) or run(*a))
+    case = update_case(width, layout="DS", width=width, form="single", spec=False, dim=dim, batch=5, dtype=dtype)
     case.kwargs["conv_state"] = case.kwargs["conv_state"][:, :, :width - 1].contiguous()
     case.check(triton_update)
-    assert bool(called) == (width <= 4)
-
-
-RUN_ROWS = triton_conv._launch_rows
+    expected = [] if width > 4 else ["_launch_vec"] if path == "vec" and dim % 8 == 0 else ["_launch_rows"]
+    assert called == expected
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
