@@ -1,9 +1,12 @@
 """Moving conv state: relayout a pool (SD <-> DS), the spec-decode tail copy, TP shard
-gather/scatter. All are one Triton kernel on CUDA -- copy a (dim range x token range) box
-per slot pair between two strided pools -- and plain torch indexing elsewhere.
+gather/scatter -- one Triton kernel on CUDA, copying a (dim range x token range) box per slot
+pair between two strided pools -- and the pack/unpack of a TP transfer's messages (copy_runs,
+unpack_boxes: one launch over every layer's pool); plain torch indexing elsewhere.
 
 Pools are passed physically with their Layout (slot outermost); every function speaks in
 logical axes, so the same call works on either layout."""
+
+import functools
 
 import torch
 import triton
@@ -143,3 +146,153 @@ def shard_scatter(pool: torch.Tensor, layout: "str | Layout", slots: torch.Tenso
 def _check_range(d0: int, d1: int, dim: int) -> None:
     if not 0 <= d0 <= d1 <= dim:
         raise ArgumentError("d0", f"channel range [{d0}, {d1}) is outside 0..{dim}")
+
+
+# Moving the states of a TP transfer: every layer's pool of a request to and from one flat
+# message of per-peer records (layoutpass.tp plans what goes where). The message holds, for each
+# peer k, `n * layers` records of `record_k` elements ([slot][layer][record], the slots in the
+# order given), after the earlier peers' records. An entry (5 ints) names a piece of every
+# record: (pool offset or first channel, offset in the record, run length or channels, record
+# size, elements per (slot, layer) of the earlier peers' records). The launchers cut entries
+# into tiles, so the kernels have no loops: a program moves one tile of SLOTS slots of one layer.
+
+@triton.jit
+def _copy_runs_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, slot_stride,
+                      TO_MESSAGE: tl.constexpr, ALIGN: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """A (SLOTS x BLOCK) tile of a run (pool offset, record offset, length, record, prefix) between
+    the slots' blocks of one layer's pool (at `ref + deltas[layer]`) and their records; ALIGN
+    (elements) divides every offset, as the host checked, so accesses vectorize."""
+    i = tl.program_id(0) * SLOTS + tl.arange(0, SLOTS)
+    tile = tiles + 5 * tl.program_id(1)
+    layer = tl.program_id(2)
+    k = tl.arange(0, BLOCK)[None, :]
+    pool_off, length = tl.load(tile), tl.multiple_of(tl.load(tile + 2), ALIGN)
+    slot = tl.load(slots + i, mask=i < n_slots, other=0).to(tl.int64)
+    pool = tl.multiple_of(tl.load(deltas + layer) + slot * slot_stride + pool_off, ALIGN)
+    record = tl.load(tile + 4) * n_slots * n_layers + (i * n_layers + layer) * tl.load(tile + 3) + tl.load(tile + 1)
+    record = tl.multiple_of(record, ALIGN)
+    mask = (i < n_slots)[:, None] & (k < length)
+    if TO_MESSAGE:
+        tl.store(message + record[:, None] + k, tl.load(ref + pool[:, None] + k, mask=mask), mask=mask)
+    else:
+        tl.store(ref + pool[:, None] + k, tl.load(message + record[:, None] + k, mask=mask), mask=mask)
+
+
+@triton.jit
+def _unpack_boxes_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, s_slot, s_dim, s_tok, state_len,
+                         MESSAGE_DS: tl.constexpr, BLOCK_D: tl.constexpr, TOK_P2: tl.constexpr):
+    """A (BLOCK_D channels x state_len) tile of a box (first channel, record offset, channels,
+    record, prefix, the box's full width) of one slot, stored in the record in the sender's
+    layout (MESSAGE_DS or SD), written into one layer's pool in its own strides: the relayout
+    happens between the load and the store, each in its coalesced order."""
+    i = tl.program_id(0)
+    tile = tiles + 6 * tl.program_id(1)
+    layer = tl.program_id(2)
+    c = tl.arange(0, BLOCK_D)[:, None]
+    t = tl.arange(0, TOK_P2)[None, :]
+    slot = tl.load(slots + i).to(tl.int64)
+    pool = ref + tl.load(deltas + layer) + slot * s_slot + tl.load(tile) * s_dim
+    record = tl.load(tile + 4) * n_slots * n_layers + (i * n_layers + layer) * tl.load(tile + 3) + tl.load(tile + 1)
+    mask = (c < tl.load(tile + 2)) & (t < state_len)
+    if MESSAGE_DS:
+        v = tl.load(message + record + c * state_len + t, mask=mask)
+    else:
+        v = tl.load(message + record + c + t * tl.load(tile + 5), mask=mask)
+    tl.store(pool + c * s_dim + t * s_tok, v, mask=mask)
+
+
+def copy_runs(pools: list[torch.Tensor], slots: torch.Tensor, entries, message: torch.Tensor,
+              to_message: bool) -> None:
+    """Copy each entry's run (pool offset, record offset, length, ...) of the given slots' blocks
+    of every pool (one shape, dtype and strides; each slot's block contiguous) to
+    (`to_message`) or from the message. entries: rows of 5 ints. One Triton launch on CUDA;
+    torch slicing elsewhere."""
+    entries = tuple(tuple(int(v) for v in row) for row in entries)
+    if message.is_cuda:
+        launch_copy_runs(pools, slots, entries, message, to_message)
+        return
+    index = slots.long()
+    for (pool_off, rec_off, length, _, _), view in zip(entries, _records(pools, slots, message, entries)):
+        for layer, pool in enumerate(pools):
+            block = pool.view(pool.shape[0], -1)
+            if to_message:
+                view[:, layer, rec_off:rec_off + length] = block[index, pool_off:pool_off + length]
+            else:
+                block[index, pool_off:pool_off + length] = view[:, layer, rec_off:rec_off + length]
+
+
+def unpack_boxes(pools: list[torch.Tensor], layout: "str | Layout", slots: torch.Tensor, entries,
+                 message: torch.Tensor, message_layout: "str | Layout") -> None:
+    """Write each entry's box (first channel, record offset, channels, ...), stored in the
+    message in `message_layout`'s order, into channels [first, first + channels) of the given
+    slots of every pool (stored in `layout`): the relayout on receipt."""
+    layout, message_layout = parse_layout(layout, "layout"), parse_layout(message_layout, "message_layout")
+    entries = tuple(tuple(int(v) for v in row) for row in entries)
+    views = [_logical(p, layout) for p in pools]
+    if message.is_cuda:
+        launch_unpack_boxes(pools, views, slots, entries, message, message_layout)
+        return
+    index, state_len = slots.long(), views[0].shape[2]
+    for (d0, rec_off, width, _, _), view in zip(entries, _records(pools, slots, message, entries)):
+        box = view[..., rec_off:rec_off + width * state_len]
+        region = [width if a == "dim" else state_len for a in message_layout.axes[1:]]
+        box = message_layout.view(box.reshape(-1, *region), DS).reshape(*view.shape[:2], width, state_len)
+        for layer, pool in enumerate(views):
+            pool[index, d0:d0 + width] = box[:, layer]
+
+
+def _records(pools, slots, message, entries) -> list[torch.Tensor]:
+    """Each entry's peer records as an (n, layers, record) view of the message."""
+    n, layers = slots.shape[0], len(pools)
+    return [message[n * layers * prefix:n * layers * (prefix + rec)].view(n, layers, rec)
+            for _, _, _, rec, prefix in entries]
+
+
+@functools.lru_cache(maxsize=256)
+def _table(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small int64 table on the device, made once per distinct value (no copy per launch)."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _deltas(pools) -> tuple[int, ...]:
+    """Each pool's offset from pools[0], in elements: the kernels reach layer l at ref + delta."""
+    return tuple((p.data_ptr() - pools[0].data_ptr()) // p.element_size() for p in pools)
+
+
+def _alignment(element_size: int, values) -> int:
+    """The largest power of two (at most 16 bytes' worth of elements) dividing every value."""
+    align = max(1, 16 // element_size)
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
+RUN_BLOCK, RUN_SLOTS, BOX_BLOCK = 1024, 4, 256
+
+
+def launch_copy_runs(pools, slots, entries, message, to_message) -> None:
+    tiles = tuple((pool_off + s, rec_off + s, min(RUN_BLOCK, length - s), rec, prefix)
+                  for pool_off, rec_off, length, rec, prefix in entries for s in range(0, length, RUN_BLOCK))
+    if slots.shape[0] == 0 or not tiles:
+        return
+    deltas, size, device = _deltas(pools), pools[0].element_size(), pools[0].device
+    values = [v for row in tiles for v in row] + list(deltas) + [
+        pools[0].stride(0), pools[0].data_ptr() // size, message.data_ptr() // size]
+    grid = (triton.cdiv(slots.shape[0], RUN_SLOTS), len(tiles), len(pools))
+    wrap_triton(_copy_runs_kernel)[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device),
+                                         slots.shape[0], len(pools), pools[0].stride(0), TO_MESSAGE=to_message,
+                                         ALIGN=_alignment(size, values), SLOTS=RUN_SLOTS, BLOCK=RUN_BLOCK, num_warps=4)
+
+
+def launch_unpack_boxes(pools, views, slots, entries, message, message_layout) -> None:
+    state_len, device = views[0].shape[2], pools[0].device
+    step = state_len if message_layout == DS else 1  # record elements per channel of a box
+    tiles = tuple((d0 + s, rec_off + s * step, min(BOX_BLOCK, width - s), rec, prefix, width)
+                  for d0, rec_off, width, rec, prefix in entries for s in range(0, width, BOX_BLOCK))
+    if slots.shape[0] == 0 or not tiles:
+        return
+    grid = (slots.shape[0], len(tiles), len(pools))
+    wrap_triton(_unpack_boxes_kernel)[grid](pools[0], _table(_deltas(pools), device), slots, message,
+                                            _table(tiles, device), slots.shape[0], len(pools), *views[0].stride(),
+                                            state_len, MESSAGE_DS=message_layout == DS, BLOCK_D=BOX_BLOCK,
+                                            TOK_P2=triton.next_power_of_2(state_len), num_warps=4)

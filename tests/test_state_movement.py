@@ -98,3 +98,89 @@ def test_bad_arguments():
         tail_copy(pool, "SD", ints, ints, torch.tensor([9], dtype=torch.int32))
     with pytest.raises(ArgumentError, match="^pool:"):
         relayout_(pool.transpose(1, 2), "DS", "SD")
+
+
+def _through(path):
+    """copy_runs / unpack_boxes as called: torch on the CPU, or the Triton launchers (interpreted)."""
+    if path == "torch":
+        return state.copy_runs, state.unpack_boxes
+
+    def copy_runs(pools, slots, entries, message, to_message):
+        state.launch_copy_runs(pools, slots, entries, message, to_message)
+
+    def unpack_boxes(pools, layout, slots, entries, message, message_layout):
+        views = [LAYOUTS[layout].view(p, DS) for p in pools]
+        state.launch_unpack_boxes(pools, views, slots, entries, message, LAYOUTS[message_layout])
+
+    return copy_runs, unpack_boxes
+
+
+def layer_pools(layers, layout, slots=9, dim=24, tok=3, device="cpu", dtype=torch.float32, interleaved=False):
+    """Fresh random pools; `interleaved`: views into one buffer, a slot's layers side by side
+    (slot stride larger than the block)."""
+    shape = LAYOUTS[layout].shape(dict(slot=slots, dim=dim, tok=tok))
+    if interleaved:
+        buffer = torch.randn(slots, layers, *shape[1:], device=device).to(dtype)
+        return [buffer[:, layer] for layer in range(layers)]
+    return [random_pool(LAYOUTS[layout], slots, dim, tok, device, dtype) for _ in range(layers)]
+
+
+# Two peers' records: (pool offset, record offset, length, record size, prefix); offsets in one
+# slot's 72-element block. The first set is 8-aligned (vectorized on CUDA), the second is not.
+RUNS = {"aligned": ((0, 0, 24, 40, 0), (48, 24, 16, 40, 0), (8, 0, 32, 32, 40)),
+        "odd": ((3, 0, 5, 12, 0), (40, 5, 7, 12, 0), (61, 0, 11, 11, 12))}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("runs", ["aligned", "odd"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_copy_runs_pack_and_unpack(runs, path, interleaved, device):
+    copy_runs, _ = _through(path)
+    entries, n, layers = RUNS[runs], 5, 3
+    pools = layer_pools(layers, "SD", device=device, dtype=torch.bfloat16, interleaved=interleaved)
+    slots = torch.tensor([8, 0, 3, 5, 2], dtype=torch.int32, device=device)
+    size = n * layers * max(prefix + rec for *_, rec, prefix in entries)
+    message = torch.full((size,), float("nan"), dtype=torch.bfloat16, device=device)
+    copy_runs(pools, slots, entries, message, True)
+    for pool_off, rec_off, length, rec, prefix in entries:
+        records = message[n * layers * prefix:n * layers * (prefix + rec)].view(n, layers, rec)
+        for layer, pool in enumerate(pools):
+            expected = pool.reshape(pool.shape[0], -1)[slots.long(), pool_off:pool_off + length]
+            assert torch.equal(records[:, layer, rec_off:rec_off + length], expected)
+    targets = layer_pools(layers, "SD", device=device, dtype=torch.bfloat16, interleaved=interleaved)
+    before = [t.clone() for t in targets]
+    moved = torch.tensor([1, 7, 4, 6, 0], dtype=torch.int32, device=device)
+    copy_runs(targets, moved, entries, message, False)
+    for target, old, pool in zip(targets, before, pools):
+        expected = old.reshape(old.shape[0], -1).clone()
+        for pool_off, _, length, _, _ in entries:
+            span = slice(pool_off, pool_off + length)
+            expected[moved.long(), span] = pool.reshape(pool.shape[0], -1)[slots.long(), span]
+        assert torch.equal(target.reshape(target.shape[0], -1), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("src, dst", [("SD", "DS"), ("DS", "SD")])
+def test_unpack_boxes_relayouts_on_receipt(src, dst, path, device):
+    _, unpack_boxes = _through(path)
+    n, layers, tok, dim = 4, 2, 3, 300  # a box wider than one 256-channel tile
+    logical = torch.randn(n, layers, dim, tok, device=device)  # what was sent, (slot, layer, dim, tok)
+    entries = ((10, 0, 280, 300 * tok, 0), (0, 280 * tok, 20, 300 * tok, 0))  # channels 0..280 -> 10.., 280.. -> 0..
+    boxes = [logical[:, :, a:a + w] for a, w in ((0, 280), (280, 20))]  # each in the sender's order
+    message = torch.cat([(b.transpose(-1, -2) if src == "SD" else b).reshape(n, layers, -1) for b in boxes], 2).flatten()
+    pools = layer_pools(layers, dst, slots=6, dim=320, tok=tok, device=device)
+    before = [LAYOUTS[dst].view(p, DS).clone() for p in pools]
+    slots = torch.tensor([5, 1, 0, 3], dtype=torch.int32, device=device)
+    unpack_boxes(pools, dst, slots, entries, message, src)
+    for layer, (pool, old) in enumerate(zip(pools, before)):
+        expected = old.clone()
+        expected[slots.long(), 10:290] = logical[:, layer, :280]
+        expected[slots.long(), 0:20] = logical[:, layer, 280:]
+        assert torch.equal(LAYOUTS[dst].view(pool, DS), expected)
+
+
+def test_alignment_of_run_tables():
+    assert state._alignment(2, [8, 16, 24]) == 8 and state._alignment(2, [8, 12]) == 4
+    assert state._alignment(4, [8, 16]) == 4 and state._alignment(2, [8, 3]) == 1
