@@ -4,27 +4,50 @@ dynamic unless export specializes it), run later with the optimized module's own
 import copy
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export import Dim, ExportedProgram
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
-from .errors import ArgumentError
+from .errors import ArgumentError, LayoutPassError
+from .layout import Layout
 
 
-@dataclass
+class _Call(torch.nn.Module):
+    """forward(*args, **kwargs) as forward(args, kwargs): torch.export cannot give dynamic
+    shapes to a variadic signature."""
+
+    PREFIX = "model."
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, args, kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _variadic(model: torch.nn.Module) -> bool:
+    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
+    return bool(kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD})
+
+
+@dataclass(eq=False)
 class Entry:
     """One captured call structure. What forward() needs at call time is plain Python data
     (no ExportedProgram lookups), so torch.compile can trace through the dispatch."""
 
     name: str
     program: ExportedProgram
-    graph_module: torch.fx.GraphModule  # rewritten copy of program.graph_module
     before: str  # the captured code, before any rewrite
+    variadic: bool  # captured through _Call
     seconds: dict[str, float]  # wall time of each stage for this entry
+    graph_module: torch.fx.GraphModule = None  # the rewritten graph now in use
+    expects: tuple = ()  # (buffer, layout it must be stored in, None: as the model stores it)
+    arguments: dict = field(default_factory=dict)  # user input index -> (name, layout, fixed sizes) of a pool argument
     in_spec: object = None
     out_spec: object = None
     user_inputs: tuple = ()  # per user input: (dtype, rank, ((dim, size), ...) specialized) or the value
@@ -34,27 +57,50 @@ class Entry:
 
     def __post_init__(self):
         signature = self.program.graph_signature
+        strip = (lambda t: t[len(_Call.PREFIX):] if t and t.startswith(_Call.PREFIX) else t) if self.variadic \
+            else (lambda t: t)
         self.constants = dict(self.program.constants)
         self.in_spec, self.out_spec = self.program.call_spec.in_spec, self.program.call_spec.out_spec
-        self.inputs = tuple((s.kind, s.target) for s in signature.input_specs)
-        self.outputs = tuple((s.kind, s.target) for s in signature.output_specs)
+        self.inputs = tuple((s.kind, s.target if s.kind == InputKind.CONSTANT_TENSOR else strip(s.target))
+                            for s in signature.input_specs)
+        self.outputs = tuple((s.kind, strip(s.target)) for s in signature.output_specs)
         nodes = {n.name: n for n in self.program.graph_module.graph.find_nodes(op="placeholder")}
         self.user_inputs = tuple(_describe(nodes[s.arg.name].meta.get("val")) for s in signature.input_specs
                                  if s.kind == InputKind.USER_INPUT)
+        self.graph_module = self.program.graph_module
+
+    def flatten(self, args: tuple, kwargs: dict):
+        return pytree.tree_flatten(((args, kwargs), {}) if self.variadic else (args, kwargs))
+
+    def takes(self) -> dict[str, str]:
+        """Buffer target -> its placeholder name in the graph."""
+        specs = self.program.graph_signature.input_specs
+        return {kind_target[1]: s.arg.name for kind_target, s in zip(self.inputs, specs) if s.kind == InputKind.BUFFER}
 
     def accepts(self, flat: list, spec) -> bool:
         if spec != self.in_spec or len(flat) != len(self.user_inputs):
             return False
-        for value, expected in zip(flat, self.user_inputs):
+        for k, (value, expected) in enumerate(zip(flat, self.user_inputs)):
             if not isinstance(value, torch.Tensor):
                 if value != expected:
                     return False
-            elif not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1] \
-                    or any(value.shape[i] != size for i, size in expected[2]):
+                continue
+            if not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1]:
+                return False
+            if k not in self.arguments and any(value.shape[i] != size for i, size in expected[2]):
                 return False
         return True
 
-    def run(self, module: torch.nn.Module, flat: list):
+    def run(self, module: torch.nn.Module, flat: list, stored: dict[str, Layout]):
+        for name, layout in self.expects:
+            if stored.get(name) != layout:
+                raise LayoutPassError(f"internal: {self.name} was rewritten for {name!r} in {layout}, "
+                                      f"which is stored as {stored.get(name)}")
+        for k, (name, layout, sizes) in self.arguments.items():
+            if not flat[k].is_contiguous() or any(flat[k].shape[i] != n for i, n in sizes):
+                raise ArgumentError(name, f"a pool argument: expected a contiguous {layout} tensor with sizes "
+                                    f"{dict(sizes)} (see input_layouts), got shape {tuple(flat[k].shape)}, "
+                                    f"strides {tuple(flat[k].stride())}")
         user = iter(flat)
         inputs = []
         for kind, target in self.inputs:
@@ -83,22 +129,41 @@ def _describe(val):
     return val
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int, dynamic: bool = True) -> Entry:
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int, dynamic: bool = True,
+            label: str = "example_inputs") -> Entry:
     """Export `model` for this call structure; the model and its buffers are not changed.
     dynamic: sizes > 1 stay symbolic (sizes 0 and 1 export specializes anyway); otherwise
-    every size is specialized and a call of other sizes is captured anew."""
-    auto = lambda v: ({i: Dim.AUTO for i in range(v.dim()) if v.shape[i] > 1} if dynamic else None) \
-        if isinstance(v, torch.Tensor) else None
+    every size is specialized and a call of other sizes is captured anew. `label` names the
+    argument an error blames."""
+    def auto(v):
+        if not isinstance(v, torch.Tensor) or not dynamic:
+            return None
+        return {i: Dim.AUTO for i in range(v.dim()) if v.shape[i] > 1}
+
     start = time.perf_counter()
+    variadic = _variadic(model)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-        dynamic = {name: pytree.tree_map(auto, value) for name, value in bound.items()}
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        if variadic:
+            program = torch.export.export(_Call(model), (args, kwargs), strict=False,
+                                          dynamic_shapes=(pytree.tree_map(auto, args), pytree.tree_map(auto, kwargs)))
+        else:
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            shapes = {name: pytree.tree_map(auto, value) for name, value in bound.items()}
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as err:  # export's own errors are many; name the argument at fault
-        raise ArgumentError("example_inputs", f"the model does not capture on these inputs: "
-                                              f"{type(err).__name__}: {str(err).splitlines()[0]}") from err
+        raise ArgumentError(label, f"the model does not capture on these inputs: "
+                                   f"{type(err).__name__}: {_first_sentence(err)}") from err
     described = [f"{k}{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     described = [f"{list(a.shape)}" for a in args if isinstance(a, torch.Tensor)] + described
-    gm = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
-    return Entry(f"entry{index}({', '.join(described)})", program, gm, program.graph_module.code,
+    return Entry(f"entry{index}({', '.join(described)})", program, program.graph_module.code, variadic,
                  {"capture": time.perf_counter() - start})
+
+
+def _first_sentence(err: Exception) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return line if len(line) < 300 else line[:300] + "..."
+
+
+def fresh_copy(program: ExportedProgram) -> torch.fx.GraphModule:
+    """A graph to rewrite: the captured one stays as it was (the reference the check reads)."""
+    return torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))

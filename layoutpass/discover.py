@@ -1,90 +1,127 @@
-"""Discover: which placeholders are conv-state pools, and in which layout the model stores
-them (read off the permutations between the buffer and the conv op's state argument, whose
-axes are (slot, dim, tok))."""
+"""Discover: which rank-3 buffers (or forward arguments) of a captured entry are conv-state
+pools, and in which layout the model stores them.
 
+A pool is found by what it is, read off the graph's formulas (layoutpass.semantics): a tensor
+that reaches a conv op's state argument through views (whose axes are (slot, dim, tok)), or
+one written back from its own contents shifted along one axis (cat / roll / slice-and-shift,
+through any views, copies and casts) -- that axis is the token axis. The slot axis is the
+outermost, as in every serving engine's pool."""
+
+from dataclasses import dataclass
+
+import sympy
 import torch
 import torch.fx
 from torch.export.graph_signature import InputKind
 
 from layoutpass.kernels import ops as kernel_ops
-from layoutpass.rewrites.permutes import FILLS, PERMUTATIONS, compose, permutation_of
 
-from .errors import LayoutPassError
+from .errors import ArgumentError, LayoutPassError
 from .layout import Layout
-from .report import source_line
+from .report import Considered, source_line
+from .semantics import CANONICAL, Semantics, Val, index_symbols
 
-aten = torch.ops.aten
 STATE_ARGUMENT = {kernel_ops.conv_update_op._opoverload: 1, kernel_ops.conv_prefill_op._opoverload: 3}
 OP_AXES = ("slot", "dim", "tok")
+PHYSICAL = Layout(CANONICAL)  # discovery reads a candidate's symbols in its physical order
 
 
 class PoolNotFound(LayoutPassError):
-    """A conv op's state does not come from a buffer through views, or no pool exists."""
+    """No conv-state pool where one is needed, or one used two ways."""
 
 
-def find_idiom_pools(program) -> dict[str, tuple[Layout, torch.fx.Node]]:
-    """Buffers used the pure-torch way (HF transformers, `cat([state, x], tok)`): gathered by
-    slot, extended along one axis with cat or roll, and written back. That axis is the token
-    axis, the gathered one the slot axis."""
-    found = {}
+@dataclass(frozen=True)
+class Found:
+    layout: Layout
+    evidence: str  # why, with the source line
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # buffer target, or the argument's placeholder name
+    placeholder: str
+    shape: tuple[int, ...]
+    argument: bool
+
+
+def candidates(entry) -> list[Candidate]:
+    """Rank-3 buffers and rank-3 tensor arguments of a captured entry."""
+    program = entry.program
+    buffers = {placeholder: name for name, placeholder in entry.takes().items()}
+    nodes = {n.name: n for n in program.graph_module.graph.find_nodes(op="placeholder")}
+    found = []
     for spec in program.graph_signature.input_specs:
-        if spec.kind != InputKind.BUFFER:
-            continue
-        node = next(n for n in program.graph_module.graph.find_nodes(op="placeholder") if n.name == spec.arg.name)
-        if node.meta["val"].dim() == 3:
-            tok = _token_axis(node)
-            if tok is not None:
-                axes = ["dim"] * 3
-                axes[0], axes[tok] = "slot", "tok"
-                found[spec.target] = (Layout(tuple(axes)), node)
+        val = nodes[spec.arg.name].meta.get("val")
+        if spec.kind in (InputKind.BUFFER, InputKind.USER_INPUT) and isinstance(val, torch.Tensor) and val.dim() == 3:
+            argument = spec.kind == InputKind.USER_INPUT
+            shape = tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in val.shape)  # the example's
+            found.append(Candidate(spec.arg.name if argument else buffers[spec.arg.name], spec.arg.name, shape, argument))
     return found
 
 
-def _token_axis(buffer: torch.fx.Node) -> int | None:
-    """Follow the buffer through slot gathers and permutations (dims[i]: the buffer dim that
-    the node's dim i is); the axis a cat or roll extends is the token axis, if it is written back."""
-    stack, written, tok = [(buffer, (0, 1, 2))], False, None
-    while stack:
-        node, dims = stack.pop()
-        for use in node.users:
-            if use.target in PERMUTATIONS:
-                stack.append((use, tuple(dims[i] for i in permutation_of(use))))
-            elif use.target is aten.index.Tensor and use.args[0] is node and len(use.args[1]) == 1:
-                stack.append((use, dims))
-            elif use.target in FILLS and use.args[0] is node:  # the same tensor, zeroed (a fresh start)
-                stack.append((use, dims))
-            elif use.target in (aten.index_put_.default, aten.copy_.default) and use.args[0] is node:
-                written = True
-            elif use.target is aten.cat.default and dims[0] == 0:
-                tok = dims[use.args[1] % 3]
-            elif use.target is aten.roll.default and dims[0] == 0:
-                tok = dims[use.args[2][0] % 3]
-    return tok if written and tok not in (None, 0) else None
-
-
-def find_pools(program) -> dict[str, tuple[Layout, torch.fx.Node]]:
-    """buffer name -> (stored layout, its placeholder), from every conv op's state argument."""
-    specs = {s.arg.name: s for s in program.graph_signature.input_specs}
-    found: dict[str, tuple[Layout, torch.fx.Node]] = {}
-    for op in program.graph_module.graph.nodes:
-        if op.target not in STATE_ARGUMENT:
+def discover(entry, named: dict[str, Layout | None]) -> tuple[dict[str, Found], dict[str, Considered]]:
+    """name -> Found for every pool this captured entry shows (or `named` gives a layout for),
+    and a verdict on every candidate."""
+    cands = {c.placeholder: c for c in candidates(entry)}
+    graph = entry.program.graph_module.graph
+    semantics = Semantics(graph, {p: (c.name, PHYSICAL) for p, c in cands.items()}).run()
+    by_pool = {c.name: c for c in cands.values()}
+    evidence: dict[str, list[tuple[Layout, str]]] = {}
+    written = set()
+    for node in graph.nodes:
+        if node.target in STATE_ARGUMENT:
+            state = semantics.values.get(node.args[STATE_ARGUMENT[node.target]])
+            layout = _through_views(state, by_pool)
+            if layout is not None:
+                evidence.setdefault(state.root.pool, []).append(
+                    (layout, f"reaches {node.target.__name__.split('.')[0]}'s state at {source_line(node)}"))
+    for node, root, contents in semantics.writes:
+        if root.pool not in by_pool:
             continue
-        node, chain = op.args[STATE_ARGUMENT[op.target]], (0, 1, 2)
-        while node.op == "call_function" and node.target in PERMUTATIONS:
-            chain = compose(permutation_of(node), chain)
-            node = node.args[0]
-        spec = specs.get(node.name)
-        if spec is None or spec.kind != InputKind.BUFFER:
-            what = f"forward argument {spec.arg.name!r}" if spec is not None else f"node {node.name} ({node.target})"
-            raise PoolNotFound(
-                f"the conv state of {op.name} comes from {what}, not from a buffer through views; "
-                f"keep conv-state pools as module buffers (at {source_line(op)})")
-        axes = [""] * 3
-        for i, axis in enumerate(OP_AXES):
-            axes[chain[i]] = axis
-        layout = Layout(tuple(axes))
-        if spec.target in found and found[spec.target][0] != layout:
-            raise PoolNotFound(f"pool {spec.target!r} is used as {found[spec.target][0]} and as {layout} "
-                               f"(at {source_line(op)})")
-        found[spec.target] = (layout, node)
-    return found
+        written.add(root.pool)
+        tok = _shifted_axis(contents, root.pool)
+        if tok is not None:
+            axes = ["dim"] * 3
+            axes[0], axes[tok] = "slot", "tok"
+            evidence.setdefault(root.pool, []).append(
+                (Layout(tuple(axes)), f"token axis {tok} shifted and written back at {source_line(node)}"))
+    found, considered = {}, {}
+    for name, c in by_pool.items():
+        seen = evidence.get(name, [])
+        layouts = {layout for layout, _ in seen}
+        if len(layouts) > 1:
+            raise PoolNotFound(f"pool {name!r} is used as " + " and as ".join(
+                f"{layout} ({why})" for layout, why in {layout: why for layout, why in seen}.items()))
+        if name in named and named[name] is not None:
+            if layouts and named[name] not in layouts:
+                raise ArgumentError("state_buffers", f"{name!r} is used as {layouts.pop()} ({seen[0][1]}), "
+                                                     f"not {named[name]}")
+            found[name] = Found(named[name], "named in state_buffers")
+        elif seen:
+            found[name] = Found(seen[0][0], seen[0][1])
+        reason = found[name].evidence if name in found else (
+            "written, but never from its own contents shifted along one axis, and it reaches no conv op"
+            if name in written else "never written and reaches no conv op")
+        considered[name] = Considered(name, c.shape, name in found, reason)
+    return found, considered
+
+
+def _through_views(state, by_pool) -> Layout | None:
+    """The stored layout of a pool whose plain permutation is a conv op's (slot, dim, tok) state."""
+    if not isinstance(state, Val) or state.root.pool not in by_pool:
+        return None
+    op_index = index_symbols(len(state.shape))
+    if sorted(map(str, state.coords)) != sorted(map(str, op_index)):
+        return None
+    return Layout(tuple(OP_AXES[op_index.index(c)] for c in state.coords))
+
+
+def _shifted_axis(contents: sympy.Expr, pool: str) -> int | None:
+    """The one non-slot axis along which a pool's written contents read the pool itself shifted
+    (`P(c0, c1 + 1, c2)`, `P(c0, Mod(c1 + 1, n), c2)`), or None."""
+    c = index_symbols(3, "c")
+    shifted = set()
+    for call in contents.atoms(sympy.core.function.AppliedUndef):
+        if str(call.func) == f"P[{pool}]":
+            shifted |= {d for d in (1, 2) if sympy.expand(call.args[d] - c[d]) != 0}
+    return shifted.pop() if len(shifted) == 1 else None

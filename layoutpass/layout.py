@@ -74,6 +74,10 @@ class Layout:
             raise ArgumentError("to", f"layout {to} has other axes than {self}")
         return tuple(self.axes.index(a) for a in to.axes)
 
+    def reorder(self, values: tuple, to: "Layout") -> tuple:
+        """Per-axis values (a shape) given in this layout's order, in `to`'s order."""
+        return tuple(values[i] for i in self.permutation(to))
+
     def view(self, tensor: torch.Tensor, to: "Layout") -> torch.Tensor:
         """The same memory seen with `to`'s axis order (no copy)."""
         self._check_rank(tensor)

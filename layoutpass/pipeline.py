@@ -1,31 +1,36 @@
 """optimize(model, layout): capture -> discover pools -> relayout and remap every use ->
-verify -> an nn.Module with the model's call signature, names and logical state."""
+verify -> lower -> an nn.Module with the model's call signature, names and logical state.
+
+Pools belong to the model, not to an entry: one Pool record per pool, and every captured
+entry is rewritten for every known pool it takes, whichever entry found it. When a new call
+structure shows a new pool, every earlier entry that takes it is rewritten again from its
+captured graph, and only when all of them are rewritten and proven does the pool's buffer
+move: all or nothing."""
 
 import copy
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
-from .capture import Entry, capture
+from layoutpass.kernels.state import relayout_
+from layoutpass.rewrites.lowering import MATCHERS, Update, lower, pool_of
 from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 
-from torch._guards import detect_fake_mode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-from layoutpass.rewrites.lowering import MATCHERS, Update, lower, pool_of
-
-from .discover import STATE_ARGUMENT, PoolNotFound, find_idiom_pools, find_pools
+from .capture import Entry, capture, fresh_copy
+from .discover import STATE_ARGUMENT, PoolNotFound, candidates, discover
 from .errors import ArgumentError, LayoutPassError
 from .layout import DS, Layout, parse_layout
-from .report import KERNEL, Pool, Report, source_line
+from .report import Action, Kind, Pool, Report, Use, use
 from .rewrite import relayout_graph
-
-aten = torch.ops.aten
+from .verify import verify
 
 
 @dataclass(frozen=True)
@@ -40,84 +45,298 @@ class Graphs:
         """Draw the rewritten graph (needs pydot)."""
         try:
             from torch.fx.passes.graph_drawer import FxGraphDrawer
-        except ImportError as err:  # pydot missing
+            drawer = FxGraphDrawer(self.module, "layoutpass")
+        except (ImportError, RuntimeError) as err:  # torch raises RuntimeError when pydot is missing
             raise ArgumentError("path", f"drawing needs pydot: {err}") from err
-        FxGraphDrawer(self.module, "layoutpass").get_dot_graph().write_svg(path)
+        drawer.get_dot_graph().write_svg(path)
+
+
+@dataclass
+class Options:
+    layout: Layout
+    named: dict[str, Layout | None]  # state_buffers
+    lower: bool | str
+    dynamic: bool
+    inplace: bool
+
+
+@dataclass(frozen=True)
+class Built:
+    """An entry rewritten for a set of pools: installed only once every entry is built."""
+
+    graph_module: torch.fx.GraphModule
+    uses: list[Use]
+    expects: tuple
+    arguments: dict
+    seconds: float
 
 
 class OptimizedModule(nn.Module):
-    """The model's modules, parameters (shared) and buffers (copied; pools relayouted), run
-    through the rewritten graphs. Calls with a new structure are captured on first use."""
+    """The model (a subclass of its own class, parameters shared, buffers copied, pools stored
+    in the new layout) whose forward runs the rewritten graphs. Calls with a new structure are
+    captured on first use.
 
-    def __init__(self, model: nn.Module, layout: Layout, state_buffers, allow_missing: bool, lower, dynamic: bool):
-        super().__init__()
-        work = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
-        for name, child in work.named_children():
-            self.add_module(name, child)
-        for name, param in work.named_parameters(recurse=False):
-            self.register_parameter(name, param)
-        for name, buf in work.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
-        self.__dict__["_model"] = model  # captured from, never run or changed
-        self.layout, self.report, self.graphs = layout, Report(), {}
-        self._entries: list[Entry] = []
-        self._state_buffers = state_buffers
-        self._allow_missing, self._lower, self._dynamic = allow_missing, lower, dynamic
+    report: what was found, rewritten, refused (with source lines). graphs: entry name ->
+    Graphs (code before and after). input_layouts: pool arguments -> the layout and shape the
+    caller must allocate them in."""
 
     def forward(self, *args, **kwargs):
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        return self.entry_for(args, kwargs, flat, spec).run(self, flat)
+        state = self.__dict__["_lp"]
+        for entry in state.entries:
+            flat, spec = entry.flatten(args, kwargs)
+            if entry.accepts(flat, spec):
+                return entry.run(self, flat, state.stored)
+        entry = self.capture(args, kwargs, "forward call", during_call=True)
+        return entry.run(self, entry.flatten(args, kwargs)[0], state.stored)
 
-    def entry_for(self, args: tuple, kwargs: dict, flat=None, spec=None) -> Entry:
-        """The captured entry that takes this call, captured now if none does."""
-        if flat is None:
-            flat, spec = pytree.tree_flatten((args, kwargs))
-        return next((e for e in self._entries if e.accepts(flat, spec)), None) or self.capture(args, kwargs)
+    @property
+    def report(self) -> Report:
+        return self.__dict__["_lp"].report
 
-    def capture(self, args: tuple, kwargs: dict) -> Entry:
-        entry = capture(self._model, args, kwargs, len(self._entries), self._dynamic)
+    @property
+    def graphs(self) -> dict[str, Graphs]:
+        return {e.name: Graphs(e.before, e.graph_module.code, e.graph_module) for e in self.__dict__["_lp"].entries}
+
+    @property
+    def layout(self) -> Layout:
+        return self.__dict__["_lp"].options.layout
+
+    @property
+    def input_layouts(self) -> dict[str, tuple[Layout, tuple]]:
+        """Pool arguments of forward -> (layout, shape) the caller must pass them in."""
+        return {p.name: (p.target, p.source.reorder(p.shape, p.target))
+                for p in self.report.pools.values() if p.argument and p.moves}
+
+    def capture(self, args: tuple, kwargs: dict, label: str = "example_inputs", during_call: bool = False) -> Entry:
+        """Capture a new call structure, discover its pools, rewrite it (and every earlier entry
+        that takes a newly found pool), prove the rewrites, then move the pools' buffers.
+        during_call: the call's own arguments are already allocated (a pool argument found now
+        keeps its layout)."""
+        state = self.__dict__["_lp"]
+        entry = capture(state.model, args, kwargs, len(state.entries), state.options.dynamic, label)
         start = time.perf_counter()
-        pools = self._discover(entry)
-        new_pools = {name: pool for name, pool in pools.items() if name not in self.report.pools}
-        report = Report(dict(self.report.pools, **new_pools), list(self.report.uses), self.report.entries + [entry.name])
-        placeholders = {n.name: n for n in entry.graph_module.graph.find_nodes(op="placeholder")}
-        by_buffer = {s.target: s.arg.name for s in entry.program.graph_signature.input_specs if s.kind == InputKind.BUFFER}
-        relayouts = {placeholders[by_buffer[name]]: (name, pool.target.permutation(pool.source))
-                     for name, pool in pools.items() if pool.source != pool.target}
-        relayout_graph(entry.graph_module, relayouts, report, entry.name)  # raises before anything changes
-        if self._lower is True or (self._lower == "auto" and any(b.is_cuda for b in self._model.buffers())):
-            _refresh_meta(entry.graph_module, relayouts)
-            _lower(entry, pools, by_buffer, report)
-        _report_kernels(entry, pools, by_buffer, report)
-        for name, pool in new_pools.items():  # the graph is sound: now move the state
-            owner, leaf = _owner(self, name)
-            owner.register_buffer(leaf, pool.source.convert(owner.get_buffer(leaf), pool.target))
-        entry.seconds["pass"] = time.perf_counter() - start
-        self.report = report
-        self.graphs[entry.name] = Graphs(entry.before, entry.graph_module.code, entry.graph_module)
-        self._entries.append(entry)
+        found, considered = discover(entry, state.options.named)
+        pools = dict(state.pools)
+        for name, f in found.items():
+            known = pools.get(name)
+            if known is not None and known.source != f.layout:
+                raise PoolNotFound(f"pool {name!r} is used as {known.source} ({known.evidence}) and as "
+                                   f"{f.layout} ({f.evidence})")
+            if known is None:
+                pools[name] = _new_pool(name, entry, f, state, during_call)
+        new = set(pools) - set(state.pools)
+        affected = [e for e in state.entries if new & set(_pools_taken(e, pools))] + [entry]
+        built = {e: _build(e, pools, state.options, self) for e in affected}  # raises before anything moves
+        for name in sorted(new):
+            if pools[name].moves and not pools[name].argument:
+                self._move(pools[name])
+                state.stored[name] = pools[name].target
+        for e, b in built.items():
+            e.graph_module, e.expects, e.arguments = b.graph_module, b.expects, b.arguments
+            e.seconds["pass"] = b.seconds
+            state.report.entry_uses[e.name] = b.uses
+        entry.seconds["pass"] += time.perf_counter() - start - sum(b.seconds for b in built.values())
+        state.pools = pools
+        state.report.pools = pools
+        state.report.considered.update({k: v for k, v in considered.items()
+                                        if k not in state.report.considered or v.taken})
+        state.entries.append(entry)
         return entry
 
-    def _discover(self, entry: Entry) -> dict[str, Pool]:
-        found = find_pools(entry.program)
-        found.update({k: v for k, v in find_idiom_pools(entry.program).items() if k not in found})
-        explicit = _explicit_pools(self._state_buffers, dict(self._model.named_buffers()))
-        for name, layout in explicit.items():
-            if name in found and layout is not None and found[name][0] != layout:
-                raise ArgumentError("state_buffers", f"{name!r} is used as {found[name][0]}, not {layout}")
-            if name not in found and layout is None:
-                raise ArgumentError("state_buffers", f"{name!r} reaches no conv op in {entry.name}; give its layout")
-        layouts = {name: layout for name, (layout, _) in found.items()}
-        layouts.update({name: layout for name, layout in explicit.items() if layout is not None})
-        if not layouts and not self._allow_missing and not self.report.pools:
-            raise PoolNotFound(f"no conv-state pool found in {entry.name}: no buffer reaches a conv op "
-                               f"(pass state_buffers=, or allow_missing=True)")
-        buffers = dict(self._model.named_buffers())
-        for name, layout in layouts.items():
-            if len(buffers[name].shape) != len(layout.axes):
-                raise ArgumentError("state_buffers", f"{name!r} has rank {buffers[name].dim()}, not a (slot, tok, dim) pool")
-        return {name: self.report.pools.get(name) or Pool(name, tuple(buffers[name].shape), layout, self.layout)
-                for name, layout in layouts.items()}
+    def _move(self, pool: Pool) -> None:
+        """Store a pool in its new layout: a new tensor, or the same memory when inplace."""
+        owner, leaf = _owner(self, pool.name)
+        buf = owner.get_buffer(leaf)
+        if self.__dict__["_lp"].options.inplace and buf.is_contiguous():
+            moved = relayout_(buf, pool.source, pool.target)
+        else:
+            moved = pool.source.convert(buf, pool.target)
+        owner.register_buffer(leaf, moved, persistent=leaf not in owner._non_persistent_buffers_set)
+
+
+@dataclass
+class _State:
+    model: nn.Module  # captured from, never run or changed
+    options: Options
+    pools: dict
+    stored: dict  # pool name -> the layout its buffer is stored in now (moved pools only)
+    entries: list
+    report: Report
+
+
+def _new_pool(name, entry, found, state, during_call: bool) -> Pool:
+    candidate = next(c for c in candidates(entry) if c.name == name)
+    target = state.options.layout
+    if candidate.argument and during_call:
+        target = found.layout  # the caller already passed this call's tensor: keep its layout
+    return Pool(name, candidate.shape, found.layout, target, found.evidence, candidate.argument)
+
+
+def _pools_taken(entry: Entry, pools: dict[str, Pool]) -> dict[str, str]:
+    """pool name -> placeholder, for the pools this entry takes (buffers and arguments)."""
+    taken = {name: ph for name, ph in entry.takes().items() if name in pools}
+    taken.update({c.name: c.placeholder for c in candidates(entry) if c.argument and c.name in pools})
+    return taken
+
+
+def _build(entry: Entry, pools: dict[str, Pool], options: Options, module: nn.Module) -> Built:
+    """The column of passes for one entry: relayout -> remap (rules) -> verify -> lower ->
+    report the conv ops. Raises LayoutPassError; changes nothing outside the new graph."""
+    start = time.perf_counter()
+    gm = fresh_copy(entry.program)
+    taken = _pools_taken(entry, pools)
+    placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
+    moving = {name: ph for name, ph in taken.items() if pools[name].moves}
+    relayouts = {placeholders[ph]: (name, pools[name].target.permutation(pools[name].source))
+                 for name, ph in moving.items()}
+    uses = relayout_graph(gm, relayouts, entry.name) if relayouts else []
+    if relayouts:
+        _refresh_meta(gm, relayouts)
+        verify(entry.program.graph_module.graph, gm.graph,
+               {ph: (name, pools[name].source) for name, ph in taken.items()},
+               {ph: (name, pools[name].target) for name, ph in taken.items()}, entry.name)
+    if options.lower is True or (options.lower == "auto" and any(b.is_cuda for b in module.buffers())):
+        if not relayouts:
+            _refresh_meta(gm, {})
+        uses += _lower(gm, entry.name, {placeholders[ph]: name for name, ph in taken.items()
+                                        if pools[name].target.axes == DS.axes})
+    uses += _kernel_uses(gm, entry.name, {ph: name for name, ph in taken.items()}, pools)
+    buffers = entry.takes()
+    expects = tuple((name, pools[name].target if name in pools and pools[name].moves else None)
+                    for name in sorted(buffers) if name in {c.name for c in candidates(entry)})
+    users = [s.arg.name for s in entry.program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    arguments = {users.index(ph): (name, pools[name].target, _fixed_sizes(pools[name]))
+                 for name, ph in moving.items() if pools[name].argument}
+    return Built(gm, uses, expects, arguments, time.perf_counter() - start)
+
+
+def _fixed_sizes(pool: Pool) -> tuple:
+    """(dim, size) of a pool argument's tok and dim axes in its new layout: a tensor passed in
+    the old layout has them swapped, and is refused (unless state_len equals dim)."""
+    shape = pool.source.reorder(pool.shape, pool.target)
+    return tuple((i, shape[i]) for i, axis in enumerate(pool.target.axes) if axis != "slot")
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
+def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
+    """Shapes for every node of the rewritten graph (the rules' new nodes have none), the
+    relayouted pools entering in their new layout."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    mode = detect_fake_mode([n.meta["val"] for n in placeholders if "val" in n.meta])
+    with mode:
+        inputs = [n.meta["val"].permute(inverse(relayouts[n][1])).contiguous() if n in relayouts else n.meta.get("val")
+                  for n in placeholders]
+    for node, value in zip(placeholders, inputs):
+        node.meta["val"] = value
+    with torch.no_grad():  # shapes only; export's fake buffers may say they require grad
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def _lower(gm: torch.fx.GraphModule, entry: str, ds: dict[torch.fx.Node, str]) -> list[Use]:
+    """Pure-torch conv updates on DS pools -> the conv kernels (rewrites/lowering.py)."""
+    graph, uses = gm.graph, []
+    for node in list(graph.nodes):
+        if node not in graph.nodes:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for matcher in MATCHERS:
+            match = matcher(node, set(ds), order)
+            if isinstance(match, Update):
+                idiom = node.target.__name__.split(".")[0]
+                uses.append(use(entry, ds[match.pool], node, Kind.KERNEL, Action.LOWERED,
+                                f"pure-torch {idiom} update -> {match.kernel}"))
+                lower(graph, match)
+            elif match is not None:
+                uses.append(use(entry, ds.get(pool_of(node)), node, Kind.KERNEL, Action.NOT_LOWERED, match))
+    gm.recompile()
+    return uses
+
+
+def _kernel_uses(gm: torch.fx.GraphModule, entry: str, placeholders: dict[str, str], pools) -> list[Use]:
+    """Every conv op on a pool: the layout its kernel runs on, and whether a view is left."""
+    uses = []
+    for op in gm.graph.nodes:
+        if op.target not in STATE_ARGUMENT:
+            continue
+        state, views = op.args[STATE_ARGUMENT[op.target]], 0
+        while state.op == "call_function" and state.target in PERMUTATIONS:
+            state, views = state.args[0], views + 1
+        name = placeholders.get(state.name) if state.op == "placeholder" else None
+        if name is not None:
+            layout = pools[name].target
+            uses.append(use(entry, name, op, Kind.KERNEL, Action.KERNEL_DIRECT, f"{layout} kernel, pool passed directly")
+                        if not views else use(entry, name, op, Kind.KERNEL, Action.KEPT,
+                                              f"{layout} kernel through {views} permutation(s) of the pool"))
+    return uses
+
+
+@functools.cache
+def _optimized_class(cls: type) -> type:
+    """The model's class with OptimizedModule's forward in front: every other method, and the
+    model's own attributes, stay as they were."""
+    if issubclass(cls, OptimizedModule):
+        return cls
+    return type(f"Optimized{cls.__name__}", (OptimizedModule, cls), {"__module__": cls.__module__})
+
+
+def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs: Sequence | None = None,
+             state_buffers: Sequence[str] | Mapping[str, str] | None = None,
+             allow_missing: bool = False, lower: "bool | str" = "auto", dynamic: bool | None = None,
+             inplace: bool = False) -> OptimizedModule:
+    """Store every conv-state pool of `model` in `layout` ("DS" or "SD") and rewrite every use.
+
+    example_inputs: calls to capture now, each a dict of keyword arguments, a tuple of
+    positional ones, or an (args, kwargs) pair; otherwise each new call structure is captured
+    on first use. state_buffers: pool buffer names (or name -> stored layout, for pools no conv
+    op reaches). lower: replace pure-torch conv updates on DS pools by the conv kernels
+    (True, False, or "auto": when the model's buffers are on CUDA). dynamic: one graph for
+    every size (True) or one per size (False: for code whose export is not sound for other
+    sizes); by default the model's `layoutpass_dynamic` attribute, else True. inplace: the
+    pools are relayouted in their own memory instead of copied (the model's pool buffers then
+    hold the new layout's bytes: use only the optimized module afterwards). The model is never
+    otherwise modified; a refused rewrite raises LayoutPassError and changes nothing."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
+    target = parse_layout(layout)
+    if lower not in (True, False, "auto"):
+        raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
+    dynamic = getattr(model, "layoutpass_dynamic", True) if dynamic is None else dynamic
+    for name, value in (("dynamic", dynamic), ("inplace", inplace), ("allow_missing", allow_missing)):
+        if not isinstance(value, bool):
+            raise ArgumentError(name, f"expected True or False, got {value!r}")
+    named = _explicit_pools(state_buffers, dict(model.named_buffers()))
+    calls = [_split(call) for call in example_inputs or ()]
+    fast = _copy(model, inplace)
+    fast.__dict__["_lp"] = _State(model, Options(target, named, lower, dynamic, inplace), {}, {}, [], Report())
+    for args, kwargs in calls:
+        fast.capture(args, kwargs)
+    if calls:
+        _check_found(fast.report, named, allow_missing)
+    return fast
+
+
+def _copy(model: nn.Module, inplace: bool) -> OptimizedModule:
+    """The model's structure copied, its parameters shared; its buffers copied too, unless
+    inplace (then shared: only the pools' memory is rewritten)."""
+    shared = list(model.parameters()) + (list(model.buffers()) if inplace else [])
+    fast = copy.deepcopy(model, memo={id(t): t for t in shared})
+    fast.__class__ = _optimized_class(type(model))
+    fast.__dict__.pop("forward", None)  # a forward patched onto the instance would run the model as written
+    return fast
+
+
+def _check_found(report: Report, named: dict, allow_missing: bool) -> None:
+    missing = [name for name in named if name not in report.pools]
+    if missing:
+        raise ArgumentError("state_buffers", f"{missing} reach no conv op and are never shifted and written "
+                                             "back in the captured calls; give their layouts")
+    if not report.pools and not allow_missing:
+        raise PoolNotFound("no conv-state pool found in the captured calls: no rank-3 buffer reaches a conv op or is "
+                           "written back shifted along one axis (pass state_buffers=, or allow_missing=True)")
 
 
 def _explicit_pools(state_buffers, buffers) -> dict[str, Layout | None]:
@@ -132,86 +351,10 @@ def _explicit_pools(state_buffers, buffers) -> dict[str, Layout | None]:
     unknown = [n for n in named if n not in buffers]
     if unknown:
         raise ArgumentError("state_buffers", f"no buffers named {unknown}")
+    bad = [n for n in named if buffers[n].dim() != 3]
+    if bad:
+        raise ArgumentError("state_buffers", f"{bad} are not rank-3 (slot, tok, dim) pools")
     return named
-
-
-def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, leaf = name.rpartition(".")
-    return (module.get_submodule(path) if path else module), leaf
-
-
-def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
-    """Shapes for every node of the rewritten graph (the rules' new nodes have none), the
-    relayouted pools entering in their new layout."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    mode = detect_fake_mode([n.meta["val"] for n in placeholders])
-    with mode:
-        inputs = [n.meta["val"].permute(inverse(relayouts[n][1])).contiguous() if n in relayouts else n.meta["val"]
-                  for n in placeholders]
-    with torch.no_grad():  # shapes only; export's fake buffers may say they require grad
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-
-
-def _lower(entry: Entry, pools, by_buffer, report: Report) -> None:
-    """Pure-torch conv updates on DS pools -> the conv kernels (rewrites/lowering.py)."""
-    graph = entry.graph_module.graph
-    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
-    ds = {placeholders[by_buffer[name]]: name for name, pool in pools.items() if pool.target.axes == DS.axes}
-    for node in list(graph.nodes):
-        if node not in graph.nodes:
-            continue
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for matcher in MATCHERS:
-            match = matcher(node, set(ds), order)
-            if isinstance(match, Update):
-                idiom = node.target.__name__.split(".")[0]
-                report.add(entry.name, ds[match.pool], node, KERNEL, f"lowered: pure-torch {idiom} update -> {match.kernel}")
-                lower(graph, match)
-            elif match is not None:
-                report.add(entry.name, ds.get(pool_of(node)), node, KERNEL, f"not lowered: {match}")
-    entry.graph_module.recompile()
-
-
-def _report_kernels(entry: Entry, pools, by_buffer, report: Report) -> None:
-    """Every conv op on a pool: the layout its kernel runs on, and whether a view is left."""
-    pool_of = {by_buffer[name]: name for name in pools}
-    for op in entry.graph_module.graph.nodes:
-        if op.target not in STATE_ARGUMENT:
-            continue
-        state, views = op.args[STATE_ARGUMENT[op.target]], 0
-        while state.op == "call_function" and state.target in PERMUTATIONS:
-            state, views = state.args[0], views + 1
-        name = pool_of.get(state.name) if state.op == "placeholder" else None
-        if name is not None:
-            layout = pools[name].target
-            report.add(entry.name, name, op, KERNEL, f"lowered: {layout} kernel, pool passed directly" if not views
-                       else f"kept: {layout} kernel through {views} permutation(s) of the pool")
-
-
-def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs: Sequence | None = None,
-             state_buffers: Sequence[str] | Mapping[str, str] | None = None,
-             allow_missing: bool = False, lower: "bool | str" = "auto", dynamic: bool | None = None) -> OptimizedModule:
-    """Store every conv-state pool of `model` in `layout` ("DS" or "SD") and rewrite every use.
-
-    example_inputs: calls to capture now, each a dict of keyword arguments, a tuple of
-    positional ones, or an (args, kwargs) pair; otherwise each new call structure is captured
-    on first use. state_buffers: pool buffer names (or name -> stored layout, for pools no conv
-    op reaches). lower: replace pure-torch conv updates on DS pools by the conv_update kernel
-    (True, False, or "auto": when the model's buffers are on CUDA). dynamic: one graph for
-    every size (True) or one per size (False: for code whose export is not sound for other
-    sizes); by default the model's `layoutpass_dynamic` attribute, else True. The model is
-    never modified; a refused rewrite raises LayoutPassError."""
-    if not isinstance(model, nn.Module):
-        raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
-    if lower not in (True, False, "auto"):
-        raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
-    dynamic = getattr(model, "layoutpass_dynamic", True) if dynamic is None else dynamic
-    if not isinstance(dynamic, bool):
-        raise ArgumentError("dynamic", f"expected True or False, got {dynamic!r}")
-    fast = OptimizedModule(model, parse_layout(layout), state_buffers, allow_missing, lower, dynamic)
-    for call in example_inputs or ():
-        fast.entry_for(*_split(call))
-    return fast
 
 
 def _split(call) -> tuple[tuple, dict]:

@@ -8,10 +8,9 @@ from layoutpass.rewrites.permutes import MEMORY_ORDER, RULES
 
 from .discover import STATE_ARGUMENT
 from .errors import LayoutPassError
-from .report import MEMORY, Report, source_line
+from .report import Action, Kind, Use, source_line, use
 
 aten = torch.ops.aten
-KERNELS = set(STATE_ARGUMENT)
 
 
 class RefusedRewrite(LayoutPassError):
@@ -57,9 +56,10 @@ class Rewriter:
 
 
 def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[str, tuple[int, ...]]],
-                   report: Report, entry: str) -> None:
-    """pools: placeholder -> (pool name, p) where permute(new storage, p) has the old order."""
-    graph = gm.graph
+                   entry: str) -> list[Use]:
+    """pools: placeholder -> (pool name, p) where permute(new storage, p) has the old order.
+    Returns what was done to each use; raises RefusedRewrite before the caller moves anything."""
+    graph, uses = gm.graph, []
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
     for placeholder, (name, perm) in pools.items():
         rewriter = Rewriter(graph, name)
@@ -67,11 +67,12 @@ def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[st
         view = rewriter.pending(placeholder, perm)
         view.meta["val"] = placeholder.meta["val"]
         placeholder.replace_all_uses_with(view, delete_user_cb=lambda user: user is not view)
-        _run(graph, rewriter, report, entry)
+        _run(graph, rewriter, uses, entry)
     gm.recompile()
+    return uses
 
 
-def _run(graph: torch.fx.Graph, r: Rewriter, report: Report, entry: str) -> None:
+def _run(graph: torch.fx.Graph, r: Rewriter, uses: list[Use], entry: str) -> None:
     while r.worklist:
         q = r.worklist.pop()
         if q.graph is not graph or q not in graph.nodes:
@@ -81,34 +82,58 @@ def _run(graph: torch.fx.Graph, r: Rewriter, report: Report, entry: str) -> None
             q.replace_all_uses_with(x)
             graph.erase_node(q)
             continue
-        for use in list(q.users):
-            if use not in graph.nodes:
+        for user in list(q.users):
+            if user not in graph.nodes:
                 continue
-            kind, rule = RULES.get(use.target, (None, None))
-            r.anchor = use
-            new = rule(r, use, q, x, p) if rule else None
+            kind, rule = RULES.get(user.target, (None, None))
+            r.anchor = user
+            new = rule(r, user, q, x, p) if rule else None
             if new is not None:
-                new.meta.setdefault("val", use.meta.get("val"))  # same value, in the old order
-                report.add(entry, r.pool, use, kind, "remapped" if kind != "permutation" else "permutation folded")
-                use.replace_all_uses_with(new)
-                graph.erase_node(use)
+                new.meta.setdefault("val", user.meta.get("val"))  # same value, in the old order
+                uses.append(use(entry, r.pool, user, kind, Action.FOLDED if kind is Kind.PERMUTATION else Action.REMAPPED))
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
             else:
-                _keep(use, r.pool, report, entry)
+                _keep(r, user, q, uses, entry)
         if not q.users:
             graph.erase_node(q)
 
 
-def _keep(use: torch.fx.Node, pool: str, report: Report, entry: str) -> None:
+def _keep(r: Rewriter, user: torch.fx.Node, q: torch.fx.Node, uses: list[Use], entry: str) -> None:
     """A use that reads the permuted view as it is: correct for every op that reads logical
-    indices (a conv kernel takes any strides); refused when the result depends on memory order."""
-    if use.target in MEMORY_ORDER:
-        report.add(entry, pool, use, MEMORY, "refused")
-        raise RefusedRewrite(
-            f"pool {pool!r}: node {use.name} ({use.target}) depends on the pool's memory order and cannot be "
-            f"remapped (rule: memory-order refusal), at {source_line(use)}")
-    if use.target in KERNELS:
-        return  # reported with every kernel use once the graph is final
-    if use.op == "output":
-        report.add(entry, pool, use, MEMORY, "kept: returned through a permuted view")
-    else:
-        report.add(entry, pool, use, "layout-agnostic", "kept: reads the pool through a permuted view")
+    indices (a conv kernel takes any strides). An op that reads memory order gets a copy in the
+    old order when nothing writes through its result; otherwise it is refused."""
+    if user.target in MEMORY_ORDER:
+        if _written_through(user):
+            uses.append(use(entry, r.pool, user, Kind.MEMORY, Action.REFUSED))
+            raise RefusedRewrite(
+                f"pool {r.pool!r}: node {user.name} ({user.target}) depends on the pool's memory order and is "
+                f"written through, so it cannot be remapped (rule: memory-order refusal), at {source_line(user)}")
+        r.anchor = user
+        copy = r.call(aten.clone.default, (q,), {"memory_format": torch.contiguous_format}, rank=r.rank(q))
+        user.replace_input_with(q, copy)
+        uses.append(use(entry, r.pool, user, Kind.MEMORY, Action.MATERIALIZED, "reads a copy in the old order"))
+    elif user.op == "output":
+        uses.append(use(entry, r.pool, user, Kind.MEMORY, Action.KEPT, "returned through a permuted view"))
+    elif user.target not in STATE_ARGUMENT:  # conv ops are reported once the graph is final
+        uses.append(use(entry, r.pool, user, Kind.AGNOSTIC, Action.KEPT, "reads the pool through a permuted view"))
+
+
+def _written_through(node: torch.fx.Node) -> bool:
+    """Whether an in-place op or an op that mutates an argument reaches node's value through
+    its views (a copy would lose those writes)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+                return True
+            val = user.meta.get("val")
+            if isinstance(val, torch.Tensor) and isinstance(n.meta.get("val"), torch.Tensor) \
+                    and torch._C._is_alias_of(val, n.meta["val"]):
+                stack.append(user)
+    return False

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from layoutpass.kernels.checks import WIDTHS
 from layoutpass.rewrites.permutes import FILLS
 
 aten = torch.ops.aten
@@ -165,6 +166,8 @@ def _convolution(window, tokens, order, last_write):
     weight, bias, op = conv
     if not _static(*weight.meta["val"].shape):
         return "the weight's shape is not static"
+    if weight.meta["val"].shape[-1] not in WIDTHS:
+        return f"conv width {weight.meta['val'].shape[-1]} is outside the kernels' {WIDTHS.start}..{WIDTHS.stop - 1}"
     result, activation, kept = _tail(op)
     if op.target is aten.conv1d.default:
         # output j sees window columns j - P .. j - P + width - 1: keep those ending at the new tokens

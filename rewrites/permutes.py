@@ -10,7 +10,7 @@ decline; `r` is the Rewriter (layoutpass/rewrite.py) that inserts nodes before t
 import torch
 import torch.fx
 
-from layoutpass.report import AGNOSTIC, AXIS, PERMUTATION
+from layoutpass.report import Kind
 
 aten = torch.ops.aten
 
@@ -192,6 +192,19 @@ def _binary(r, use, q, x, p):
 # In-place fills: the tensor they return is their input, filled whatever its layout.
 FILLS = (aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default)
 
+def _contiguous(r, use, q, x, p):
+    """contiguous() copies or not depending on strides: keep whichever the model got (a copy
+    that became an alias would see the pool's later writes)."""
+    copied = not torch._C._is_alias_of(use.meta["val"], q.meta["val"]) if "val" in use.meta and "val" in q.meta else True
+    if copied:
+        y = r.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}, rank=len(p))
+    else:
+        y = r.call(aten.contiguous.default, (x,), rank=len(p))
+    return r.pending(y, p)
+
+
+AGNOSTIC, AXIS, PERMUTATION = Kind.AGNOSTIC, Kind.AXIS, Kind.PERMUTATION
+
 # target -> (class of the use, rule)
 RULES = {
     **{target: (PERMUTATION, _fold) for target in PERMUTATIONS},
@@ -215,7 +228,7 @@ RULES = {
     aten.view.default: (AGNOSTIC, _view),
     aten._unsafe_view.default: (AGNOSTIC, _view),
     aten.reshape.default: (AGNOSTIC, _view),
-    aten.contiguous.default: (AGNOSTIC, _same_shape),
+    aten.contiguous.default: (AGNOSTIC, _contiguous),
 }
 
 # Uses whose result depends on the order of memory, not only on logical indices: with a

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from layoutpass.kernels import conv_update
+from layoutpass.kernels import conv_prefill, conv_update
 
 SLOTS, TOK, DIM, WIDTH = 6, 3, 8, 4
 
@@ -95,6 +95,11 @@ def _flattened(pool, slots):
     return pool.view(SLOTS, -1)[slots][:, :DIM]  # depends on SD memory order
 
 
+def _flattened_write(pool, slots):
+    pool.view(SLOTS, -1)[slots, :DIM] = 1.0  # writes through an SD-memory-order view
+    return 0
+
+
 USES = {"zero slot": _zero_slot, "block copy": _block_copy, "tail copy": _tail_copy, "tp shard": _tp_shard,
         "last column": _last_column, "contiguous read": _contiguous_read}
 
@@ -106,10 +111,10 @@ def inputs(batch=3):
 class CatIdiom(nn.Module):
     """A pure-torch decode step on an SD pool: cat the new token, convolve, keep the tail."""
 
-    def __init__(self):
+    def __init__(self, width=WIDTH):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(DIM, WIDTH))
-        self.register_buffer("pool", torch.randn(SLOTS, TOK, DIM))
+        self.weight = nn.Parameter(torch.randn(DIM, width))
+        self.register_buffer("pool", torch.randn(SLOTS, width - 1, DIM))
 
     def forward(self, x, slots):
         window = torch.cat([self.pool[slots], x[:, None, :]], dim=1)  # (batch, tok + 1, dim)
@@ -164,3 +169,55 @@ class PromptIdiom(nn.Module):
 
 def prompt(tokens, batch=3):
     return dict(x=torch.randn(batch, DIM, tokens), slots=torch.tensor([1, 3, 4, 2][:batch]))
+
+
+class Modes(nn.Module):
+    """One SD pool used by several call structures (the `mode` argument), some through the conv
+    ops, some in pure torch, some only writing or trimming the pool."""
+
+    def __init__(self, width=WIDTH):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, width))
+        self.register_buffer("pool", torch.randn(SLOTS, width - 1, DIM))
+
+    def forward(self, x, slots, mode: str, **kwargs):
+        if mode == "prefill":  # x: (tokens, DIM), one sequence per slot, kwargs["starts"]
+            starts = kwargs["starts"]
+            y = conv_prefill(x.t(), self.weight, None, self.pool.transpose(1, 2), starts, slots,
+                             torch.ones_like(slots, dtype=torch.bool), "silu")
+            return y.t()
+        if mode == "decode":
+            return conv_update(x, self.pool.transpose(1, 2), self.weight, None, "silu", slots, out=torch.empty_like(x))
+        if mode == "trim":  # forget each slot's oldest k tokens, written in SD terms
+            self.pool[slots, : kwargs["k"]] = 0.0
+            return x * 2
+        if mode == "pure":  # a pure-torch decode through a transposed copy of the state
+            st = self.pool[slots].transpose(-1, -2).contiguous()
+            win = torch.cat([st, x[..., None]], -1)
+            y = (win * self.weight[None]).sum(-1)
+            self.pool[slots] = win[..., 1:].transpose(-1, -2)
+            return torch.nn.functional.silu(y)
+        if mode == "store":  # write-only: a prompt's tail becomes the state
+            self.pool[slots] = x[:, -self.pool.shape[1]:]
+            return x.sum(1)
+        if mode == "reset":
+            self.pool.mul_(kwargs["mask"])
+            return x * 3
+        raise ValueError(mode)
+
+
+def mode_call(mode, width=WIDTH, batch=3, seed=None):
+    """Fresh random inputs for one Modes call."""
+    slots = torch.tensor([1, 3, 4, 2][:batch], dtype=torch.int32)
+    if mode == "prefill":
+        lens = [2, 5, 1][:batch]
+        starts = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(batch)], dtype=torch.int32)
+        return dict(x=torch.randn(sum(lens), DIM), slots=slots, mode=mode, starts=starts)
+    if mode == "trim":
+        return dict(x=torch.randn(batch, DIM), slots=slots, mode=mode, k=1)
+    if mode == "store":
+        return dict(x=torch.randn(batch, width + 2, DIM), slots=slots, mode=mode)
+    if mode == "reset":
+        return dict(x=torch.randn(batch, DIM), slots=slots, mode=mode,
+                    mask=(torch.rand(SLOTS, 1, 1) > 0.5).float())
+    return dict(x=torch.randn(batch, DIM), slots=slots, mode=mode)

@@ -10,6 +10,7 @@ import torch
 
 import pass_models as pm
 from layoutpass import DS, SD, ArgumentError, LayoutPassError, check_equivalence, optimize
+from layoutpass.report import Action, Kind
 from layoutpass.examples import ZOO, build
 from layoutpass.examples.scenario import Step, make_scenario
 from layoutpass.rewrites.permutes import PERMUTATIONS
@@ -44,7 +45,7 @@ def test_zoo_models_stay_equivalent(name, layout):
     if layout == "DS":
         assert pool_permutations(fast) == 0
     assert all(use.source != "<no source line>" and ".py:" in use.source for use in fast.report.uses)
-    kernels = [u for u in fast.report.uses if u.kind == "kernel"]
+    kernels = [u for u in fast.report.uses if u.kind == Kind.KERNEL]
     assert len(kernels) == len(pools) * len(fast.graphs)
 
 
@@ -90,7 +91,7 @@ def test_already_in_target_layout_is_unchanged():
     fast = optimize(model, "SD", example_inputs=[step.inputs])
     graphs = next(iter(fast.graphs.values()))
     assert graphs.after == graphs.before
-    assert {u.action.split(":")[0] for u in fast.report.uses} == {"kept"}
+    assert {u.action for u in fast.report.uses} == {Action.KEPT}
 
 
 @pytest.mark.parametrize("spelling", sorted(pm.OneConv.SPELLINGS))
@@ -128,23 +129,45 @@ def test_ds_idiom_to_sd_keeps_one_permutation_and_says_so():
     fast = optimize(model, "SD")
     assert check_equivalence(model, fast, calls()).ok
     assert fast.report.pools["pool"].source.axes == DS.axes and fast.report.pools["pool"].target == SD
-    kept = [u for u in fast.report.uses if u.action.startswith("kept")]
-    assert kept and "permutation" in kept[0].action
+    kept = [u for u in fast.report.uses if u.action == Action.KEPT]
+    assert kept and "permutation" in kept[0].detail
     assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.TOK, pm.DIM)
 
 
-def test_memory_order_use_is_refused_and_nothing_changes():
+def test_memory_order_read_reads_a_copy_in_the_old_order():
     model = pm.OneConv(extra=pm._flattened)
+    fast = optimize(model, "DS")
+    assert check_equivalence(model, fast, calls()).ok
+    assert [u.op for u in fast.report.uses if u.action == Action.MATERIALIZED] == ["view.default"]
+
+
+def test_memory_order_write_is_refused_and_nothing_changes():
+    model = pm.OneConv(extra=pm._flattened_write)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LayoutPassError, match=r"node view .*memory order.*memory-order refusal.*pass_models.py:\d+: "):
+    with pytest.raises(LayoutPassError, match=r"node view .*memory order.*written through.*memory-order refusal"
+                                              r".*pass_models.py:\d+: "):
         optimize(model, "DS", example_inputs=[pm.inputs()])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_pool_as_forward_argument_is_refused_clearly():
+@pytest.mark.parametrize("layout", ["DS", "SD"])
+def test_pool_passed_as_argument_is_optimized_and_declared(layout):
+    """The engine owns the pool: the optimized module says how to allocate it, checks what it
+    gets, and computes on it what the model computes on the old layout."""
     model = pm.PoolArgument()
-    with pytest.raises(LayoutPassError, match="forward argument 'pool'.*keep conv-state pools as module buffers"):
-        optimize(model, "DS", example_inputs=[dict(pm.inputs(), pool=torch.randn(pm.SLOTS, pm.TOK, pm.DIM))])
+    pool = torch.randn(pm.SLOTS, pm.TOK, pm.DIM)
+    fast = optimize(model, layout, example_inputs=[dict(pm.inputs(), pool=pool.clone())])
+    target = DS if layout == "DS" else SD
+    assert fast.input_layouts == ({"pool": (DS, (pm.SLOTS, pm.DIM, pm.TOK))} if layout == "DS" else {})
+    assert fast.report.pools["pool"].argument and fast.report.pools["pool"].target == target
+    theirs = SD.convert(pool, target).clone()
+    for _ in range(3):
+        step = pm.inputs()
+        torch.testing.assert_close(fast(**step, pool=theirs), model(**step, pool=pool), rtol=0, atol=0)
+        assert torch.equal(target.view(theirs, SD), pool)
+    if layout == "DS":
+        with pytest.raises(ArgumentError, match="^pool: a pool argument: expected a contiguous DS tensor"):
+            fast(**pm.inputs(), pool=pool)
 
 
 def test_optimize_never_changes_the_model():
@@ -251,8 +274,7 @@ def test_pure_torch_updates_are_lowered_to_the_kernel(model_class, op):
     code = next(iter(fast.graphs.values())).after
     assert "layoutpass.conv_update" in code and f"aten.{op}" not in code and "index_put_" not in code
     assert "copy_" not in code and "aten.mul" not in code
-    assert [u.action for u in fast.report.uses if u.action.startswith("lowered: pure-torch")] == [
-        f"lowered: pure-torch {op} update -> conv_update"]
+    assert [u.detail for u in fast.report.uses if u.action == Action.LOWERED] == [f"pure-torch {op} update -> conv_update"]
     # the kernel sums the taps in another order than (window * weight).sum(): rounding only
     assert check_equivalence(model, fast, calls(), rtol=1e-5, atol=1e-6).ok
     unlowered = optimize(model, "DS", lower=False, example_inputs=[pm.inputs()])
@@ -268,8 +290,7 @@ def test_a_pure_torch_prompt_is_lowered_to_the_prefill_kernel():
     for graphs in fast.graphs.values():
         assert "layoutpass.conv_prefill" in graphs.after and "aten.conv1d" not in graphs.after
         assert "index_put_" not in graphs.after
-    assert {u.action for u in fast.report.uses if u.action.startswith("lowered: pure-torch")} == {
-        "lowered: pure-torch conv1d update -> conv_prefill"}
+    assert {u.detail for u in fast.report.uses if u.action == Action.LOWERED} == {"pure-torch conv1d update -> conv_prefill"}
     # another summation order than conv1d's: rounding only
     assert check_equivalence(model, fast, [Step("prefill", c) for c in calls], rtol=1e-5, atol=1e-5).ok
 
@@ -278,12 +299,12 @@ def test_a_stateless_conv1d_is_not_lowered():
     fast = optimize(pm.PromptIdiom(stateless=True), "DS", lower=True, dynamic=False, state_buffers={"pool": "DS"},
                     example_inputs=[pm.prompt(5)])
     assert "aten.conv1d" in next(iter(fast.graphs.values())).after
-    assert not [u for u in fast.report.uses if u.kind == "kernel"]
+    assert not [u for u in fast.report.uses if u.kind == Kind.KERNEL]
 
 
 def test_lowering_says_why_a_near_match_is_not_lowered():
     model = pm.CatIdiom()
     model.forward = lambda x, slots: torch.cat([model.pool[slots], x[:, None, :]], dim=1).sum(1)
     fast = optimize(model, "DS", lower=True, state_buffers={"pool": "SD"}, example_inputs=[pm.inputs()])
-    reasons = [u.action for u in fast.report.uses if u.action.startswith("not lowered")]
-    assert reasons == ["not lowered: the window's tail is not written back to the same slots"]
+    reasons = [u.detail for u in fast.report.uses if u.action == Action.NOT_LOWERED]
+    assert reasons == ["the window's tail is not written back to the same slots"]

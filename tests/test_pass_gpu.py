@@ -6,6 +6,7 @@ import torch
 
 import pass_models as pm
 from layoutpass import check_equivalence, optimize
+from layoutpass.report import Action
 from layoutpass.examples import ZOO, build
 from layoutpass.examples.scenario import fill_state, make_scenario
 
@@ -27,7 +28,7 @@ def test_pure_torch_idioms_lowered_on_cuda(idiom):
     calls = [pm.inputs() for _ in range(4)]
     calls = [{k: v.cuda() for k, v in c.items()} for c in calls]
     fast = optimize(model, "DS", example_inputs=calls[:1])  # lower="auto": on, the buffers are on CUDA
-    assert any(u.action.startswith("lowered: pure-torch") for u in fast.report.uses)
+    assert any(u.action == Action.LOWERED for u in fast.report.uses)
     from layoutpass.examples.scenario import Step
     assert check_equivalence(model, fast, [Step("decode", c) for c in calls], rtol=1e-5, atol=1e-5).ok
 
@@ -36,7 +37,7 @@ def test_pure_torch_prompt_lowered_on_cuda():
     model = pm.PromptIdiom().cuda()
     calls = [{k: v.cuda() for k, v in pm.prompt(n).items()} for n in (1, 2, 9, 300)]
     fast = optimize(model, "DS", dynamic=False, state_buffers={"pool": "DS"}, example_inputs=calls)
-    assert "lowered: pure-torch conv1d update -> conv_prefill" in {u.action for u in fast.report.uses}
+    assert "pure-torch conv1d update -> conv_prefill" in {u.detail for u in fast.report.uses if u.action == Action.LOWERED}
     from layoutpass.examples.scenario import Step
     assert check_equivalence(model, fast, [Step("prefill", c) for c in calls], rtol=1e-5, atol=1e-5).ok
 

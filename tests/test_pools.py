@@ -1,0 +1,148 @@
+"""Pools belong to the model, not to an entry: every call structure is rewritten for every pool
+it takes, in every call order, judged against the untouched original run eagerly."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import pass_models as pm
+from layoutpass import SD, LayoutPassError, check_equivalence, optimize
+from layoutpass.equivalence import logical_buffers
+from layoutpass.examples.scenario import Step
+from layoutpass.report import Action
+
+
+def run_both(model, calls, layout, **options):
+    """The optimized model (captured lazily, in this call order) against a copy of the
+    original run eagerly: every output and the pool after every call, exactly."""
+    reference, fast = copy.deepcopy(model), optimize(model, layout, **options)
+    for call in calls:
+        expected, got = reference(**call), fast(**call)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=lambda m: f"{call['mode']}: {m}")
+        torch.testing.assert_close(logical_buffers(fast)["pool"], reference.pool, rtol=0, atol=0,
+                                   msg=lambda m: f"pool after {call['mode']}: {m}")
+    return fast
+
+
+ORDERS = list(itertools.permutations(["prefill", "trim", "decode"]))
+
+
+@pytest.mark.parametrize("layout", ["DS", "SD"])
+@pytest.mark.parametrize("order", ORDERS, ids="-".join)
+def test_an_entry_that_only_trims_the_pool_is_rewritten_in_any_order(order, layout):
+    """The trim entry finds no pool by itself; the prefill/decode entries find it. Whichever
+    comes first, the trim must zero tokens, not channels."""
+    torch.manual_seed(0)
+    fast = run_both(pm.Modes(), [pm.mode_call(m) for m in order + order], layout)
+    assert list(fast.report.pools) == ["pool"]
+    trims = [u for u in fast.report.uses if "trim" in u.entry or u.source.endswith("= 0.0")]
+    if layout == "DS":
+        assert trims and all(u.action in (Action.REMAPPED, Action.FOLDED) for u in trims)
+
+
+@pytest.mark.parametrize("layout", ["DS", "SD"])
+@pytest.mark.parametrize("first", ["pure", "prefill"])
+def test_a_pure_torch_decode_through_a_transposed_copy(first, layout):
+    """The pure decode spells the window through transpose + contiguous + cat; with the pool
+    found in the other entry it used to be left as it was and crash."""
+    torch.manual_seed(1)
+    order = [first, "prefill" if first == "pure" else "pure"]
+    run_both(pm.Modes(), [pm.mode_call(m) for m in order * 3], layout)
+
+
+def test_a_write_only_first_call_is_not_an_error():
+    torch.manual_seed(2)
+    fast = run_both(pm.Modes(), [pm.mode_call(m) for m in ["store", "decode", "store", "decode"]], "DS")
+    assert fast.report.pools["pool"].source == SD
+    store = next(e for e in fast.report.entries if "[3, 6, 8]" in e)
+    assert any(u.entry == store for u in fast.report.uses)  # rewritten when decode found the pool
+
+
+def test_a_multiplicative_reset_is_followed():
+    torch.manual_seed(3)
+    run_both(pm.Modes(), [pm.mode_call(m) for m in ["reset", "decode", "reset", "pure", "decode"]], "DS")
+
+
+def test_forward_with_variadic_keywords_is_captured():
+    torch.manual_seed(4)
+    fast = run_both(pm.Modes(), [pm.mode_call("prefill"), pm.mode_call("decode")], "DS")
+    assert len(fast.graphs) == 2
+
+
+@pytest.mark.parametrize("width", [7, 8])
+def test_a_width_the_kernels_lack_is_not_lowered(width):
+    """transformers' Mamba2 with conv_kernel=7, Mamba with 8: the lowering declines at pass
+    time and says why; the update keeps its pure-torch form and stays exact."""
+    torch.manual_seed(5)
+    model = pm.CatIdiom(width)
+    fast = optimize(model, "DS", lower=True)
+    # exact up to the order torch sums the window in (a contiguous token axis sums otherwise)
+    assert check_equivalence(model, fast, [Step("decode", pm.inputs()) for _ in range(3)], rtol=1e-6, atol=1e-6).ok
+    reasons = [u.detail for u in fast.report.uses if u.action == Action.NOT_LOWERED]
+    assert reasons == [f"conv width {width} is outside the kernels' 2..6"]
+    assert not [u for u in fast.report.uses if u.action == Action.LOWERED]
+
+
+class DefaultDims(nn.Module):
+    """cat without dim and roll without dims on a rank-3 buffer (export drops the defaults)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(4, 3, 2))
+
+    def forward(self, x):
+        self.table.copy_(torch.roll(self.table, 1))
+        return torch.cat([self.table, x])
+
+
+def test_discovery_with_default_dims_does_not_crash():
+    model = DefaultDims()
+    with pytest.raises(LayoutPassError, match="no conv-state pool found"):
+        optimize(model, example_inputs=[(torch.randn(2, 3, 2),)])
+    fast = optimize(model, example_inputs=[(torch.randn(2, 3, 2),)], allow_missing=True)
+    assert fast.report.considered["table"].reason.startswith("written, but never")
+
+
+def test_every_buffer_considered_is_reported():
+    model = pm.Modes()
+    model.register_buffer("other", torch.randn(SLOTS := pm.SLOTS, 2, 2))
+    fast = optimize(model, example_inputs=[pm.mode_call("decode")])
+    assert fast.report.considered["pool"].taken and "reaches conv_update's state" in fast.report.considered["pool"].reason
+    assert not fast.report.considered["other"].taken
+    assert "not a pool: other (6, 2, 2): never written" in str(fast.report)
+    assert SLOTS == 6
+
+
+def test_a_graph_runs_only_against_the_layouts_it_was_built_for():
+    model = pm.Modes()
+    fast = optimize(model, "DS", example_inputs=[pm.mode_call("decode")])
+    entry = fast.__dict__["_lp"].entries[0]
+    flat = entry.flatten((), pm.mode_call("decode"))[0]
+    with pytest.raises(LayoutPassError, match="rewritten for 'pool' in DS, which is stored as None"):
+        entry.run(fast, flat, {})
+
+
+def test_a_refused_later_entry_moves_nothing_and_keeps_the_earlier_graphs():
+    """A pool found by a later call whose other entry cannot be rewritten: the whole step is
+    refused; the buffers and the entries already installed stay as they were."""
+    model = pm.Modes()
+    model.forward = _with_memory_order_write(model.forward)
+    fast = optimize(model, "DS")
+    fast(**pm.mode_call("trim"))  # no pool known yet: runs as captured
+    before = {k: v.clone() for k, v in fast.named_buffers()}
+    with pytest.raises(LayoutPassError, match="memory-order refusal"):
+        fast(**pm.mode_call("decode"))
+    assert all(torch.equal(v, fast.get_buffer(k)) for k, v in before.items())
+    assert not fast.report.pools
+    assert check_equivalence(model, fast, [Step("call", pm.mode_call("trim"))]).ok
+
+
+def _with_memory_order_write(forward):
+    def patched(x, slots, mode, **kwargs):
+        if mode == "trim":
+            forward.__self__.pool.view(pm.SLOTS, -1)[slots, :2] = 0.0  # SD memory order, written through
+        return forward(x, slots, mode, **kwargs)
+    return patched
