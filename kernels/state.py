@@ -180,7 +180,7 @@ def _copy_runs_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, slo
 
 @triton.jit
 def _unpack_boxes_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, s_slot, s_dim, s_tok, state_len,
-                         MESSAGE_DS: tl.constexpr, BLOCK_D: tl.constexpr, TOK_P2: tl.constexpr):
+                         MESSAGE_DS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_D: tl.constexpr, TOK_P2: tl.constexpr):
     """A (BLOCK_D channels x state_len) tile of a box (first channel, record offset, channels,
     record, prefix, the box's full width) of one slot, stored in the record in the sender's
     layout (MESSAGE_DS or SD), written into one layer's pool in its own strides: the relayout
@@ -191,13 +191,14 @@ def _unpack_boxes_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, 
     c = tl.arange(0, BLOCK_D)[:, None]
     t = tl.arange(0, TOK_P2)[None, :]
     slot = tl.load(slots + i).to(tl.int64)
-    pool = ref + tl.load(deltas + layer) + slot * s_slot + tl.load(tile) * s_dim
+    pool = ref + tl.multiple_of(tl.load(deltas + layer) + slot * s_slot + tl.load(tile) * s_dim, ALIGN)
     record = tl.load(tile + 4) * n_slots * n_layers + (i * n_layers + layer) * tl.load(tile + 3) + tl.load(tile + 1)
-    mask = (c < tl.load(tile + 2)) & (t < state_len)
+    record = tl.multiple_of(record, ALIGN)
+    mask = (c < tl.multiple_of(tl.load(tile + 2), ALIGN)) & (t < state_len)
     if MESSAGE_DS:
         v = tl.load(message + record + c * state_len + t, mask=mask)
     else:
-        v = tl.load(message + record + c + t * tl.load(tile + 5), mask=mask)
+        v = tl.load(message + record + c + t * tl.multiple_of(tl.load(tile + 5), ALIGN), mask=mask)
     tl.store(pool + c * s_dim + t * s_tok, v, mask=mask)
 
 
@@ -267,32 +268,45 @@ def _alignment(element_size: int, values) -> int:
     return align
 
 
-RUN_BLOCK, RUN_SLOTS, BOX_BLOCK = 1024, 4, 256
+RUN_BLOCK, RUN_SLOTS, BOX_BLOCK = 1024, 4, 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _run_tiles(entries: tuple, element_size: int) -> tuple[tuple, int]:
+    """The entries cut into RUN_BLOCK-element tiles, and the alignment they allow."""
+    tiles = tuple((pool_off + s, rec_off + s, min(RUN_BLOCK, length - s), rec, prefix)
+                  for pool_off, rec_off, length, rec, prefix in entries for s in range(0, length, RUN_BLOCK))
+    return tiles, _alignment(element_size, [v for row in tiles for v in row])
 
 
 def launch_copy_runs(pools, slots, entries, message, to_message) -> None:
-    tiles = tuple((pool_off + s, rec_off + s, min(RUN_BLOCK, length - s), rec, prefix)
-                  for pool_off, rec_off, length, rec, prefix in entries for s in range(0, length, RUN_BLOCK))
+    size, device = pools[0].element_size(), pools[0].device
+    tiles, align = _run_tiles(entries, size)
     if slots.shape[0] == 0 or not tiles:
         return
-    deltas, size, device = _deltas(pools), pools[0].element_size(), pools[0].device
-    values = [v for row in tiles for v in row] + list(deltas) + [
-        pools[0].stride(0), pools[0].data_ptr() // size, message.data_ptr() // size]
+    deltas = _deltas(pools)
+    align = min(align, _alignment(size, [*deltas, pools[0].stride(0), pools[0].data_ptr() // size,
+                                         message.data_ptr() // size]))
     grid = (triton.cdiv(slots.shape[0], RUN_SLOTS), len(tiles), len(pools))
     wrap_triton(_copy_runs_kernel)[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device),
                                          slots.shape[0], len(pools), pools[0].stride(0), TO_MESSAGE=to_message,
-                                         ALIGN=_alignment(size, values), SLOTS=RUN_SLOTS, BLOCK=RUN_BLOCK, num_warps=4)
+                                         ALIGN=align, SLOTS=RUN_SLOTS, BLOCK=RUN_BLOCK, num_warps=4)
 
 
 def launch_unpack_boxes(pools, views, slots, entries, message, message_layout) -> None:
-    state_len, device = views[0].shape[2], pools[0].device
+    state_len, size, device = views[0].shape[2], pools[0].element_size(), pools[0].device
     step = state_len if message_layout == DS else 1  # record elements per channel of a box
     tiles = tuple((d0 + s, rec_off + s * step, min(BOX_BLOCK, width - s), rec, prefix, width)
                   for d0, rec_off, width, rec, prefix in entries for s in range(0, width, BOX_BLOCK))
     if slots.shape[0] == 0 or not tiles:
         return
+    deltas = _deltas(pools)
+    # what the hints claim: the tile's start in the pool and in the record, its width, an SD record's row stride
+    align = _alignment(size, [v for d0, rec_off, n, rec, prefix, width in tiles
+                              for v in (d0 * views[0].stride(1), rec_off, n, rec, prefix, width)]
+                       + [*deltas, views[0].stride(0), pools[0].data_ptr() // size, message.data_ptr() // size])
     grid = (slots.shape[0], len(tiles), len(pools))
-    wrap_triton(_unpack_boxes_kernel)[grid](pools[0], _table(_deltas(pools), device), slots, message,
-                                            _table(tiles, device), slots.shape[0], len(pools), *views[0].stride(),
-                                            state_len, MESSAGE_DS=message_layout == DS, BLOCK_D=BOX_BLOCK,
-                                            TOK_P2=triton.next_power_of_2(state_len), num_warps=4)
+    wrap_triton(_unpack_boxes_kernel)[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device),
+                                            slots.shape[0], len(pools), *views[0].stride(), state_len,
+                                            MESSAGE_DS=message_layout == DS, ALIGN=align, BLOCK_D=BOX_BLOCK,
+                                            TOK_P2=triton.next_power_of_2(state_len), num_warps=8)

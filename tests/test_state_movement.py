@@ -165,19 +165,20 @@ def test_copy_runs_pack_and_unpack(runs, path, interleaved, device):
 @pytest.mark.parametrize("src, dst", [("SD", "DS"), ("DS", "SD")])
 def test_unpack_boxes_relayouts_on_receipt(src, dst, path, device):
     _, unpack_boxes = _through(path)
-    n, layers, tok, dim = 4, 2, 3, 300  # a box wider than one 256-channel tile
-    logical = torch.randn(n, layers, dim, tok, device=device)  # what was sent, (slot, layer, dim, tok)
-    entries = ((10, 0, 280, 300 * tok, 0), (0, 280 * tok, 20, 300 * tok, 0))  # channels 0..280 -> 10.., 280.. -> 0..
-    boxes = [logical[:, :, a:a + w] for a, w in ((0, 280), (280, 20))]  # each in the sender's order
+    n, layers, tok = 4, 2, 3
+    logical = torch.randn(n, layers, 1200, tok, device=device)  # what was sent, (slot, layer, dim, tok)
+    # channels 0..1100 (wider than one kernel tile) go to 100..1200, channels 1100..1200 to 0..100
+    entries = ((100, 0, 1100, 1200 * tok, 0), (0, 1100 * tok, 100, 1200 * tok, 0))
+    boxes = [logical[:, :, a:a + w] for a, w in ((0, 1100), (1100, 100))]  # each in the sender's order
     message = torch.cat([(b.transpose(-1, -2) if src == "SD" else b).reshape(n, layers, -1) for b in boxes], 2).flatten()
-    pools = layer_pools(layers, dst, slots=6, dim=320, tok=tok, device=device)
+    pools = layer_pools(layers, dst, slots=6, dim=1210, tok=tok, device=device)
     before = [LAYOUTS[dst].view(p, DS).clone() for p in pools]
     slots = torch.tensor([5, 1, 0, 3], dtype=torch.int32, device=device)
     unpack_boxes(pools, dst, slots, entries, message, src)
     for layer, (pool, old) in enumerate(zip(pools, before)):
         expected = old.clone()
-        expected[slots.long(), 10:290] = logical[:, layer, :280]
-        expected[slots.long(), 0:20] = logical[:, layer, 280:]
+        expected[slots.long(), 100:1200] = logical[:, layer, :1100]
+        expected[slots.long(), 0:100] = logical[:, layer, 1100:]
         assert torch.equal(LAYOUTS[dst].view(pool, DS), expected)
 
 
