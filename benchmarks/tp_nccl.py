@@ -222,7 +222,7 @@ def write(results, out, device):
     import triton
     cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     meta = dict(cards=cards, torch=torch.__version__, triton=triton.__version__,
-                nccl=".".join(map(str, torch.cuda.nccl.version())), copy_gbps=copy_bandwidth(device))
+                nccl=str(torch.cuda.nccl.version()), copy_gbps=copy_bandwidth(device))
     lines = [f"Cards: {', '.join(sorted(set(cards)))} x {len(cards)}; torch {meta['torch']}; triton {meta['triton']}; "
              f"NCCL {meta['nccl']}; one GPU's device copy {meta['copy_gbps']:.0f} GB/s (read + write). "
              f"Mamba2-2.7B conv pools (bf16, state_len 3, 4096 slots), 1024 random slots to 1024 random slots; "
