@@ -30,7 +30,7 @@ from .errors import ArgumentError, LayoutPassError
 from .layout import DS, Layout, parse_layout
 from .report import Action, Kind, Pool, Report, Use, use
 from .rewrite import relayout_graph
-from .verify import verify
+from .verify import UnprovenRewrite, verify
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,10 @@ def _build(entry: Entry, pools: dict[str, Pool], options: Options, module: nn.Mo
                  for name, ph in moving.items()}
     uses = relayout_graph(gm, relayouts, entry.name) if relayouts else []
     if relayouts:
-        _refresh_meta(gm, relayouts)
+        try:
+            _refresh_meta(gm, relayouts)
+        except Exception as err:  # a rule built a graph torch cannot even run on fake tensors
+            raise UnprovenRewrite(f"the rewrite of {entry.name} does not typecheck: {str(err).splitlines()[0]}") from err
         verify(entry.program.graph_module.graph, gm.graph,
                {ph: (name, pools[name].source) for name, ph in taken.items()},
                {ph: (name, pools[name].target) for name, ph in taken.items()}, entry.name)

@@ -4,7 +4,7 @@ point (tinygrad's graph_rewrite, on an FX graph)."""
 import torch
 import torch.fx
 
-from layoutpass.rewrites.permutes import MEMORY_ORDER, RULES
+from layoutpass.rewrites.permutes import MAYBE_COPIES, MEMORY_ORDER, RULES, copied
 
 from .discover import STATE_ARGUMENT
 from .errors import LayoutPassError
@@ -79,6 +79,7 @@ def _run(graph: torch.fx.Graph, r: Rewriter, uses: list[Use], entry: str) -> Non
             continue
         x, p = q.args[0], tuple(q.args[1])
         if p == tuple(range(len(p))):
+            _keep_copies(r, q, x)
             q.replace_all_uses_with(x)
             graph.erase_node(q)
             continue
@@ -97,6 +98,16 @@ def _run(graph: torch.fx.Graph, r: Rewriter, uses: list[Use], entry: str) -> Non
                 _keep(r, user, q, uses, entry)
         if not q.users:
             graph.erase_node(q)
+
+
+def _keep_copies(r: Rewriter, q: torch.fx.Node, x: torch.fx.Node) -> None:
+    """A permutation that cancelled leaves its users the storage itself: a contiguous() or
+    reshape() that copied the model's permuted view would now alias the pool; make it copy."""
+    for user in list(q.users):
+        if user.target in MAYBE_COPIES and copied(user, q):
+            r.anchor = user
+            user.replace_input_with(q, r.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
+                                              rank=r.rank(q)))
 
 
 def _keep(r: Rewriter, user: torch.fx.Node, q: torch.fx.Node, uses: list[Use], entry: str) -> None:

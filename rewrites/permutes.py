@@ -192,15 +192,25 @@ def _binary(r, use, q, x, p):
 # In-place fills: the tensor they return is their input, filled whatever its layout.
 FILLS = (aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default)
 
+def copied(use, q) -> bool:
+    """Whether `use` (contiguous, reshape: a copy or a view depending on strides) copied in the
+    model. After a relayout the strides differ: a copy that became an alias would see the
+    pool's later writes, so the copy is kept explicit."""
+    if "val" not in use.meta or "val" not in q.meta:
+        return True
+    return not torch._C._is_alias_of(use.meta["val"], q.meta["val"])
+
+
 def _contiguous(r, use, q, x, p):
-    """contiguous() copies or not depending on strides: keep whichever the model got (a copy
-    that became an alias would see the pool's later writes)."""
-    copied = not torch._C._is_alias_of(use.meta["val"], q.meta["val"]) if "val" in use.meta and "val" in q.meta else True
-    if copied:
+    if copied(use, q):
         y = r.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}, rank=len(p))
     else:
         y = r.call(aten.contiguous.default, (x,), rank=len(p))
     return r.pending(y, p)
+
+
+# Ops that copy or alias depending on their input's strides.
+MAYBE_COPIES = {aten.contiguous.default, aten.reshape.default, aten.flatten.using_ints}
 
 
 AGNOSTIC, AXIS, PERMUTATION = Kind.AGNOSTIC, Kind.AXIS, Kind.PERMUTATION
