@@ -10,7 +10,8 @@ untouched slots unchanged), then timed: the ranks meet at a barrier, a host cloc
 the transfer has finished on every rank, the row's time is the median over iterations of the
 slowest rank. The ceiling is one batch_isend_irecv of the same bytes per (src, dst) pair,
 already packed. Beside it, on one GPU: the sender's pack and the receiver's unpack alone (one
-launch over all slots and layers, CUDA events).
+launch over all slots and layers; CUDA events around ten back-to-back launches). Two whole-model
+rows are also timed at several chunk counts.
 
     python benchmarks/tp_nccl.py --out DIR      # 4 GPUs: tp_nccl.json + tp_nccl.md
     python benchmarks/tp_nccl.py --smoke        # 4 CPU processes over gloo, tiny shapes: the checks only"""
@@ -45,6 +46,7 @@ PAIRS = [("TP1->TP2", 1, 2, [("SD", "SD"), ("DS", "DS")]),
          ("TP2->TP1", 2, 1, [("SD", "SD"), ("DS", "DS")]),
          ("TP2->TP2", 2, 2, [("SD", "SD"), ("DS", "DS"), ("SD", "DS")])]
 FILL = -7.0
+SWEEP = {("TP1->TP2", "DSDS", "even"), ("TP2->TP2", "SDDS", "even")}  # whole-model rows timed at several chunk counts
 
 
 def rows(cfg):
@@ -105,19 +107,18 @@ def timed(fn, group, device, iters, warmup=2):
 
 
 def local_time(fn, device, reps=10):
-    """Median of one GPU's kernel time (us), CUDA events; None on the CPU."""
+    """One GPU's time per call (us): CUDA events around `reps` back-to-back calls (the GPU's
+    time when it is the slower side, else the host's launch time); None on the CPU."""
     if device.type != "cuda":
         return None
     fn()
-    out = []
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
         fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(out)
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
 
 
 def run_row(row, cfg, rank, device, groups_by_world):
@@ -174,6 +175,8 @@ def run_row(row, cfg, rank, device, groups_by_world):
     result["ceiling_us"] = timed(ceiling, group, device, iters)
     result["ours_us"] = timed(move, group, device, iters)
     result["one_batch_us"] = timed(lambda: move(1), group, device, iters)
+    if (name, src_layout + dst_layout, groups) in SWEEP and layers == max(cfg["layers"]):
+        result["chunks_us"] = {c: timed(lambda: move(c), group, device, iters) for c in (2, 4, 8, 16, 32)}
     message = torch.empty(sum(pair_elems.values()), dtype=cfg["dtype"], device=device)
     if role == "src":
         pack = local_time(lambda: state.copy_runs(pools, slots, side.runs, message, True), device)
@@ -241,6 +244,14 @@ def write(results, out, device):
                      f"{per_pair / 1e6:.1f} MB | {r['ceiling_us']:.0f} | {r['ours_us']:.0f} | "
                      f"{r['ours_us'] / r['ceiling_us']:.2f} | {r['one_batch_us']:.0f} | "
                      f"{' / '.join(f'{t:.0f}' for t in r['pack_us'])} | {' / '.join(f'{t:.0f}' for t in r['unpack_us'])} |")
+    sweeps = [r for r in results if "chunks_us" in r]
+    if sweeps:
+        counts = list(sweeps[0]["chunks_us"])
+        lines += ["", "Chunks (batches per transfer) against time (us), whole model; the default picks "
+                  "about 96 MiB per pair:", "", "| pair | pools | " + " | ".join(map(str, counts)) + " |",
+                  "|---|---|" + "---|" * len(counts)]
+        lines += [f"| {r['pair']} | {r['layouts']} | " + " | ".join(f"{r['chunks_us'][c]:.0f}" for c in counts) + " |"
+                  for r in sweeps]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tp_nccl.json").write_text(json.dumps(dict(meta, rows=results), indent=1))
     (out / "tp_nccl.md").write_text("\n".join(lines) + "\n")

@@ -155,6 +155,8 @@ def _check_range(d0: int, d1: int, dim: int) -> None:
 # record: (pool offset or first channel, offset in the record, run length or channels, record
 # size, elements per (slot, layer) of the earlier peers' records). The launchers cut entries
 # into tiles, so the kernels have no loops: a program moves one tile of SLOTS slots of one layer.
+# They are plain launches (not torch ops: no graph captures them), which keeps the host's cost
+# per launch at Triton's own.
 
 @triton.jit
 def _copy_runs_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, slot_stride,
@@ -208,7 +210,7 @@ def copy_runs(pools: list[torch.Tensor], slots: torch.Tensor, entries, message: 
     of every pool (one shape, dtype and strides; each slot's block contiguous) to
     (`to_message`) or from the message. entries: rows of 5 ints. One Triton launch on CUDA;
     torch slicing elsewhere."""
-    entries = tuple(tuple(int(v) for v in row) for row in entries)
+    entries = _rows(entries)
     if message.is_cuda:
         launch_copy_runs(pools, slots, entries, message, to_message)
         return
@@ -228,7 +230,7 @@ def unpack_boxes(pools: list[torch.Tensor], layout: "str | Layout", slots: torch
     message in `message_layout`'s order, into channels [first, first + channels) of the given
     slots of every pool (stored in `layout`): the relayout on receipt."""
     layout, message_layout = parse_layout(layout, "layout"), parse_layout(message_layout, "message_layout")
-    entries = tuple(tuple(int(v) for v in row) for row in entries)
+    entries = _rows(entries)
     views = [_logical(p, layout) for p in pools]
     if message.is_cuda:
         launch_unpack_boxes(pools, views, slots, entries, message, message_layout)
@@ -240,6 +242,13 @@ def unpack_boxes(pools: list[torch.Tensor], layout: "str | Layout", slots: torch
         box = message_layout.view(box.reshape(-1, *region), DS).reshape(*view.shape[:2], width, state_len)
         for layer, pool in enumerate(views):
             pool[index, d0:d0 + width] = box[:, layer]
+
+
+def _rows(entries) -> tuple[tuple[int, ...], ...]:
+    """Entries as a hashable tuple of int rows (what the executor already passes, kept as is)."""
+    if isinstance(entries, tuple) and all(type(row) is tuple for row in entries):
+        return entries
+    return tuple(tuple(int(v) for v in row) for row in entries)
 
 
 def _records(pools, slots, message, entries) -> list[torch.Tensor]:
@@ -288,9 +297,9 @@ def launch_copy_runs(pools, slots, entries, message, to_message) -> None:
     align = min(align, _alignment(size, [*deltas, pools[0].stride(0), pools[0].data_ptr() // size,
                                          message.data_ptr() // size]))
     grid = (triton.cdiv(slots.shape[0], RUN_SLOTS), len(tiles), len(pools))
-    wrap_triton(_copy_runs_kernel)[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device),
-                                         slots.shape[0], len(pools), pools[0].stride(0), TO_MESSAGE=to_message,
-                                         ALIGN=align, SLOTS=RUN_SLOTS, BLOCK=RUN_BLOCK, num_warps=4)
+    _copy_runs_kernel[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device), slots.shape[0],
+                            len(pools), pools[0].stride(0), TO_MESSAGE=to_message, ALIGN=align, SLOTS=RUN_SLOTS,
+                            BLOCK=RUN_BLOCK, num_warps=4)
 
 
 def launch_unpack_boxes(pools, views, slots, entries, message, message_layout) -> None:
@@ -306,7 +315,7 @@ def launch_unpack_boxes(pools, views, slots, entries, message, message_layout) -
                               for v in (d0 * views[0].stride(1), rec_off, n, rec, prefix, width)]
                        + [*deltas, views[0].stride(0), pools[0].data_ptr() // size, message.data_ptr() // size])
     grid = (slots.shape[0], len(tiles), len(pools))
-    wrap_triton(_unpack_boxes_kernel)[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device),
-                                            slots.shape[0], len(pools), *views[0].stride(), state_len,
-                                            MESSAGE_DS=message_layout == DS, ALIGN=align, BLOCK_D=BOX_BLOCK,
-                                            TOK_P2=triton.next_power_of_2(state_len), num_warps=8)
+    _unpack_boxes_kernel[grid](pools[0], _table(deltas, device), slots, message, _table(tiles, device),
+                               slots.shape[0], len(pools), *views[0].stride(), state_len,
+                               MESSAGE_DS=message_layout == DS, ALIGN=align, BLOCK_D=BOX_BLOCK,
+                               TOK_P2=triton.next_power_of_2(state_len), num_warps=8)

@@ -22,7 +22,7 @@ from .errors import ArgumentError
 from .kernels import state
 from .layout import Layout, Runs, parse_layout
 
-CHUNK_BYTES = 32 << 20  # per (src, dst) pair: a chunk's send overlaps the next chunk's packing
+CHUNK_BYTES = 96 << 20  # per (src, dst) pair: a chunk's send overlaps the next chunk's packing
 MAX_CHUNKS = 16
 
 
