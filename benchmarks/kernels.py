@@ -200,9 +200,9 @@ def check_prefill(args, batch, length, gen) -> dict:
     case = prefill_case(batch, length, gen)
     x, weight, bias, idx, has_init, _ = case
     result, ours = {}, {}
+    pools = {layout: make_pools(layout, 1)[0] for layout in ("SD", "DS")}
     for name, call in prefill_impls(args, *case).items():
-        for layout in ("SD", "DS"):
-            (pool,) = make_pools(layout, 1)
+        for layout, pool in pools.items():
             expected_state, state = pool.clone(), pool.clone()
             expected = torch_prefill(x, weight, bias, expected_state, [length] * batch, idx, has_init)
             got = call(state)
@@ -284,10 +284,10 @@ def sweep(gen, log) -> None:
 
 
 def check_compiled(gen) -> str:
-    """torch.compile(fullgraph=True) of a DS decode step at every batch gives eager's bits
+    """torch.compile(fullgraph=True) of a DS decode step gives eager's bits (smallest and largest batch)
     (inductor launches our kernels itself: the block table's choices, PDL included)."""
     results = []
-    for batch in BATCHES:
+    for batch in (BATCHES[0], BATCHES[-1]):
         idx, xs, weight, bias = decode_case(batch, gen)
         (pool,) = make_pools("DS", 1)
         step = lambda x, s: conv_update(x, s, weight, bias, "silu", idx, out=torch.empty_like(x))
@@ -297,7 +297,7 @@ def check_compiled(gen) -> str:
             return f"torch.compile failed at B={batch}: {type(error).__name__}: {str(error)[:300]}"
         eager_pool = pool.clone()
         results.append(torch.equal(got, step(xs[0].clone(), eager_pool)) and torch.equal(compiled_pool, eager_pool))
-    return "torch.compile == eager (bits) at every batch" if all(results) else f"torch.compile differs: {results}"
+    return f"torch.compile == eager (bits) at B={BATCHES[0]} and B={BATCHES[-1]}" if all(results) else f"torch.compile differs: {results}"
 
 
 def wide_table(rows: list[dict], peer_label: str) -> list[str]:

@@ -3,16 +3,23 @@
 The access pattern follows the layout, not only the strides (UPDATE_BLOCKS picks the path):
 under SD (or any other strides) a program's state block is state_len rows of BLOCK_D channels,
 channels fastest ("tiled"); under DS it is one contiguous run of BLOCK_D * state_len elements
-per slot, loaded and stored flat ("flat"), or, for one token without spec decode, read once as
-[BLOCK_D, width] rows with the window, the output and the shifted state made in registers
-("rows"). Each program loads everything it needs, then barriers, then stores, so in-place use
-(out over x, the state over itself) is race-free.
+per slot, loaded and stored flat ("flat"), or, for one token without spec decode, moved as
+whole 16-byte vectors per group of 8 channels with the taps and the shifted state rearranged
+in registers ("vec"). Each program loads everything it needs, then barriers, then stores, so
+in-place use (out over x, the state over itself) is race-free.
 Semantics: kernels/reference.py."""
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+
+@triton.jit
+def _when(cond, mask):
+    """mask where the scalar cond holds, else all false. (Not `mask & cond`: Triton 3.9's
+    interpreter casts a broadcast scalar comparison to an integer mask and rejects it.)"""
+    return tl.where(cond, mask, False)
 
 
 @triton.jit
@@ -74,20 +81,20 @@ def _conv_state_kernel(
             old_ptr = s_base + d0 * ss_dim + e + shift
         else:
             old_ptr = s_base + D2 * ss_dim + pos * ss_tok
-        old = tl.load(old_ptr, mask=in_tile & (pos >= 0) & (pos < end) & readable, other=0.0)
-        new = tl.load(x_base + D2 * sx_dim + (pos - end) * sx_tok, mask=in_tile & (pos >= end) & active, other=0.0)
+        old = tl.load(old_ptr, mask=_when(readable, in_tile & (pos >= 0) & (pos < end)), other=0.0)
+        new = tl.load(x_base + D2 * sx_dim + (pos - end) * sx_tok, mask=_when(active, in_tile & (pos >= end)), other=0.0)
         new = tl.where(pos >= end, new, old)
 
         if WRITE_OUT:
             tl.debug_barrier()  # the state block is in L1 now: the shifted tap loads below hit it
-            live = (T2 < tokens) & (Dy < dim) & active
+            live = _when(active, (T2 < tokens) & (Dy < dim))
             if HAS_BIAS:
                 acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32) + tl.load(b_ptr + Dy, mask=Dy < dim, other=0.0).to(tl.float32)
             else:
                 acc = tl.zeros((TOK_P2, BLOCK_D), tl.float32)
             for k in tl.static_range(WIDTH):
                 p = end - (WIDTH - 1) + T2 + k
-                vs = tl.load(s_base + Dy * ss_dim + p * ss_tok, mask=live & (p < end) & readable, other=0.0)
+                vs = tl.load(s_base + Dy * ss_dim + p * ss_tok, mask=_when(readable, live & (p < end)), other=0.0)
                 vx = tl.load(x_base + Dy * sx_dim + (p - end) * sx_tok, mask=live & (p >= end), other=0.0)
                 wk = tl.load(w_ptr + Dy * sw_dim + k * sw_k, mask=Dy < dim, other=0.0).to(tl.float32)
                 acc += wk * (vs.to(tl.float32) + vx.to(tl.float32))
@@ -95,71 +102,11 @@ def _conv_state_kernel(
                 acc = acc / (1.0 + tl.exp(-acc))
         tl.debug_barrier()
         if FLAT:
-            tl.store(s_base + d0 * ss_dim + e, new, mask=in_tile & active)
+            tl.store(s_base + d0 * ss_dim + e, new, mask=_when(active, in_tile))
         else:
-            tl.store(s_base + D2 * ss_dim + J2 * ss_tok, new, mask=in_tile & active)
+            tl.store(s_base + D2 * ss_dim + J2 * ss_tok, new, mask=_when(active, in_tile))
         if WRITE_OUT:
             tl.store(o_base + Dy * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=live)
-
-
-@triton.jit
-def _taps(acc, window, w, COLS: tl.constexpr, WIDTH: tl.constexpr):
-    """acc + sum_k w[:, k] * window[:, k], one tap after another from k = 0, as
-    _conv_state_kernel sums them: the same roundings, so a DS pool gives the bits an SD pool
-    gives. The columns come apart by splits (in registers), COLS 2 or 4."""
-    if COLS == 2:
-        v0, v1 = tl.split(window)
-        w0, w1 = tl.split(w)
-        v2, v3, w2, w3 = v1, v1, w1, w1  # unused: WIDTH <= 2
-    else:
-        ve, vo = tl.split(tl.reshape(window, (window.shape[0], 2, 2)))  # columns (0, 2), (1, 3)
-        we, wo = tl.split(tl.reshape(w, (w.shape[0], 2, 2)))
-        v0, v2 = tl.split(ve)
-        v1, v3 = tl.split(vo)
-        w0, w2 = tl.split(we)
-        w1, w3 = tl.split(wo)
-    acc += w0 * v0
-    acc += w1 * v1
-    if WIDTH > 2:
-        acc += w2 * v2
-    if WIDTH > 3:
-        acc += w3 * v3
-    return acc
-
-
-@triton.jit
-def _ds_rows_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, dim, null_block_id,
-                    sx_seq, sx_dim, sw_dim, sw_k, ss_slot, so_seq, so_dim,
-                    STATE_LEN: tl.constexpr, WIDTH: tl.constexpr, COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SILU: tl.constexpr, HAS_INDICES: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The hot path on a dense DS pool: one token, no spec decode, state_len == width - 1 <= 3.
-    The block's state is one [BLOCK_D, COLS] tile read once (rows of state_len, coalesced);
-    the window is that tile with x in its last column, the output its dot with the weight
-    tile, the new state the window shifted one column (in registers)."""
-    seq = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    c = tl.arange(0, COLS)[None, :]
-    D2 = d[:, None]
-    slot = seq
-    if HAS_INDICES:
-        slot = tl.load(idx_ptr + seq).to(tl.int64)
-        if slot == null_block_id:
-            return
-    base = state_ptr + slot * ss_slot + D2 * STATE_LEN
-    state = tl.load(base + c, mask=(D2 < dim) & (c < STATE_LEN), other=0.0)
-    x = tl.load(x_ptr + seq * sx_seq + d * sx_dim, mask=d < dim, other=0.0)
-    w = tl.load(w_ptr + D2 * sw_dim + c * sw_k, mask=(D2 < dim) & (c < WIDTH), other=0.0)
-    window = tl.where(c == STATE_LEN, x[:, None], state)
-    if HAS_BIAS:
-        acc = tl.load(b_ptr + d, mask=d < dim, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_D,), tl.float32)
-    acc = _taps(acc, window.to(tl.float32), w.to(tl.float32), COLS, WIDTH)
-    if SILU:
-        acc = acc / (1.0 + tl.exp(-acc))
-    shifted = tl.gather(window, tl.minimum(c + 1, COLS - 1).broadcast_to(BLOCK_D, COLS), axis=1)
-    tl.store(base + c, shifted, mask=(D2 < dim) & (c < STATE_LEN))
-    tl.store(out_ptr + seq * so_seq + d * so_dim, acc.to(out_ptr.dtype.element_ty), mask=d < dim)
 
 
 @triton.jit
@@ -280,7 +227,7 @@ def _ds_vec_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, batch, grou
         if HAS_INDICES:
             slot = tl.load(idx_ptr + seq, mask=live, other=null_block_id).to(tl.int64)
             live = live & (slot != null_block_id)
-        mask = in_dim & live
+        mask = _when(live, in_dim)
         s_at = state_ptr + slot * (ss8 * 8) + group * (8 * STATE_LEN) + lane
         p0, p1, p2, _ = _pieces(s_at, mask, STATE_LEN)
         x = tl.load(x_ptr + seq * (sx8 * 8) + group * 8 + lane, mask=mask, other=0.0)
@@ -310,23 +257,15 @@ def _ds_vec_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, batch, grou
 
 
 @triton.jit
-def _prefill_weights(w_ptr, D2, dim, sw_dim, sw_k, WIDTH: tl.constexpr):
-    """The taps' weights as a tuple of fp32 tiles, loaded once per program."""
-    ws = ()
-    for k in tl.static_range(WIDTH):
-        ws = ws + (tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32),)
-    return ws
-
-
-@triton.jit
-def _prefill_tap(x_ptr, head_ptr, wk, D2, T2, seq, start, live, dim, sx_dim, sx_tok, k: tl.constexpr,
-                 WIDTH: tl.constexpr):
+def _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+                 k: tl.constexpr, WIDTH: tl.constexpr):
     """Tap k's contribution: input position t - (WIDTH - 1) + k, from x inside the sequence,
     from `head` before its start."""
     p = T2 - (WIDTH - 1) + k
     vx = tl.load(x_ptr + D2 * sx_dim + p * sx_tok, mask=live & (p >= start), other=0.0)
     h = WIDTH - 1 - start + p
     vh = tl.load(head_ptr + (seq * (WIDTH - 1) + h) * dim + D2, mask=live & (p < start), other=0.0)
+    wk = tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32)
     return wk * (vx.to(tl.float32) + vh.to(tl.float32))
 
 
@@ -336,46 +275,40 @@ def _prefill_out_kernel(
     num_tokens, dim, null_block_id,
     sx_dim, sx_tok, sw_dim, sw_k, so_dim, so_tok,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
-    TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr,
+    TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """TILES consecutive (token block, channel block) tiles of the varlen prefill output, the
-    weights loaded once. Token blocks may span sequences: each token finds its sequence; taps
-    before a sequence's start read `head`, the (batch, width - 1, dim) inputs before it (its
-    initial state's tail, or zeros). The pool is not touched here, so this kernel is the same
-    for every pool layout."""
+    """A (token block, channel block) of the varlen prefill output. Token blocks may span
+    sequences: each token finds its sequence; taps before a sequence's start read `head`, the
+    (batch, width - 1, dim) inputs before it (its initial state's tail, or zeros). The pool is
+    not touched here, so this kernel is the same for every pool layout."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     if TOK_FAST:
-        D2 = d[:, None]
+        D2, T2 = d[:, None], t[None, :]
     else:
-        D2 = d[None, :]
-    ws = _prefill_weights(w_ptr, D2, dim, sw_dim, sw_k, WIDTH)
+        D2, T2 = d[None, :], t[:, None]
+    mask = (T2 < num_tokens) & (D2 < dim)
+    seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
+    start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
+    live = mask
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
+        live = live & (slot != null_block_id)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32)
+        acc = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32) + tl.zeros((1, 1), tl.float32)
     else:
-        bias = tl.zeros((1, 1), tl.float32)
-    for i in range(TILES):
-        t = (tl.program_id(0) * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-        if TOK_FAST:
-            T2 = t[None, :]
-        else:
-            T2 = t[:, None]
-        mask = (T2 < num_tokens) & (D2 < dim)
-        seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
-        start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
-        live = mask
-        if HAS_INDICES:
-            slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
-            live = live & (slot != null_block_id)
-        # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
-        acc = bias + _prefill_tap(x_ptr, head_ptr, ws[WIDTH - 1], D2, T2, seq, start, live, dim, sx_dim, sx_tok,
-                                  WIDTH - 1, WIDTH)
-        tl.debug_barrier()
-        for k in tl.static_range(WIDTH - 1):
-            acc += _prefill_tap(x_ptr, head_ptr, ws[k], D2, T2, seq, start, live, dim, sx_dim, sx_tok, k, WIDTH)
-        if SILU:
-            acc = acc / (1.0 + tl.exp(-acc))
-        acc = tl.where(live, acc, 0.0)
-        tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc = tl.zeros((1, 1), tl.float32)
+    # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
+    acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+                        WIDTH - 1, WIDTH)
+    tl.debug_barrier()
+    for k in tl.static_range(WIDTH - 1):
+        acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+                            k, WIDTH)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    acc = tl.where(live, acc, 0.0)
+    tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _flat(conv_state: torch.Tensor) -> bool:
@@ -385,15 +318,18 @@ def _flat(conv_state: torch.Tensor) -> bool:
 
 # Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps,
 # path), the first match wins. Paths: "tiled" (any strides), "flat" (a dense DS block as one
-# run), "rows" (dense DS, one token, no spec, state_len == width - 1 <= 3; else "flat"); PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). Chosen by
-# `benchmarks/kernels.py --sweep` on an H100 (benchmarks/results/kernels.json).
+# run), "vec" (dense DS, one token, no spec, state_len == width - 1 <= 3, whole 8-channel
+# groups; else "flat"). PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). PDL:
+# programmatic dependent launch on the vec path (each kernel starts while the one before it
+# drains; Hopper and newer). Chosen by `benchmarks/kernels.py --sweep` on an H100 80GB HBM3
+# (benchmarks/results/bench.log).
 UPDATE_BLOCKS = {
-    True: [(16, 128, 1, 4, "flat"), (64, 256, 1, 4, "rows"), (256, 128, 1, 2, "rows"), (1 << 62, 128, 1, 1, "rows")],
+    True: [(1 << 62, 256, 1, 1, "vec")],
     False: [(16, 128, 1, 4, "tiled"), (64, 256, 1, 1, "tiled"), (256, 128, 1, 2, "tiled"),
             (1 << 62, 256, 1, 1, "tiled")],
 }
-PREFILL_BLOCKS = {True: (64, 64, 4, 1), False: (64, 64, 8, 1)}
-PDL = False  # programmatic dependent launch on the vec path (Hopper and newer; CUDA only)
+PREFILL_BLOCKS = {True: (64, 64, 4), False: (16, 256, 4)}
+PDL = True
 
 
 def _update_config(flat: bool, batch: int) -> tuple[int, int, int, str]:
@@ -412,14 +348,10 @@ def update(x, conv_state, weight, bias, activation, conv_state_indices, num_acce
         batch, seqlen = x.shape[0], (x.shape[2] if x.dim() == 3 else 1)
         tok_p2 = triton.next_power_of_2(seqlen)
         block_d, seqs, warps, path = _update_config(_flat(conv_state), batch)
-        if (path in ("rows", "vec") and seqlen == 1 and num_accepted_tokens is None
-                and conv_state.shape[2] == weight.shape[1] - 1 <= 3 and batch):
-            if path == "vec" and _vec_ok(x, weight, bias, conv_state, out):
-                _launch_vec(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d,
-                            seqs, warps)
-            else:
-                _launch_rows(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d,
-                             warps)
+        if (path == "vec" and seqlen == 1 and num_accepted_tokens is None and batch
+                and conv_state.shape[2] == weight.shape[1] - 1 <= 3 and _vec_ok(x, weight, bias, conv_state, out)):
+            _launch_vec(x, weight, bias, conv_state, conv_state_indices, activation, null_block_id, out, block_d, seqs,
+                        warps)
             return
         sx = (x.stride(0), x.stride(1), x.stride(2) if x.dim() == 3 else 0)
         so = (out.stride(0), out.stride(1), out.stride(2) if out.dim() == 3 else 0)
@@ -457,17 +389,6 @@ def _heads(conv_states, cache_indices, has_initial_state, batch, width) -> torch
     return torch.where(has_initial_state[:, None, None], tail, 0).contiguous()
 
 
-def _launch_rows(x, weight, bias, conv_state, indices, activation, null_block_id, out, block_d, warps):
-    dim = conv_state.shape[1]
-    block_d = min(block_d, triton.next_power_of_2(dim))
-    wrap_triton(_ds_rows_kernel)[(x.shape[0], triton.cdiv(dim, block_d))](
-        x, weight, bias, conv_state, indices, out, dim, null_block_id,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), conv_state.stride(0), out.stride(0), out.stride(1),
-        STATE_LEN=conv_state.shape[2], WIDTH=weight.shape[1], COLS=triton.next_power_of_2(weight.shape[1]),
-        HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_INDICES=indices is not None, BLOCK_D=block_d,
-        num_warps=warps)
-
-
 def _vec_ok(x, weight, bias, conv_state, out) -> bool:
     """The vec path's layout: 8-channel groups are whole 16-byte-aligned vectors."""
     strides = (x.stride(0), out.stride(0), conv_state.stride(0), conv_state.shape[1])
@@ -479,12 +400,13 @@ def _vec_ok(x, weight, bias, conv_state, out) -> bool:
 def _launch_vec(x, weight, bias, conv_state, indices, activation, null_block_id, out, block_d, seqs, warps):
     dim, batch = conv_state.shape[1], x.shape[0]
     block_d = max(8, min(block_d, triton.next_power_of_2(dim)))
-    pdl = dict(launch_pdl=True) if PDL else {}
+    pdl = PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     wrap_triton(_ds_vec_kernel)[(triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))](
         x, weight, bias, conv_state, indices, out, batch, dim // 8, null_block_id,
         x.stride(0) // 8, conv_state.stride(0) // 8, out.stride(0) // 8,
         STATE_LEN=conv_state.shape[2], HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_INDICES=indices is not None, BLOCK_D=block_d, SEQS=seqs, PDL=PDL, num_warps=warps, **pdl)
+        HAS_INDICES=indices is not None, BLOCK_D=block_d, SEQS=seqs, PDL=pdl, num_warps=warps,
+        **(dict(launch_pdl=True) if pdl else {}))
 
 
 def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation,
@@ -498,16 +420,15 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     seq_of_token = torch.searchsorted(query_start_loc[1:], torch.arange(num_tokens, device=x.device,
                                                                         dtype=query_start_loc.dtype), right=True)
     tok_fast = x.stride(1) == 1 and x.stride(0) != 1
-    block_t, block_d, warps, tiles = PREFILL_BLOCKS[tok_fast]
-    tiles = min(tiles, triton.cdiv(num_tokens, block_t))
-    grid = (triton.cdiv(num_tokens, block_t * tiles), triton.cdiv(dim, block_d))
+    block_t, block_d, warps = PREFILL_BLOCKS[tok_fast]
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     init = None if has_initial_state is None else has_initial_state.to(torch.int8)
     wrap_triton(_prefill_out_kernel)[grid](
         x, weight, bias, _heads(conv_states, cache_indices, has_initial_state, batch, weight.shape[1]),
         seq_of_token, query_start_loc, cache_indices, out, num_tokens, dim, null_block_id,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d, TILES=tiles,
+        HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d,
         num_warps=warps)
     # Final states: the decode kernel's state shift over each sequence's tokens, without outputs;
     # sequences with no initial state read zeros.

@@ -10,12 +10,11 @@ from layoutpass.kernels import conv_prefill, conv_update, triton_conv
 LAYOUTS = ["SD", "DS"]
 
 
-@pytest.fixture(params=["table", "flat", "tiled", "rows"])
+@pytest.fixture(params=["table", "flat", "tiled"])
 def blocks(request, monkeypatch):
     """The shipped block table, then small channel blocks (and several sequences per program)
     so that interpreted shapes cross block and sequence-group edges, with dense DS pools on
-    each path ("rows" falls back to "flat" where it does not apply; "vec", which needs whole
-    8-channel groups, has its own test)."""
+    each path ("vec", which needs whole 8-channel groups, has its own test)."""
     if request.param != "table":
         monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {dense: [(1 << 62, 16, 3, 1, request.param if dense
                                                                     else "tiled")] for dense in (True, False)})
@@ -42,23 +41,22 @@ def test_update_interpreted(width, form, spec, layout, blocks):
                 dim=37).check(triton_update)
 
 
-@pytest.mark.parametrize("path, dim, seqs, dtype", [("rows", 37, 1, torch.float32), ("vec", 40, 1, torch.bfloat16),
-                                                    ("vec", 40, 3, torch.float32), ("vec", 37, 1, torch.float32)])
+@pytest.mark.parametrize("dim, seqs, dtype", [(40, 1, torch.bfloat16), (40, 3, torch.float32), (37, 1, torch.float32)])
 @pytest.mark.parametrize("width", range(2, 6))
-def test_one_token_ds_paths_interpreted(path, dim, seqs, dtype, width, monkeypatch):
-    """The DS hot paths themselves: one token, no spec decode, state_len == width - 1 <= 3
-    (wider windows take the flat path); "vec" also needs whole 8-channel groups (dim 37
-    falls back to "rows"). Block 16: two groups per program, and a partial block at dim 40."""
-    monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {True: [(1 << 62, 16, seqs, 1, path)], False: []})
+def test_vec_path_interpreted(dim, seqs, dtype, width, monkeypatch):
+    """The DS hot path itself: one token, no spec decode, state_len == width - 1 <= 3 (wider
+    windows take the flat path), whole 8-channel groups (dim 37 takes the flat path). Block
+    16: two groups per program, and a partial block at dim 40."""
+    monkeypatch.setattr(triton_conv, "UPDATE_BLOCKS", {True: [(1 << 62, 16, seqs, 1, "vec")], False: []})
     called = []
-    for launch in ("_launch_rows", "_launch_vec"):
-        run = getattr(triton_conv, launch)
-        monkeypatch.setattr(triton_conv, launch, lambda *a, name=launch, run=run: called.append(name) or run(*a))
+    monkeypatch.setattr(triton_conv, "_launch_vec", lambda *a: called.append(1) or RUN_VEC(*a))
     case = update_case(width, layout="DS", width=width, form="single", spec=False, dim=dim, batch=5, dtype=dtype)
     case.kwargs["conv_state"] = case.kwargs["conv_state"][:, :, :width - 1].contiguous()
     case.check(triton_update)
-    expected = [] if width > 4 else ["_launch_vec"] if path == "vec" and dim % 8 == 0 else ["_launch_rows"]
-    assert called == expected
+    assert bool(called) == (width <= 4 and dim % 8 == 0)
+
+
+RUN_VEC = triton_conv._launch_vec
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -100,7 +98,7 @@ def test_both_layouts_give_the_same_bits(device, batch, dtype):
     """What check_equivalence's exact default rests on: whichever path the block table picks
     for an SD and for a DS pool, the taps are summed in one order (on the GPU, the same FMAs)."""
     gen = torch.Generator().manual_seed(batch)
-    dim, width = (5376, 4) if device == "cuda" else (37, 4)
+    dim, width = (5376, 4) if device == "cuda" else (40, 4)
     slots = batch + 5
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
     x, weight, bias, sd = rand(batch, dim), rand(dim, width), rand(dim), rand(slots, width - 1, dim)
