@@ -247,8 +247,7 @@ def write(results, out, device):
     sweeps = [r for r in results if "chunks_us" in r]
     if sweeps:
         counts = list(sweeps[0]["chunks_us"])
-        lines += ["", "Chunks (batches per transfer) against time (us), whole model; the default picks "
-                  "about 96 MiB per pair:", "", "| pair | pools | " + " | ".join(map(str, counts)) + " |",
+        lines += ["", "Chunks (batches per transfer) against time (us), whole model:", "", "| pair | pools | " + " | ".join(map(str, counts)) + " |",
                   "|---|---|" + "---|" * len(counts)]
         lines += [f"| {r['pair']} | {r['layouts']} | " + " | ".join(f"{r['chunks_us'][c]:.0f}" for c in counts) + " |"
                   for r in sweeps]

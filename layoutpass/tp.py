@@ -22,8 +22,10 @@ from .errors import ArgumentError
 from .kernels import state
 from .layout import Layout, Runs, parse_layout
 
-CHUNK_BYTES = 96 << 20  # per (src, dst) pair: a chunk's send overlaps the next chunk's packing
-MAX_CHUNKS = 16
+# A chunk's send overlaps the next chunk's packing. Few large chunks: on 4 H200s, a 1 GB pair
+# transfer was fastest at 2-4 chunks, and slower from 8 on (benchmarks/results/tp_nccl.md).
+CHUNK_BYTES = 256 << 20  # per (src, dst) pair
+MAX_CHUNKS = 4
 
 
 @dataclass(frozen=True)
