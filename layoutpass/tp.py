@@ -229,8 +229,8 @@ def execute(plan: Plan, pools: "torch.Tensor | list[torch.Tensor]", slots: torch
     process; an explicit value must be too): each slice is packed run-wise by one kernel over all
     layers and peers, and its messages to every peer go in one batch_isend_irecv, so on CUDA the
     next slice's packing overlaps this one's sending, and a receiver unpacks a slice while the
-    next arrives (relayouting it when its pools' layout differs from the sender's). Returns when
-    the work is queued on the current stream (CUDA) or done (CPU). Returns the number of pool
+    next arrives (relayouting it when its pools' layout differs from the sender's). It returns
+    once the work is queued on the current stream (CUDA) or done (CPU), with the number of pool
     runs this process read or wrote."""
     if role not in ("src", "dst"):
         raise ArgumentError("role", f"expected 'src' or 'dst', got {role!r}")
