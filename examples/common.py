@@ -31,6 +31,10 @@ class Batch:
         return self.context_lens > 0
 
 
+# a layer's forward takes a Batch: torch.export (capturing the layer alone) must see into it
+torch.utils._pytree.register_dataclass(Batch)
+
+
 def pad_tokens(x: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill tokens (T, ...) -> (batch, max_len, ...) and the (batch, max_len) mask of real
     tokens. Decode inputs are already (batch, k, ...)."""

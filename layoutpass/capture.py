@@ -7,13 +7,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.export import Dim, ExportedProgram
+from torch.export import Dim, ExportedProgram, ShapesCollection
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 from .errors import ArgumentError, LayoutPassError
 from .layout import Layout
+
+
+class CaptureFailed(ArgumentError):
+    """torch.export could not capture the module on these inputs."""
 
 
 class _Call(torch.nn.Module):
@@ -44,6 +48,7 @@ class Entry:
     program: ExportedProgram
     before: str  # the captured code, before any rewrite
     variadic: bool  # captured through _Call
+    arguments_may_be_pools: bool  # the whole model: a caller may pass pools in
     seconds: dict[str, float]  # wall time of each stage for this entry
     graph_module: torch.fx.GraphModule = None  # the rewritten graph now in use
     expects: tuple = ()  # (buffer, layout it must be stored in, None: as the model stores it)
@@ -91,11 +96,11 @@ class Entry:
                 return False
         return True
 
-    def run(self, module: torch.nn.Module, flat: list, stored: dict[str, Layout]):
+    def run(self, module: torch.nn.Module, flat: list, stored: dict[str, Layout], prefix: str = ""):
         for name, layout in self.expects:
-            if stored.get(name) != layout:
-                raise LayoutPassError(f"internal: {self.name} was rewritten for {name!r} in {layout}, "
-                                      f"which is stored as {stored.get(name)}")
+            if stored.get(prefix + name) != layout:
+                raise LayoutPassError(f"internal: {self.name} was rewritten for {prefix + name!r} in {layout}, "
+                                      f"which is stored as {stored.get(prefix + name)}")
         for k, (name, layout, sizes) in self.arguments.items():
             if not flat[k].is_contiguous() or any(flat[k].shape[i] != n for i, n in sizes):
                 raise ArgumentError(name, f"a pool argument: expected a contiguous {layout} tensor with sizes "
@@ -129,33 +134,28 @@ def _describe(val):
     return val
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, index: int, dynamic: bool = True,
-            label: str = "example_inputs") -> Entry:
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, name: str, dynamic: bool = True,
+            label: str = "example_inputs", whole: bool = True) -> Entry:
     """Export `model` for this call structure; the model and its buffers are not changed.
     dynamic: sizes > 1 stay symbolic (sizes 0 and 1 export specializes anyway); otherwise
     every size is specialized and a call of other sizes is captured anew. `label` names the
-    argument an error blames."""
-    def auto(v):
-        if not isinstance(v, torch.Tensor) or not dynamic:
-            return None
-        return {i: Dim.AUTO for i in range(v.dim()) if v.shape[i] > 1}
-
+    argument an error blames; `whole`: the model itself, not one of its layers."""
     start = time.perf_counter()
     variadic = _variadic(model)
+    module, inputs = (_Call(model), ((args, kwargs), {})) if variadic else (model, (args, kwargs))
+    shapes = ShapesCollection()  # by tensor, whatever structure (dataclasses too) holds it
+    for leaf in pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor) and dynamic:
+            shapes[leaf] = {i: Dim.AUTO for i in range(leaf.dim()) if leaf.shape[i] > 1}
     try:
-        if variadic:
-            program = torch.export.export(_Call(model), (args, kwargs), strict=False,
-                                          dynamic_shapes=(pytree.tree_map(auto, args), pytree.tree_map(auto, kwargs)))
-        else:
-            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-            shapes = {name: pytree.tree_map(auto, value) for name, value in bound.items()}
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        program = torch.export.export(module, *inputs, strict=False,
+                                      dynamic_shapes=shapes.dynamic_shapes(module, *inputs) if dynamic else None)
     except Exception as err:  # export's own errors are many; name the argument at fault
-        raise ArgumentError(label, f"the model does not capture on these inputs: "
+        raise CaptureFailed(label, f"the model does not capture on these inputs: "
                                    f"{type(err).__name__}: {_first_sentence(err)}") from err
     described = [f"{k}{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     described = [f"{list(a.shape)}" for a in args if isinstance(a, torch.Tensor)] + described
-    return Entry(f"entry{index}({', '.join(described)})", program, program.graph_module.code, variadic,
+    return Entry(f"{name}({', '.join(described)})", program, program.graph_module.code, variadic, whole,
                  {"capture": time.perf_counter() - start})
 
 

@@ -45,14 +45,16 @@ class Candidate:
 
 
 def candidates(entry) -> list[Candidate]:
-    """Rank-3 buffers and rank-3 tensor arguments of a captured entry."""
+    """Rank-3 buffers, and rank-3 tensor arguments of a captured model (not of a layer:
+    a layer's pools are its own buffers), of a captured entry."""
     program = entry.program
     buffers = {placeholder: name for name, placeholder in entry.takes().items()}
     nodes = {n.name: n for n in program.graph_module.graph.find_nodes(op="placeholder")}
     found = []
     for spec in program.graph_signature.input_specs:
         val = nodes[spec.arg.name].meta.get("val")
-        if spec.kind in (InputKind.BUFFER, InputKind.USER_INPUT) and isinstance(val, torch.Tensor) and val.dim() == 3:
+        kinds = (InputKind.BUFFER, InputKind.USER_INPUT) if entry.arguments_may_be_pools else (InputKind.BUFFER,)
+        if spec.kind in kinds and isinstance(val, torch.Tensor) and val.dim() == 3:
             argument = spec.kind == InputKind.USER_INPUT
             shape = tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in val.shape)  # the example's
             found.append(Candidate(spec.arg.name if argument else buffers[spec.arg.name], spec.arg.name, shape, argument))
@@ -102,7 +104,8 @@ def discover(entry, named: dict[str, Layout | None]) -> tuple[dict[str, Found], 
         reason = found[name].evidence if name in found else (
             "written, but never from its own contents shifted along one axis, and it reaches no conv op"
             if name in written else "never written and reaches no conv op")
-        considered[name] = Considered(name, c.shape, name in found, reason)
+        if not c.argument or name in found:
+            considered[name] = Considered(name, c.shape, name in found, reason)
     return found, considered
 
 

@@ -7,7 +7,9 @@ structure shows a new pool, every earlier entry that takes it is rewritten again
 captured graph, and only when all of them are rewritten and proven does the pool's buffer
 move: all or nothing."""
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import time
 from collections.abc import Mapping, Sequence
@@ -24,12 +26,13 @@ from layoutpass.kernels.state import relayout_
 from layoutpass.rewrites.lowering import MATCHERS, Update, lower, pool_of
 from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 
-from .capture import Entry, capture, fresh_copy
+from .capture import CaptureFailed, Entry, capture, fresh_copy
 from .discover import STATE_ARGUMENT, PoolNotFound, candidates, discover
 from .errors import ArgumentError, LayoutPassError
 from .layout import DS, Layout, parse_layout
 from .report import Action, Kind, Pool, Report, Use, use
 from .rewrite import relayout_graph
+from .units import ROOT, Unit, describe, layer_units, materialize, probe, signature
 from .verify import UnprovenRewrite, verify
 
 
@@ -40,6 +43,7 @@ class Graphs:
     before: str
     after: str
     module: torch.fx.GraphModule
+    seconds: dict[str, float]  # what capturing and rewriting it took, by stage
 
     def svg(self, path: str) -> None:
         """Draw the rewritten graph (needs pydot)."""
@@ -73,8 +77,8 @@ class Built:
 
 class OptimizedModule(nn.Module):
     """The model (a subclass of its own class, parameters shared, buffers copied, pools stored
-    in the new layout) whose forward runs the rewritten graphs. Calls with a new structure are
-    captured on first use.
+    in the new layout) whose forward runs the rewritten graphs: of each layer that owns its
+    pools, or of the whole model. Calls with a new structure are captured on first use.
 
     report: what was found, rewritten, refused (with source lines). graphs: entry name ->
     Graphs (code before and after). input_layouts: pool arguments -> the layout and shape the
@@ -82,12 +86,12 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         state = self.__dict__["_lp"]
-        for entry in state.entries:
-            flat, spec = entry.flatten(args, kwargs)
-            if entry.accepts(flat, spec):
-                return entry.run(self, flat, state.stored)
-        entry = self.capture(args, kwargs, "forward call", during_call=True)
-        return entry.run(self, entry.flatten(args, kwargs)[0], state.stored)
+        if state.layers is not None and not torch.compiler.is_compiling() and \
+                _structure(args, kwargs, state.options.dynamic) not in state.probed:
+            self._probe(args, kwargs, "forward call")
+        if state.layers is None:
+            return self._call_unit(state.root, ROOT, args, kwargs)
+        return state.forward(self, *args, **kwargs)
 
     @property
     def report(self) -> Report:
@@ -95,7 +99,8 @@ class OptimizedModule(nn.Module):
 
     @property
     def graphs(self) -> dict[str, Graphs]:
-        return {e.name: Graphs(e.before, e.graph_module.code, e.graph_module) for e in self.__dict__["_lp"].entries}
+        return {e.name: Graphs(e.before, e.graph_module.code, e.graph_module, dict(e.seconds))
+                for e in _entries(self.__dict__["_lp"])}
 
     @property
     def layout(self) -> Layout:
@@ -107,40 +112,95 @@ class OptimizedModule(nn.Module):
         return {p.name: (p.target, p.source.reorder(p.shape, p.target))
                 for p in self.report.pools.values() if p.argument and p.moves}
 
-    def capture(self, args: tuple, kwargs: dict, label: str = "example_inputs", during_call: bool = False) -> Entry:
-        """Capture a new call structure, discover its pools, rewrite it (and every earlier entry
-        that takes a newly found pool), prove the rewrites, then move the pools' buffers.
-        during_call: the call's own arguments are already allocated (a pool argument found now
-        keeps its layout)."""
+    def _call_unit(self, unit: Unit, path: str, args: tuple, kwargs: dict):
         state = self.__dict__["_lp"]
-        entry = capture(state.model, args, kwargs, len(state.entries), state.options.dynamic, label)
+        module = self.get_submodule(path) if path else self
+        for entry in unit.entries:
+            flat, spec = entry.flatten(args, kwargs)
+            if entry.accepts(flat, spec):
+                return entry.run(module, flat, state.stored, Unit.prefix(path))
+        entry = self.capture(unit, path, args, kwargs, "forward call", during_call=True)
+        return entry.run(module, entry.flatten(args, kwargs)[0], state.stored, Unit.prefix(path))
+
+    def _probe(self, args: tuple, kwargs: dict, label: str) -> None:
+        """Check that every layer owns its pools on this call structure (a run on fake
+        tensors), and capture the layer calls it shows; otherwise capture the whole model."""
+        state = self.__dict__["_lp"]
+        pending = []
+
+        @contextlib.contextmanager
+        def watching(watch):
+            state.probing = (watch, pending)
+            try:
+                yield
+            finally:
+                state.probing = None
+
+        moved = {name: pool.shape for name, pool in state.pools.items() if name in state.stored}
+        try:
+            watch = probe(self, state.forward, state.layers, args, kwargs, watching, moved)
+        except Exception as err:  # the model's own code does not run on fake tensors: capture it whole
+            state.report.notes.append(f"captured whole: the ownership probe could not run the model ({_first_line(err)})")
+            state.layers = None
+            return
+        if watch.outside:
+            state.report.notes.extend(f"captured whole: {pool} is used outside its layer at {where}"
+                                      for pool, where in watch.outside.items())
+            state.layers = None
+            return
+        for unit, path, call_args, call_kwargs in pending:
+            if not any(e.accepts(*e.flatten(call_args, call_kwargs)) for e in unit.entries):
+                try:
+                    self.capture(unit, path, call_args, call_kwargs, label)
+                except CaptureFailed as err:  # a layer's inputs export cannot take: capture the whole model
+                    state.report.notes.append(f"captured whole: {unit.label} does not capture alone ({err})")
+                    state.layers = None
+                    return
+        state.probed.add(_structure(args, kwargs, state.options.dynamic))
+
+    def capture(self, unit: Unit, path: str, args: tuple, kwargs: dict, label: str = "example_inputs",
+                during_call: bool = False) -> Entry:
+        """Capture a new call structure of a unit, discover its pools, rewrite it (and every
+        earlier entry of any unit that takes a newly found pool), prove the rewrites, then move
+        the pools' buffers (of every instance of the unit). during_call: the call's own
+        arguments are already allocated (a pool argument found now keeps its layout)."""
+        state = self.__dict__["_lp"]
+        module = state.model.get_submodule(path) if path else state.model
+        entries = _entries(state)
+        name = f"entry{len(unit.entries)}" if unit is state.root else f"{unit.label}.entry{len(unit.entries)}"
+        entry = capture(module, args, kwargs, name, state.options.dynamic, label, whole=unit is state.root)
         start = time.perf_counter()
-        found, considered = discover(entry, state.options.named)
+        prefixes = [Unit.prefix(p) for p in unit.paths]
+        named = {q[len(pre):]: v for q, v in state.options.named.items() for pre in prefixes if q.startswith(pre)}
+        found, considered = discover(entry, named)
         pools = dict(state.pools)
-        for name, f in found.items():
-            known = pools.get(name)
-            if known is not None and known.source != f.layout:
-                raise PoolNotFound(f"pool {name!r} is used as {known.source} ({known.evidence}) and as "
-                                   f"{f.layout} ({f.evidence})")
-            if known is None:
-                pools[name] = _new_pool(name, entry, f, state, during_call)
+        for local, f in found.items():
+            for pre in prefixes:
+                known = pools.get(pre + local)
+                if known is not None and known.source != f.layout:
+                    raise PoolNotFound(f"pool {pre + local!r} is used as {known.source} ({known.evidence}) and as "
+                                       f"{f.layout} ({f.evidence})")
+                if known is None:
+                    pools[pre + local] = _new_pool(pre + local, local, entry, f, state, during_call)
         new = set(pools) - set(state.pools)
-        affected = [e for e in state.entries if new & set(_pools_taken(e, pools))] + [entry]
-        built = {e: _build(e, pools, state.options, self) for e in affected}  # raises before anything moves
-        for name in sorted(new):
-            if pools[name].moves and not pools[name].argument:
-                self._move(pools[name])
-                state.stored[name] = pools[name].target
-        for e, b in built.items():
+        affected = [(e, u) for u in _units(state) for e in u.entries if new & set(_taken_names(e, u, pools))]
+        built = [(e, _build(e, u, pools, state.options, self)) for e, u in affected + [(entry, unit)]]
+        for qualified in sorted(new):  # every entry is rewritten and proven: now move the state
+            if pools[qualified].moves and not pools[qualified].argument:
+                self._move(pools[qualified])
+                state.stored[qualified] = pools[qualified].target
+        for e, b in built:
             e.graph_module, e.expects, e.arguments = b.graph_module, b.expects, b.arguments
             e.seconds["pass"] = b.seconds
             state.report.entry_uses[e.name] = b.uses
-        entry.seconds["pass"] += time.perf_counter() - start - sum(b.seconds for b in built.values())
+        entry.seconds["discover"] = time.perf_counter() - start - sum(b.seconds for _, b in built)
         state.pools = pools
         state.report.pools = pools
-        state.report.considered.update({k: v for k, v in considered.items()
-                                        if k not in state.report.considered or v.taken})
-        state.entries.append(entry)
+        for local, c in considered.items():
+            for pre in prefixes:
+                if pre + local not in state.report.considered or c.taken:
+                    state.report.considered[pre + local] = dataclasses.replace(c, name=pre + local)
+        unit.entries.append(entry)
         return entry
 
     def _move(self, pool: Pool) -> None:
@@ -154,62 +214,120 @@ class OptimizedModule(nn.Module):
         owner.register_buffer(leaf, moved, persistent=leaf not in owner._non_persistent_buffers_set)
 
 
+class _LayerCall:
+    """A layer's forward in the optimized model: its kind's rewritten graph, with its own
+    tensors (during a probe: fake outputs, and its new call structures noted for capture)."""
+
+    def __init__(self, fast: OptimizedModule, path: str):
+        self.fast, self.path = fast, path
+
+    def __call__(self, *args, **kwargs):
+        state = self.fast.__dict__["_lp"]
+        unit = state.layers[self.path]
+        if state.probing is None:
+            return self.fast._call_unit(unit, self.path, args, kwargs)
+        watch, pending = state.probing
+        flat = pytree.tree_leaves((args, kwargs))
+        if not any(e.accepts(*e.flatten(args, kwargs)) for e in unit.entries) and \
+                not any(u is unit and signature(pytree.tree_leaves((a, k))) == signature(flat) for u, _, a, k in pending):
+            pending.append((unit, self.path, args, kwargs))
+        key = (pytree.tree_structure((args, kwargs)), signature(flat))
+        if key not in unit.outputs:
+            layer = self.fast.get_submodule(self.path)
+            watch.stack.append(self.path)
+            try:
+                unit.outputs[key] = describe(type(layer).forward(layer, *args, **kwargs))
+            finally:
+                watch.stack.pop()
+        return materialize(unit.outputs[key], watch.mode)
+
+
 @dataclass
 class _State:
     model: nn.Module  # captured from, never run or changed
+    forward: object  # the model's own forward (run as written when layers are captured)
     options: Options
+    root: Unit  # the whole model as one unit
+    layers: dict | None  # layer path -> its unit, or None: the whole model is captured
     pools: dict
     stored: dict  # pool name -> the layout its buffer is stored in now (moved pools only)
-    entries: list
     report: Report
+    probed: set = dataclasses.field(default_factory=set)  # call structures checked by a probe
+    probing: tuple | None = None  # (watch, captures pending) while a probe runs
 
 
-def _new_pool(name, entry, found, state, during_call: bool) -> Pool:
-    candidate = next(c for c in candidates(entry) if c.name == name)
+def _units(state: _State) -> list[Unit]:
+    layers = {id(u): u for u in (state.layers or {}).values()}
+    return [state.root, *layers.values()]
+
+
+def _entries(state: _State) -> list[Entry]:
+    return [e for u in _units(state) for e in u.entries]
+
+
+def _structure(args: tuple, kwargs: dict, dynamic: bool):
+    """A top-level call's structure: what the probe decides on (sizes only when specialized)."""
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    return spec, tuple((v.dtype, v.dim(), v.device.type, tuple(v.shape) if not dynamic else None)
+                       if isinstance(v, torch.Tensor) else v for v in flat)
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+def _new_pool(qualified, local, entry, found, state, during_call: bool) -> Pool:
+    candidate = next(c for c in candidates(entry) if c.name == local)
     target = state.options.layout
     if candidate.argument and during_call:
         target = found.layout  # the caller already passed this call's tensor: keep its layout
-    return Pool(name, candidate.shape, found.layout, target, found.evidence, candidate.argument)
+    return Pool(qualified, candidate.shape, found.layout, target, found.evidence, candidate.argument)
 
 
-def _pools_taken(entry: Entry, pools: dict[str, Pool]) -> dict[str, str]:
-    """pool name -> placeholder, for the pools this entry takes (buffers and arguments)."""
-    taken = {name: ph for name, ph in entry.takes().items() if name in pools}
-    taken.update({c.name: c.placeholder for c in candidates(entry) if c.argument and c.name in pools})
-    return taken
+def _taken_names(entry: Entry, unit: Unit, pools: dict[str, Pool]) -> list[str]:
+    """The qualified pools an entry takes, over every instance of its unit."""
+    locals_ = list(entry.takes()) + [c.name for c in candidates(entry) if c.argument]
+    return [Unit.prefix(p) + name for p in unit.paths for name in locals_ if Unit.prefix(p) + name in pools]
 
 
-def _build(entry: Entry, pools: dict[str, Pool], options: Options, module: nn.Module) -> Built:
+def _local_pools(entry: Entry, unit: Unit, pools: dict[str, Pool]) -> dict[str, tuple[str, Pool]]:
+    """local name -> (placeholder, the pool record of the unit's first instance)."""
+    pre = Unit.prefix(unit.paths[0])
+    taken = {name: ph for name, ph in entry.takes().items() if pre + name in pools}
+    taken.update({c.name: c.placeholder for c in candidates(entry) if c.argument and pre + c.name in pools})
+    return {name: (ph, pools[pre + name]) for name, ph in taken.items()}
+
+
+def _build(entry: Entry, unit: Unit, pools: dict[str, Pool], options: Options, module: nn.Module) -> Built:
     """The column of passes for one entry: relayout -> remap (rules) -> verify -> lower ->
     report the conv ops. Raises LayoutPassError; changes nothing outside the new graph."""
     start = time.perf_counter()
     gm = fresh_copy(entry.program)
-    taken = _pools_taken(entry, pools)
+    local = _local_pools(entry, unit, pools)  # local name -> (placeholder, pool)
+    shown = {name: name if unit.paths == [ROOT] else f"{unit.label}:{name}" for name in local}
     placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
-    moving = {name: ph for name, ph in taken.items() if pools[name].moves}
-    relayouts = {placeholders[ph]: (name, pools[name].target.permutation(pools[name].source))
-                 for name, ph in moving.items()}
+    relayouts = {placeholders[ph]: (shown[name], pool.target.permutation(pool.source))
+                 for name, (ph, pool) in local.items() if pool.moves}
     uses = relayout_graph(gm, relayouts, entry.name) if relayouts else []
     if relayouts:
         try:
             _refresh_meta(gm, relayouts)
         except Exception as err:  # a rule built a graph torch cannot even run on fake tensors
             raise UnprovenRewrite(f"the rewrite of {entry.name} does not typecheck: {str(err).splitlines()[0]}") from err
-        verify(entry.program.graph_module.graph, gm.graph,
-               {ph: (name, pools[name].source) for name, ph in taken.items()},
-               {ph: (name, pools[name].target) for name, ph in taken.items()}, entry.name)
+        verify(entry.program.graph_module.graph, gm.graph, {ph: (name, pool.source) for name, (ph, pool) in local.items()},
+               {ph: (name, pool.target) for name, (ph, pool) in local.items()}, entry.name)
     if options.lower is True or (options.lower == "auto" and any(b.is_cuda for b in module.buffers())):
         if not relayouts:
             _refresh_meta(gm, {})
-        uses += _lower(gm, entry.name, {placeholders[ph]: name for name, ph in taken.items()
-                                        if pools[name].target.axes == DS.axes})
-    uses += _kernel_uses(gm, entry.name, {ph: name for name, ph in taken.items()}, pools)
-    buffers = entry.takes()
-    expects = tuple((name, pools[name].target if name in pools and pools[name].moves else None)
-                    for name in sorted(buffers) if name in {c.name for c in candidates(entry)})
+        uses += _lower(gm, entry.name, {placeholders[ph]: shown[name] for name, (ph, pool) in local.items()
+                                        if pool.target.axes == DS.axes})
+    uses += _kernel_uses(gm, entry.name, {ph: (shown[name], pool) for name, (ph, pool) in local.items()})
+    rank3 = {c.name for c in candidates(entry)}
+    expects = tuple((name, local[name][1].target if name in local and local[name][1].moves else None)
+                    for name in sorted(entry.takes()) if name in rank3)
     users = [s.arg.name for s in entry.program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    arguments = {users.index(ph): (name, pools[name].target, _fixed_sizes(pools[name]))
-                 for name, ph in moving.items() if pools[name].argument}
+    arguments = {users.index(ph): (name, pool.target, _fixed_sizes(pool))
+                 for name, (ph, pool) in local.items() if pool.argument and pool.moves}
     return Built(gm, uses, expects, arguments, time.perf_counter() - start)
 
 
@@ -259,7 +377,7 @@ def _lower(gm: torch.fx.GraphModule, entry: str, ds: dict[torch.fx.Node, str]) -
     return uses
 
 
-def _kernel_uses(gm: torch.fx.GraphModule, entry: str, placeholders: dict[str, str], pools) -> list[Use]:
+def _kernel_uses(gm: torch.fx.GraphModule, entry: str, placeholders: dict[str, tuple[str, Pool]]) -> list[Use]:
     """Every conv op on a pool: the layout its kernel runs on, and whether a view is left."""
     uses = []
     for op in gm.graph.nodes:
@@ -268,9 +386,9 @@ def _kernel_uses(gm: torch.fx.GraphModule, entry: str, placeholders: dict[str, s
         state, views = op.args[STATE_ARGUMENT[op.target]], 0
         while state.op == "call_function" and state.target in PERMUTATIONS:
             state, views = state.args[0], views + 1
-        name = placeholders.get(state.name) if state.op == "placeholder" else None
+        name, pool = placeholders.get(state.name, (None, None)) if state.op == "placeholder" else (None, None)
         if name is not None:
-            layout = pools[name].target
+            layout = pool.target
             uses.append(use(entry, name, op, Kind.KERNEL, Action.KERNEL_DIRECT, f"{layout} kernel, pool passed directly")
                         if not views else use(entry, name, op, Kind.KERNEL, Action.KEPT,
                                               f"{layout} kernel through {views} permutation(s) of the pool"))
@@ -314,9 +432,18 @@ def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs:
     named = _explicit_pools(state_buffers, dict(model.named_buffers()))
     calls = [_split(call) for call in example_inputs or ()]
     fast = _copy(model, inplace)
-    fast.__dict__["_lp"] = _State(model, Options(target, named, lower, dynamic, inplace), {}, {}, [], Report())
+    layers = layer_units(model) if "forward" not in vars(model) else None
+    state = _State(model, type(model).forward, Options(target, named, lower, dynamic, inplace), Unit("model", [ROOT]),
+                   layers, {}, {}, Report())
+    fast.__dict__["_lp"] = state
+    for path in layers or ():
+        fast.get_submodule(path).forward = _LayerCall(fast, path)
     for args, kwargs in calls:
-        fast.capture(args, kwargs)
+        if state.layers is not None:
+            fast._probe(args, kwargs, "example_inputs")
+        if state.layers is None:
+            if not any(e.accepts(*e.flatten(args, kwargs)) for e in state.root.entries):
+                fast.capture(state.root, ROOT, args, kwargs)
     if calls:
         _check_found(fast.report, named, allow_missing)
     return fast

@@ -84,6 +84,7 @@ class Report:
     pools: dict[str, Pool] = field(default_factory=dict)
     considered: dict[str, Considered] = field(default_factory=dict)
     entry_uses: dict[str, list[Use]] = field(default_factory=dict)  # entry -> its uses, as last rewritten
+    notes: list[str] = field(default_factory=list)  # how the model was captured, when not layer by layer
 
     @property
     def entries(self) -> list[str]:
@@ -102,6 +103,7 @@ class Report:
         for pool in self.pools.values():
             where = "argument" if pool.argument else "pool"
             lines.append(f"  {where} {pool.name} {pool.shape}: {pool.source} -> {pool.target} ({pool.evidence})")
+        lines += [f"  {note}" for note in self.notes]
         for c in self.considered.values():
             if not c.taken:
                 lines.append(f"  not a pool: {c.name} {c.shape}: {c.reason}")

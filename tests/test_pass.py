@@ -20,7 +20,7 @@ GOLDEN = Path(__file__).parent / "golden"
 
 def pool_permutations(fast) -> int:
     """Permutation nodes applied to a pool placeholder, in every rewritten graph."""
-    pools = {name.replace(".", "_") for name in fast.report.pools}
+    pools = {name.replace(".", "_") for name in fast.report.pools} | {name.rsplit(".")[-1] for name in fast.report.pools}
     return sum(1 for g in fast.graphs.values() for n in g.module.graph.nodes
                if n.target in PERMUTATIONS and n.args[0].op == "placeholder" and n.args[0].name[2:] in pools)
 
@@ -46,7 +46,7 @@ def test_zoo_models_stay_equivalent(name, layout):
         assert pool_permutations(fast) == 0
     assert all(use.source != "<no source line>" and ".py:" in use.source for use in fast.report.uses)
     kernels = [u for u in fast.report.uses if u.kind == Kind.KERNEL]
-    assert len(kernels) == len(pools) * len(fast.graphs)
+    assert len(kernels) == sum(g.after.count("layoutpass.conv_") for g in fast.graphs.values()) > 0
 
 
 @pytest.mark.parametrize("name", ["mamba2", "short_conv"])
@@ -67,15 +67,19 @@ def test_golden_code(name):
 
 
 def test_op_counts_and_what_is_left_alone():
+    """The hybrid's Mamba2 and GDN layers are captured once per kind (its attention layer keeps
+    no pool and runs as written): one conv op and one pool transpose each, which goes."""
     model = build("hybrid")
     fast = optimize(model, "DS", example_inputs=[s.inputs for s in make_scenario(model.cfg)[:2]])
+    assert sorted(name.split(".")[0] for name in fast.graphs) == ["GatedDeltaNetMixer"] * 2 + ["Mamba2Mixer"] * 2
     for graphs in fast.graphs.values():
         before, after = graphs.before, graphs.after
-        assert after.count("layoutpass.conv_") == before.count("layoutpass.conv_") == 3
-        on_pools = r"aten\.(transpose\.int|swapaxes\.default)\(b_mixers_\d_conv_state"
-        assert len(re.findall(on_pools, before)) == 3 and not re.findall(on_pools, after)
+        assert after.count("layoutpass.conv_") == before.count("layoutpass.conv_") == 1
+        on_pools = r"aten\.(transpose\.int|swapaxes\.default)\(b_conv_state"
+        assert len(re.findall(on_pools, before)) == 1 and not re.findall(on_pools, after)
         # the transposes of activations are not pool uses: they stay
-        assert after.count("aten.transpose.int") == before.count("aten.transpose.int") - 2
+        pool_transposes = len(re.findall(r"aten\.transpose\.int\(b_conv_state", before))
+        assert after.count("aten.transpose.int") == before.count("aten.transpose.int") - pool_transposes
         assert after.count("lp_examples.recurrence") == before.count("lp_examples.recurrence")
     for name, buf in fast.named_buffers():
         original = model.get_buffer(name)

@@ -119,7 +119,7 @@ def test_every_buffer_considered_is_reported():
 def test_a_graph_runs_only_against_the_layouts_it_was_built_for():
     model = pm.Modes()
     fast = optimize(model, "DS", example_inputs=[pm.mode_call("decode")])
-    entry = fast.__dict__["_lp"].entries[0]
+    entry = fast.__dict__["_lp"].root.entries[0]
     flat = entry.flatten((), pm.mode_call("decode"))[0]
     with pytest.raises(LayoutPassError, match="rewritten for 'pool' in DS, which is stored as None"):
         entry.run(fast, flat, {})

@@ -1,0 +1,149 @@
+"""Capture units: which module's forward is captured and rewritten.
+
+A pool is rewritten where every use of it lies. A layer that keeps its pools as its own
+buffers and is the only code that touches them *owns* them: it is captured on its own, once per
+kind of layer (same class, code, parameter and buffer shapes, plain attributes) and call
+structure, and every instance of that kind runs the one rewritten graph with its own tensors;
+the rest of the model runs as written. That a layer owns its pools is checked, not assumed: a
+probe runs the model's forward on fake tensors (no compute, no state touched) and watches every
+torch call; a pool touched outside its layer sends the whole model to one capture (the root
+unit), as before. The probe also hands each layer kind the inputs to capture it from."""
+
+import dataclasses
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+ROOT = ""
+
+
+@dataclass(eq=False)
+class Unit:
+    """One kind of module captured on its own (or the whole model: paths == [ROOT])."""
+
+    label: str  # names its entries and uses in the report
+    paths: list[str]  # the instances, as submodule paths
+    entries: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)  # probe: input signature -> output metadata
+
+    @staticmethod
+    def prefix(path: str) -> str:
+        return f"{path}." if path else ""
+
+
+def layer_units(model: nn.Module) -> dict[str, Unit] | None:
+    """Layers that keep rank-3 buffers (pools live there), grouped by kind; None when the
+    model itself keeps one (then it owns its pools) or none exists."""
+    holders = [path for path, m in model.named_modules() if any(b.dim() == 3 for b in m.buffers(recurse=False))]
+    if not holders or ROOT in holders:
+        return None
+    outermost = [p for p in holders if not any(p.startswith(q + ".") for q in holders if q != p)]
+    kinds: dict[tuple, Unit] = {}
+    for path in outermost:
+        module = model.get_submodule(path)
+        key = _kind(module)
+        if key not in kinds:
+            name = type(module).__name__
+            taken = sum(u.label.split("#")[0] == name for u in kinds.values())
+            kinds[key] = Unit(name if not taken else f"{name}#{taken + 1}", [])
+        kinds[key].paths.append(path)
+    return {path: unit for unit in kinds.values() for path in unit.paths}
+
+
+def _kind(module: nn.Module) -> tuple:
+    """What decides a module's captured graph: its class and code, its tensors' names and
+    shapes, and the plain attributes its code may branch on (anything else: this instance only)."""
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in
+                    list(module.named_parameters()) + list(module.named_buffers()))
+    attributes = []
+    for path, sub in module.named_modules():
+        for name, value in sorted(vars(sub).items()):
+            if name.startswith("_") or name == "training":
+                continue
+            attributes.append((path, name, _plain(value)))
+    forward = vars(module).get("forward") or type(module).forward
+    return type(module), getattr(forward, "__code__", id(forward)), tensors, tuple(attributes)
+
+
+def _plain(value):
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return repr(value)
+    return ("object", id(value))
+
+
+def signature(flat: list) -> tuple:
+    """A call's tensors by shape, dtype and device, the rest by value (the probe's cache key)."""
+    return tuple((tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else v for v in flat)
+
+
+class Watch(TorchFunctionMode):
+    """Records every torch call that touches a layer's pool while another unit (or none) runs."""
+
+    def __init__(self, pools: dict[int, tuple[str, str]]):
+        super().__init__()
+        self.pools = pools  # id(fake tensor) -> (layer path, buffer name)
+        self.stack: list[str] = []  # the layer calls running, innermost last
+        self.outside: dict[str, str] = {}  # pool -> where it was touched from outside its layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in pytree.tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor):
+                owner = self.pools.get(id(value)) or self.pools.get(id(value._base))
+                if owner is not None and (not self.stack or self.stack[-1] != owner[0]):
+                    name = f"{Unit.prefix(owner[0])}{owner[1]}"
+                    self.outside.setdefault(name, _caller())
+        return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    """The innermost frame outside torch and layoutpass: where the model touched the pool."""
+    for frame in reversed(traceback.extract_stack()):
+        if "/torch/" not in frame.filename and "/layoutpass/" not in frame.filename:
+            return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}: {frame.line}"
+    return "<unknown>"
+
+
+def probe(module: nn.Module, forward, units: dict[str, Unit], args: tuple, kwargs: dict, watching,
+          stored_as: dict[str, tuple]) -> Watch:
+    """Run `forward(module, *args, **kwargs)` on fake tensors, `watching(watch)` entered around
+    it (the layer calls see the watch there and answer with fake outputs); pools already moved
+    appear as the model stores them (`stored_as`: name -> shape). Returns the watch: `outside`
+    holds the pools touched outside their layers."""
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    named = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    fakes = {name: mode.from_tensor(t) for name, t in named.items() if name not in stored_as}
+    with mode:
+        fakes.update({name: torch.empty(shape, dtype=named[name].dtype, device=named[name].device)
+                      for name, shape in stored_as.items()})
+    pools = {id(fakes[f"{Unit.prefix(path)}{name}"]): (path, name) for path in units
+             for name, b in module.get_submodule(path).named_buffers() if b.dim() == 3}
+    fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+    watch = Watch(pools)
+    watch.mode = mode
+    with _reparametrize_module(module, fakes), mode, watch, watching(watch), torch.no_grad():
+        forward(module, *fake_args, **fake_kwargs)
+    return watch
+
+
+def describe(value):
+    """A probe output's metadata, to hand out again without running the layer."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.stride(), t.dtype, t.device), value)
+
+
+def materialize(meta, mode: FakeTensorMode):
+    is_tensor = lambda m: isinstance(m, tuple) and len(m) == 4 and isinstance(m[2], torch.dtype)
+    with mode:
+        return pytree.tree_map(lambda m: torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if is_tensor(m)
+                               else m, meta, is_leaf=is_tensor)
