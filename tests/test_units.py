@@ -1,0 +1,71 @@
+"""Capture units: a layer that owns its pools is captured once per kind and shared by its
+instances; a pool touched outside its layer sends the model to one whole capture. Judged
+against the untouched original over the serving scenario."""
+
+import pytest
+import torch
+from torch import nn
+
+from layoutpass import check_equivalence, optimize
+from layoutpass.examples import build
+from layoutpass.examples.lm import LM, ModelConfig
+
+
+def test_identical_layers_share_one_capture_per_call_structure():
+    model = LM(ModelConfig(layers=("mamba2",) * 6, num_spec=1))
+    fast = optimize(model, "DS")
+    result = check_equivalence(model, fast, prefills=3, steps=10)
+    assert result.ok, str(result)
+    assert len(fast.report.pools) == 6 and all(p.moves for p in fast.report.pools.values())
+    kinds = {name.split(".")[0] for name in fast.graphs}
+    assert kinds == {"Mamba2Mixer"} and len(fast.graphs) == 3  # prefill, decode, spec decode
+    assert not fast.report.notes
+
+
+class ResetsOutside(LM):
+    """The model zeroes a layer's pool slots itself (a server-side reset written in SD terms):
+    that pool is not its layer's alone."""
+
+    def forward(self, input_ids, slots, context_lens, query_start_loc=None, num_accepted_tokens=None):
+        self.mixers[0].conv_state[slots[:1], :1] = 0.0
+        return super().forward(input_ids, slots, context_lens, query_start_loc, num_accepted_tokens)
+
+
+class ReadsAnother(nn.Module):
+    """A layer that reads another layer's pool: neither captures alone."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, slots, context_lens, query_start_loc=None, num_accepted_tokens=None):
+        logits = self.inner(input_ids, slots, context_lens, query_start_loc, num_accepted_tokens)
+        return logits + self.inner.mixers[1].conv_state[slots, -1, :1].sum(-1)[:, None, None] \
+            if query_start_loc is None else logits
+
+
+@pytest.mark.parametrize("layout", ["DS", "SD"])
+def test_a_pool_touched_outside_its_layer_is_captured_with_the_whole_model(layout):
+    model = ResetsOutside(ModelConfig(layers=("mamba2", "mamba2")))
+    fast = optimize(model, layout)
+    result = check_equivalence(model, fast, prefills=2, steps=6)
+    assert result.ok, str(result)
+    assert any("mixers.0.conv_state is used outside its layer" in note and "test_units.py" in note
+               for note in fast.report.notes)
+    assert all(not name.startswith("Mamba2Mixer") for name in fast.graphs)  # the whole model, per call
+
+
+def test_a_read_from_outside_the_layer_is_seen_too():
+    model = ReadsAnother(LM(ModelConfig(layers=("short_conv", "mamba2"))))
+    model.scenario = model.inner.scenario
+    fast = optimize(model, "DS")
+    result = check_equivalence(model, fast, prefills=2, steps=6)
+    assert result.ok, str(result)
+    assert any("inner.mixers.1.conv_state is used outside its layer" in note for note in fast.report.notes)
+
+
+def test_the_report_lists_every_instance_pool():
+    model = build("kda")
+    fast = optimize(model, "DS", example_inputs=[model.scenario()[0].inputs])
+    assert sorted(fast.report.pools) == sorted(f"mixers.{i}.{q}_conv_state" for i in (0, 1) for q in "qkv")
+    assert "pool mixers.1.v_conv_state (8, 3, 32): SD -> DS" in str(fast.report)
