@@ -1,0 +1,132 @@
+"""The fuzzer's long run: >= 2000 generated programs (tests/fuzz_models.py), each optimized to DS
+and to SD and called in its order against its untouched copy. Writes the tally (outcomes, refusal
+reasons, failure classes, outcomes per use kind) and a minimal repro of each failure class to
+benchmarks/results/fuzz.json and fuzz.md.
+
+    python benchmarks/fuzz.py [--programs 2000] [--seed 0] [--minimize-s 240]
+"""
+
+import argparse
+import collections
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import fuzz_models as fm  # noqa: E402
+
+FAILURES = ("mismatch", "crash", "late-refusal", "other")
+
+
+def _commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "layoutpass", "kernels", "rewrites")
+    return git("rev-parse", "--short", "HEAD") + (" (pass files modified in the working tree)" if dirty else "")
+
+
+def run(programs: int, seed_: int) -> tuple[dict, dict, list]:
+    """Check `programs` generated programs in both layouts; the tally and the first example of
+    each failure class."""
+    outcomes, reasons = collections.Counter(), collections.Counter()
+    per_kind = collections.defaultdict(collections.Counter)
+    first: dict[str, tuple] = {}
+    generator_errors = []
+    done = [0]
+    start = time.monotonic()
+
+    @seed(seed_)
+    @settings(max_examples=programs, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(fm.programs(), st.booleans())
+    def one(program, lower):
+        for layout in ("DS", "SD"):
+            try:
+                outcome = fm.check(program, layout, lower)
+            except fm.GeneratorError as err:
+                generator_errors.append((program.source(), str(err)))
+                break
+            outcomes[outcome.kind] += 1
+            reasons[outcome.reason()] += 1
+            for kind in program.kinds:
+                per_kind[kind][outcome.kind] += 1
+            if not outcome.ok:
+                first.setdefault(outcome.reason(), (program, layout, lower, outcome))
+        done[0] += 1
+        if done[0] % 100 == 0:
+            print(f"{done[0]} programs, {time.monotonic() - start:.0f} s: {dict(outcomes)}", flush=True)
+
+    one()
+    tally = {"programs": done[0], "checks": sum(outcomes.values()), "outcomes": dict(outcomes),
+             "reasons": dict(reasons.most_common()), "per_use_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
+             "generator_errors": len(generator_errors)}
+    return tally, first, generator_errors
+
+
+def minimal_repros(first: dict, budget_s: float) -> list[dict]:
+    repros = []
+    for reason, (program, layout, lower, outcome) in sorted(first.items()):
+        start = time.monotonic()
+        small = fm.minimize(program, layout, lower, reason, budget_s)
+        print(f"minimized {reason[:70]!r} in {time.monotonic() - start:.0f} s", flush=True)
+        repros.append({"reason": reason, "layout": layout, "lower": lower, "detail": outcome.detail.splitlines()[0],
+                       "step": outcome.step, "script": small.script(layout, lower)})
+    return repros
+
+
+def markdown(meta: dict, tally: dict, repros: list) -> str:
+    o = tally["outcomes"]
+    lines = [
+        "# Fuzzing the pass (benchmarks/fuzz.py)", "",
+        f"{tally['programs']} generated programs, each optimized to DS and to SD ({tally['checks']} checks), "
+        f"on commit {meta['commit']}, torch {meta['torch']}, CPU; {meta['seconds']:.0f} s. lower= drawn per program.",
+        "", "| outcome | checks |", "|---|---|",
+        *[f"| {k} | {o.get(k, 0)} |" for k in ("equivalent", "refused", *FAILURES)],
+        f"| (generator errors: the original model failed) | {tally['generator_errors']} |", "",
+        "## Refusals (LayoutPassError before any buffer moved), by reason", "", "| checks | reason |", "|---|---|",
+        *[f"| {n} | {r.removeprefix('refused: ')} |" for r, n in tally["reasons"].items() if r.startswith("refused")],
+        "", "## Failures, by class", "", "| checks | class |", "|---|---|",
+        *[f"| {n} | {r} |" for r, n in tally["reasons"].items() if r.split(":")[0] in FAILURES],
+        "", "## Outcomes per use kind (checks whose program contains the use)", "",
+        "| use | equivalent | refused | " + " | ".join(FAILURES) + " |", "|---|---|---|" + "---|" * len(FAILURES),
+        *[f"| {k} | {v.get('equivalent', 0)} | {v.get('refused', 0)} | "
+          + " | ".join(str(v.get(f, 0)) for f in FAILURES) + " |" for k, v in tally["per_use_kind"].items()],
+        "", "## Minimal repro of each failure class", "",
+        "Each runs standalone from the repository root (`python repro.py`) and fails its assertion or raises.", ""]
+    for r in repros:
+        lines += [f"### {r['reason']}", "", f"{r['layout']}, lower={r['lower']}, step {r['step']}: `{r['detail']}`",
+                  "", "```python", r["script"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--programs", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minimize-s", type=float, default=240.0, help="time to minimize each failure class")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    meta = {"commit": _commit(), "torch": torch.__version__, "seed": args.seed}
+    start = time.monotonic()
+    tally, first, generator_errors = run(args.programs, args.seed)
+    repros = minimal_repros(first, args.minimize_s)
+    meta["seconds"] = time.monotonic() - start
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "tally": tally, "repros": repros,
+                                                    "generator_errors": generator_errors[:5]}, indent=1))
+    out.with_suffix(".md").write_text(markdown(meta, tally, repros))
+    print(markdown(meta, tally, [])[:3000])
+
+
+if __name__ == "__main__":
+    main()
