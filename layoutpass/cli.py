@@ -52,8 +52,8 @@ def demo(args: argparse.Namespace) -> int:
                                                         for kind in ("prefill", "decode", "spec")])
     print(f"captured and rewrote {len(fast.graphs)} entries in {time.perf_counter() - start:.1f} s\n")
     print(fast.report, "\n")
-    graphs = list(fast.graphs.values())[1]
-    print(f"decode graph, before -> after (changed lines):")
+    name, graphs = next((n, g) for n, g in fast.graphs.items() if n.split("(")[0].endswith("entry1"))  # the decode call
+    print(f"{name}, the decode call, before -> after (changed lines):")
     diff = difflib.unified_diff(graphs.before.splitlines(), graphs.after.splitlines(), lineterm="", n=0)
     print("\n".join(line[:160] for line in diff if not line.startswith(("---", "+++"))), "\n")
     print(f"equivalence over {len(steps)} steps (prefill, decode, spec decode, slot reuse) ...", flush=True)

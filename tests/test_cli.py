@@ -25,7 +25,7 @@ def test_demo():
     done = run("demo", "--model", "mamba2")
     assert done.returncode == 0, done.stderr
     assert "SD -> DS" in done.stdout and "equivalent over" in done.stdout
-    assert "-    transpose = torch.ops.aten.transpose.int(b_mixers_0_conv_state" in done.stdout
+    assert "-    transpose = torch.ops.aten.transpose.int(b_conv_state" in done.stdout
 
 
 def test_inspect_shows_report_and_diff():
