@@ -17,6 +17,7 @@ conv_update for one token after a history, conv_prefill otherwise. A matcher ret
 Update, None when the node starts no idiom, or a string saying which part of an almost-match
 differed (for the report)."""
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -319,9 +320,11 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
             kernel = call(torch.ops.layoutpass.conv_update.default,
                           (x, m.pool, weight, m.bias, m.activation, m.slots, None, None, -1, -1, out))
         else:
-            batch, device = m.x.meta["val"].shape[0], m.x.meta["val"].device
-            tokens = call(aten.reshape.default, (call(aten.permute.default, (m.x, [1, 0, 2])), [dim, batch * m.tokens]))
-            starts = call(aten.arange.start_step, (0, batch * m.tokens + 1, m.tokens),
+            device = m.x.meta["val"].device
+            batch = call(aten.sym_size.int, (m.x, 0))  # the batch may be dynamic: a size of the graph, not a constant
+            total = call(operator.mul, (batch, m.tokens))
+            tokens = call(aten.reshape.default, (call(aten.permute.default, (m.x, [1, 0, 2])), [dim, total]))
+            starts = call(aten.arange.start_step, (0, call(operator.add, (total, 1)), m.tokens),
                           {"dtype": torch.int32, "device": device})
             initial = call(aten.ones.default, ([batch],), {"dtype": torch.bool, "device": device}) if m.initial else None
             kernel = call(torch.ops.layoutpass.conv_prefill.default,

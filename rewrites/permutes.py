@@ -148,6 +148,8 @@ def _fill_(r, use, q, x, p):
 
 
 def _roll(r, use, q, x, p):
+    if len(use.args) < 3 or not use.args[2]:
+        return None  # a roll of the flattened tensor depends on the order of every axis: keep the view
     dims = [p[_norm(d, len(p))] for d in use.args[2]]
     return r.pending(r.call(use.target, (x, use.args[1], dims), rank=len(p)), p)
 

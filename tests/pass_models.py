@@ -221,3 +221,17 @@ def mode_call(mode, width=WIDTH, batch=3, seed=None):
         return dict(x=torch.randn(batch, DIM), slots=slots, mode=mode,
                     mask=(torch.rand(SLOTS, 1, 1) > 0.5).float())
     return dict(x=torch.randn(batch, DIM), slots=slots, mode=mode)
+
+
+class PaddedPrompt(nn.Module):
+    """A one-token prompt from no history on a DS pool, padded by a constant: the batch stays
+    dynamic, so the lowered prefill must read it from the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(DIM, WIDTH))
+        self.register_buffer("pool", torch.randn(SLOTS, DIM, TOK))
+
+    def forward(self, x, slots):  # x: (batch, DIM, 1)
+        self.pool[slots] = torch.nn.functional.pad(x, (TOK, 0))[..., -TOK:]
+        return torch.nn.functional.conv1d(x, self.weight[:, None], None, padding=WIDTH - 1, groups=DIM)[..., :x.shape[-1]]

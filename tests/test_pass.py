@@ -299,6 +299,15 @@ def test_a_pure_torch_prompt_is_lowered_to_the_prefill_kernel():
     assert check_equivalence(model, fast, [Step("prefill", c) for c in calls], rtol=1e-5, atol=1e-5).ok
 
 
+def test_a_lowered_prefill_reads_a_dynamic_batch_from_the_graph():
+    model = pm.PaddedPrompt()
+    fast = optimize(model, "DS", lower=True, state_buffers={"pool": "DS"})
+    steps = [Step("prefill", dict(x=torch.randn(batch, pm.DIM, 1), slots=torch.tensor([1, 3, 4][:batch])))
+             for batch in (2, 3, 2)]
+    assert check_equivalence(model, fast, steps, rtol=1e-5, atol=1e-5).ok
+    assert len(fast.graphs) == 1 and "layoutpass.conv_prefill" in next(iter(fast.graphs.values())).after
+
+
 def test_a_stateless_conv1d_is_not_lowered():
     fast = optimize(pm.PromptIdiom(stateless=True), "DS", lower=True, dynamic=False, state_buffers={"pool": "DS"},
                     example_inputs=[pm.prompt(5)])
