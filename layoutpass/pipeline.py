@@ -23,7 +23,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from layoutpass.kernels.state import relayout_
-from layoutpass.rewrites.lowering import MATCHERS, Update, lower, pool_of
+from layoutpass.rewrites.lowering import lower_updates
 from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 
 from .capture import CaptureFailed, Entry, capture, fresh_copy
@@ -319,8 +319,8 @@ def _build(entry: Entry, unit: Unit, pools: dict[str, Pool], options: Options, m
     if options.lower is True or (options.lower == "auto" and any(b.is_cuda for b in module.buffers())):
         if not relayouts:
             _refresh_meta(gm, {})
-        uses += _lower(gm, entry.name, {placeholders[ph]: shown[name] for name, (ph, pool) in local.items()
-                                        if pool.target.axes == DS.axes})
+        uses += lower_updates(gm, entry.name, {placeholders[ph]: shown[name] for name, (ph, pool) in local.items()
+                                               if pool.target.axes == DS.axes})
     uses += _kernel_uses(gm, entry.name, {ph: (shown[name], pool) for name, (ph, pool) in local.items()})
     rank3 = {c.name for c in candidates(entry)}
     expects = tuple((name, local[name][1].target if name in local and local[name][1].moves else None)
@@ -355,26 +355,6 @@ def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
         node.meta["val"] = value
     with torch.no_grad():  # shapes only; export's fake buffers may say they require grad
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-
-
-def _lower(gm: torch.fx.GraphModule, entry: str, ds: dict[torch.fx.Node, str]) -> list[Use]:
-    """Pure-torch conv updates on DS pools -> the conv kernels (rewrites/lowering.py)."""
-    graph, uses = gm.graph, []
-    for node in list(graph.nodes):
-        if node not in graph.nodes:
-            continue
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for matcher in MATCHERS:
-            match = matcher(node, set(ds), order)
-            if isinstance(match, Update):
-                idiom = node.target.__name__.split(".")[0]
-                uses.append(use(entry, ds[match.pool], node, Kind.KERNEL, Action.LOWERED,
-                                f"pure-torch {idiom} update -> {match.kernel}"))
-                lower(graph, match)
-            elif match is not None:
-                uses.append(use(entry, ds.get(pool_of(node)), node, Kind.KERNEL, Action.NOT_LOWERED, match))
-    gm.recompile()
-    return uses
 
 
 def _kernel_uses(gm: torch.fx.GraphModule, entry: str, placeholders: dict[str, tuple[str, Pool]]) -> list[Use]:

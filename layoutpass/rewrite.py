@@ -1,5 +1,9 @@
-"""The rewrite engine: relayout pool placeholders and run rewrites/permutes.RULES to a fixed
-point (tinygrad's graph_rewrite, on an FX graph)."""
+"""The rewrite engine: one fixed-point driver (graph_rewrite) that runs the rule tables of
+rewrites/ -- the permutation rules that sink a relayouted pool's storage permutation through
+every use (permutes.RULES), and the lowerings of pure-torch conv updates (lowering.LOWERINGS).
+tinygrad's graph_rewrite, on an FX graph."""
+
+from collections import deque
 
 import torch
 import torch.fx
@@ -22,7 +26,7 @@ class Rewriter:
 
     def __init__(self, graph: torch.fx.Graph, pool: str):
         self.graph, self.pool = graph, pool
-        self.worklist: list[torch.fx.Node] = []
+        self.created: list[torch.fx.Node] = []  # pending permutations made by the current rule
         self.anchor: torch.fx.Node | None = None
 
     def call(self, target, args, kwargs=None, *, rank: int) -> torch.fx.Node:
@@ -35,7 +39,7 @@ class Rewriter:
     def pending(self, x: torch.fx.Node, perm: tuple[int, ...]) -> torch.fx.Node:
         node = self.call(aten.permute.default, (x, list(perm)), rank=len(perm))
         node.meta["lp_pool"] = self.pool
-        self.worklist.append(node)
+        self.created.append(node)
         return node
 
     def adjust(self, operand, perm: tuple[int, ...]):
@@ -55,10 +59,21 @@ class Rewriter:
         return node.meta["lp_rank"]
 
 
+def graph_rewrite(graph: torch.fx.Graph, nodes, step) -> None:
+    """The one driver: visit `nodes` in order; `step(node)` applies whatever rule of its table
+    matches and returns the nodes a rewrite made that need a visit, until none is left."""
+    work = deque(nodes)
+    while work:
+        node = work.popleft()
+        if not node._erased and node.graph is graph:
+            work.extend(step(node))
+
+
 def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[str, tuple[int, ...]]],
                    entry: str) -> list[Use]:
     """pools: placeholder -> (pool name, p) where permute(new storage, p) has the old order.
-    Returns what was done to each use; raises RefusedRewrite before the caller moves anything."""
+    Each pool enters as that pending permutation; RULES sink it below every use. Returns what was
+    done to each use; raises RefusedRewrite before the caller moves anything."""
     graph, uses = gm.graph, []
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
     for placeholder, (name, perm) in pools.items():
@@ -67,37 +82,35 @@ def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[st
         view = rewriter.pending(placeholder, perm)
         view.meta["val"] = placeholder.meta["val"]
         placeholder.replace_all_uses_with(view, delete_user_cb=lambda user: user is not view)
-        _run(graph, rewriter, uses, entry)
+        graph_rewrite(graph, [view], lambda q: _sink(rewriter, q, uses, entry))
     gm.recompile()
     return uses
 
 
-def _run(graph: torch.fx.Graph, r: Rewriter, uses: list[Use], entry: str) -> None:
-    while r.worklist:
-        q = r.worklist.pop()
-        if q.graph is not graph or q not in graph.nodes:
-            continue
-        x, p = q.args[0], tuple(q.args[1])
-        if p == tuple(range(len(p))):
-            _keep_copies(r, q, x)
-            q.replace_all_uses_with(x)
-            graph.erase_node(q)
-            continue
-        for user in list(q.users):
-            if user not in graph.nodes:
-                continue
-            kind, rule = RULES.get(user.target, (None, None))
-            r.anchor = user
-            new = rule(r, user, q, x, p) if rule else None
-            if new is not None:
-                new.meta.setdefault("val", user.meta.get("val"))  # same value, in the old order
-                uses.append(use(entry, r.pool, user, kind, Action.FOLDED if kind is Kind.PERMUTATION else Action.REMAPPED))
-                user.replace_all_uses_with(new)
-                graph.erase_node(user)
-            else:
-                _keep(r, user, q, uses, entry)
-        if not q.users:
-            graph.erase_node(q)
+def _sink(r: Rewriter, q: torch.fx.Node, uses: list[Use], entry: str) -> list[torch.fx.Node]:
+    """Move the pending permutation q below each of its users (RULES), or keep the user reading
+    it; a permutation that became the identity goes. Returns the new pending permutations."""
+    graph, x, p = q.graph, q.args[0], tuple(q.args[1])
+    r.created = []
+    if p == tuple(range(len(p))):
+        _keep_copies(r, q, x)
+        q.replace_all_uses_with(x)
+        graph.erase_node(q)
+        return []
+    for user in list(q.users):
+        kind, rule = RULES.get(user.target, (None, None))
+        r.anchor = user
+        new = rule(r, user, q, x, p) if rule else None
+        if new is not None:
+            new.meta.setdefault("val", user.meta.get("val"))  # same value, in the old order
+            uses.append(use(entry, r.pool, user, kind, Action.FOLDED if kind is Kind.PERMUTATION else Action.REMAPPED))
+            user.replace_all_uses_with(new)
+            graph.erase_node(user)
+        else:
+            _keep(r, user, q, uses, entry)
+    if not q.users:
+        graph.erase_node(q)
+    return r.created
 
 
 def _keep_copies(r: Rewriter, q: torch.fx.Node, x: torch.fx.Node) -> None:

@@ -24,6 +24,8 @@ import torch
 import torch.fx
 
 from layoutpass.kernels.checks import WIDTHS
+from layoutpass.report import Action, Kind, use
+from layoutpass.rewrite import graph_rewrite
 from layoutpass.rewrites.permutes import FILLS
 
 aten = torch.ops.aten
@@ -49,6 +51,14 @@ class Update:
     @property
     def kernel(self) -> str:
         return "conv_update" if self.tokens == 1 and self.initial else "conv_prefill"
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    """Almost a conv update on `pool`: `reason` says which part differed (for the report)."""
+
+    pool: torch.fx.Node
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -201,49 +211,47 @@ def _token_tails(value, length):
 
 
 def match_cat(window, pools, order):
-    if window.target is not aten.cat.default or len(window.args[0]) != 2:
+    if len(window.args[0]) != 2:
         return None
     gathered = _gather(window.args[0][0], pools)
     if gathered is None:
         return None
     pool, slots = gathered
     if window.args[1:] not in ((2,), (-1,)):
-        return "the window does not extend the state along the token axis"
+        return NearMiss(pool, "the window does not extend the state along the token axis")
     new = window.args[0][1]
     tokens, state_len = new.meta["val"].shape[2] if new.meta["val"].dim() == 3 else None, pool.meta["val"].shape[2]
     if tokens is None or not _static(tokens, state_len):
-        return "the new tokens are not (batch, dim, L) with L static"
+        return NearMiss(pool, "the new tokens are not (batch, dim, L) with L static")
     length = tokens + state_len
     windows = _values(window)
     writes = [u for w in windows for t, start in _token_tails(w, length) if start == tokens
               for u in t.users if _pool_write(u, t, {pool}) == (pool, slots)]
     if len(writes) != 1:
-        return "the window's tail is not written back to the same slots"
+        return NearMiss(pool, "the window's tail is not written back to the same slots")
     conv = _convolution(windows, tokens, order, writes[0])
     if isinstance(conv, str):
-        return conv
+        return NearMiss(pool, conv)
     squeeze = conv.result.meta["val"].dim() == 2  # multiply-and-sum: (batch, dim) out of one token
     return _update(pool, slots, new, squeeze, tokens, True, conv, (writes[0],), order)
 
 
 def match_roll(window, pools, order):
-    if window.target is not aten.roll.default:
-        return None
     gathered = _gather(window.args[0], pools)
     if gathered is None or gathered[1] is None:
         return None
     pool, slots = gathered
-    if list(window.args[1]) != [-1] or list(window.args[2]) not in ([2], [-1]):
-        return "the state is not rolled back by one token"
+    if list(window.args[1]) != [-1] or len(window.args) < 3 or list(window.args[2]) not in ([2], [-1]):
+        return NearMiss(pool, "the state is not rolled back by one token")
     sets = [c for s in _through_full_slices(window, lambda u: u.target is aten.select.int
                                             and tuple(u.args[1:]) in ((2, -1), (-1, -1)))
             for c in s.users if c.target is aten.copy_.default and c.args[0] is s]
     writes = [u for u in window.users if _pool_write(u, window, {pool}) == (pool, slots)]
     if len(sets) != 1 or len(writes) != 1 or order[sets[0]] > order[writes[0]]:
-        return "the new token is not set in the last column before the state is written back"
+        return NearMiss(pool, "the new token is not set in the last column before the state is written back")
     conv = _convolution([window], 1, order, writes[0])
     if isinstance(conv, str):
-        return conv
+        return NearMiss(pool, conv)
     return _update(pool, slots, sets[0].args[1], False, 1, True, conv, (sets[0], writes[0]), order)
 
 
@@ -253,7 +261,7 @@ def _update(pool, slots, x, squeeze, tokens, initial, conv, mutations, order):
     write = mutations[-1]
     anchor = max((n for n in (write, conv.weight, conv.bias, x) if n is not None), key=lambda n: order[n])
     if any(order[write] < order[u] <= order[anchor] for u in pool.users):
-        return "the pool is read between the state write and the convolution"
+        return NearMiss(pool, "the pool is read between the state write and the convolution")
     return Update(pool, slots, x, squeeze, tokens, initial, conv.weight, conv.bias, conv.result, conv.activation,
                   mutations, anchor)
 
@@ -274,8 +282,6 @@ def match_prompt(conv, pools, order):
     """A prompt from no history (transformers' prefill without a cache, pure-torch vLLM-style
     prefill): a depthwise conv1d over the new tokens x (or x zero-padded on the left), and the
     last state_len columns of x (or of x zero-padded on the left) written to a DS pool."""
-    if conv.target is not aten.conv1d.default:
-        return None
     window = conv.args[0]
     while window.target is aten.to.dtype and window.args[1] == window.args[0].meta["val"].dtype:
         window = window.args[0]
@@ -293,17 +299,13 @@ def match_prompt(conv, pools, order):
     write, (pool, slots) = writes[0]
     conv = _convolution(_values(conv.args[0]), tokens, order, write)
     if isinstance(conv, str):
-        return conv
+        return NearMiss(pool, conv)
     return _update(pool, slots, x, False, tokens, False, conv, (write,), order)
 
 
-MATCHERS = (match_cat, match_roll, match_prompt)
-
-
-def pool_of(window: torch.fx.Node) -> torch.fx.Node:
-    """The pool an idiom's window reads (cat: its first operand; roll: its input)."""
-    first = window.args[0][0] if window.target is aten.cat.default else window.args[0]
-    return _base(first.args[0] if first.target is aten.index.Tensor else first)
+# The window op each idiom starts from -> its matcher: (node, DS pools, node order) ->
+# Update, NearMiss, or None (not this idiom).
+LOWERINGS = {aten.cat.default: match_cat, aten.roll.default: match_roll, aten.conv1d.default: match_prompt}
 
 
 def lower(graph: torch.fx.Graph, m: Update) -> None:
@@ -339,3 +341,31 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
     while graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not (
             n.target is ASSERT and all(u.target is ASSERT for u in n.args[0].users))):
         pass
+
+
+def lower_updates(gm: torch.fx.GraphModule, entry: str, pools: dict[torch.fx.Node, str]) -> list:
+    """Every pure-torch conv update on a DS pool (placeholder -> pool name) -> one kernel call,
+    by the LOWERINGS table run through the rewrite driver; near misses are reported."""
+    graph, uses, order = gm.graph, [], {}
+
+    def step(node):
+        matcher = LOWERINGS.get(node.target)
+        if matcher is None or not pools:
+            return ()
+        if node not in order:  # a rewrite inserted nodes: number them again
+            order.clear()
+            order.update((n, i) for i, n in enumerate(graph.nodes))
+        match = matcher(node, set(pools), order)
+        if isinstance(match, Update):
+            idiom = node.target.__name__.split(".")[0]
+            uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.LOWERED,
+                            f"pure-torch {idiom} update -> {match.kernel}"))
+            lower(graph, match)
+            order.clear()
+        elif isinstance(match, NearMiss):
+            uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.NOT_LOWERED, match.reason))
+        return ()
+
+    graph_rewrite(graph, list(graph.nodes), step)
+    gm.recompile()
+    return uses
