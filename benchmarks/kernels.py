@@ -99,9 +99,13 @@ def decode_impls(args, idx, weight, bias) -> dict:
 
 
 def close(got, expected) -> float:
-    """Max |difference| after an allclose at bf16 tolerance (raises on a mismatch)."""
-    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-    return (got.float() - expected.float()).abs().max().item()
+    """Max |difference|, after checking the relative error of the whole output against bf16's
+    precision (raises on a mismatch). Elementwise bounds do not fit 134M bf16 outputs summed
+    in another order: a rounding flip near a bf16 step moves an element by one step."""
+    got, expected = got.float(), expected.float()
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < 1e-2, f"relative error {error:.3g}"
+    return (got - expected).abs().max().item()
 
 
 def check_decode(args, batch, gen) -> dict:
@@ -322,6 +326,7 @@ def main():
     parser.add_argument("--peer-prefill", help="MODULE:FUNC with causal_conv1d_fn's signature")
     parser.add_argument("--peer-label", default="vLLM", help="the peer's name in the tables")
     parser.add_argument("--fla", action="store_true", help="FLA's causal_conv1d_update (fla-core installed)")
+    parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile bit check")
     args = parser.parse_args()
     gen = random.Random(0)
     torch.manual_seed(0)
@@ -338,8 +343,9 @@ def main():
     if args.sweep:
         sweep(gen, log)
     rows, checks = [], []
-    log(check_compiled(gen))
-    checks.append(dict(work="torch.compile", result=log_lines[-1]))
+    if not args.no_compile_check:
+        log(check_compiled(gen))
+        checks.append(dict(work="torch.compile", result=log_lines[-1]))
     bench_decode(args, bw, rows, checks, gen)
     bench_prefill(args, bw, rows, checks, gen)
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, copy_bw_gbs=round(bw),
