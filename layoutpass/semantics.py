@@ -419,6 +419,10 @@ class Semantics:
         x = self.values[node.args[0]] if isinstance(self.values.get(node.args[0]), Val) else None
         if _writes_self(node) and x is not None:
             return self._in_place(node, x)
+        if node.target is aten.index_put.default and x is not None:  # index_put_ on a copy
+            copy = self._fresh(node, x.content(), x.shape)
+            self._index_put(node, copy)
+            return copy
         if node.target in SPLITS and x is not None:
             return tuple(Val(x.root, _substitute(x.coords, dict(zip(x_symbols(x), c))), tuple(size(s) for s in v.shape))
                          for c, v in zip(_pieces(node, x.shape), node.meta["val"]))
