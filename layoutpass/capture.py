@@ -50,15 +50,15 @@ class Entry:
     variadic: bool  # captured through _Call
     arguments_may_be_pools: bool  # the whole model: a caller may pass pools in
     seconds: dict[str, float]  # wall time of each stage for this entry
-    graph_module: torch.fx.GraphModule = None  # the rewritten graph now in use
+    graph_module: torch.fx.GraphModule = field(init=False)  # the rewritten graph now in use
     expects: tuple = ()  # (buffer, layout it must be stored in, None: as the model stores it)
     arguments: dict = field(default_factory=dict)  # user input index -> (name, layout, fixed sizes) of a pool argument
-    in_spec: object = None
-    out_spec: object = None
-    user_inputs: tuple = ()  # per user input: (dtype, rank, ((dim, size), ...) specialized) or the value
-    inputs: tuple = ()  # per graph input: (kind, target)
-    outputs: tuple = ()  # per graph output: (kind, target)
-    constants: dict = None
+    in_spec: object = field(init=False)
+    out_spec: object = field(init=False)
+    user_inputs: tuple = field(init=False)  # per user input: (dtype, rank, ((dim, size), ...) specialized) or the value
+    inputs: tuple = field(init=False)  # per graph input: (kind, target)
+    outputs: tuple = field(init=False)  # per graph output: (kind, target)
+    constants: dict = field(init=False)
 
     def __post_init__(self):
         signature = self.program.graph_signature

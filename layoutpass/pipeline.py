@@ -28,7 +28,7 @@ from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 
 from .capture import CaptureFailed, Entry, capture, fresh_copy
 from .discover import STATE_ARGUMENT, PoolNotFound, candidates, discover
-from .errors import ArgumentError, LayoutPassError
+from .errors import ArgumentError
 from .layout import DS, Layout, parse_layout
 from .report import Action, Kind, Pool, Report, Use, use
 from .rewrite import relayout_graph
@@ -119,7 +119,7 @@ class OptimizedModule(nn.Module):
             flat, spec = entry.flatten(args, kwargs)
             if entry.accepts(flat, spec):
                 return entry.run(module, flat, state.stored, Unit.prefix(path))
-        entry = self.capture(unit, path, args, kwargs, "forward call", during_call=True)
+        entry = self._rewrite_call(unit, path, args, kwargs, "forward call", during_call=True)
         return entry.run(module, entry.flatten(args, kwargs)[0], state.stored, Unit.prefix(path))
 
     def _probe(self, args: tuple, kwargs: dict, label: str) -> None:
@@ -151,14 +151,14 @@ class OptimizedModule(nn.Module):
         for unit, path, call_args, call_kwargs in pending:
             if not any(e.accepts(*e.flatten(call_args, call_kwargs)) for e in unit.entries):
                 try:
-                    self.capture(unit, path, call_args, call_kwargs, label)
+                    self._rewrite_call(unit, path, call_args, call_kwargs, label)
                 except CaptureFailed as err:  # a layer's inputs export cannot take: capture the whole model
                     state.report.notes.append(f"captured whole: {unit.label} does not capture alone ({err})")
                     state.layers = None
                     return
         state.probed.add(_structure(args, kwargs, state.options.dynamic))
 
-    def capture(self, unit: Unit, path: str, args: tuple, kwargs: dict, label: str = "example_inputs",
+    def _rewrite_call(self, unit: Unit, path: str, args: tuple, kwargs: dict, label: str = "example_inputs",
                 during_call: bool = False) -> Entry:
         """Capture a new call structure of a unit, discover its pools, rewrite it (and every
         earlier entry of any unit that takes a newly found pool), prove the rewrites, then move
@@ -166,7 +166,6 @@ class OptimizedModule(nn.Module):
         arguments are already allocated (a pool argument found now keeps its layout)."""
         state = self.__dict__["_lp"]
         module = state.model.get_submodule(path) if path else state.model
-        entries = _entries(state)
         name = f"entry{len(unit.entries)}" if unit is state.root else f"{unit.label}.entry{len(unit.entries)}"
         entry = capture(module, args, kwargs, name, state.options.dynamic, label, whole=unit is state.root)
         start = time.perf_counter()
@@ -423,7 +422,7 @@ def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs:
             fast._probe(args, kwargs, "example_inputs")
         if state.layers is None:
             if not any(e.accepts(*e.flatten(args, kwargs)) for e in state.root.entries):
-                fast.capture(state.root, ROOT, args, kwargs)
+                fast._rewrite_call(state.root, ROOT, args, kwargs)
     if calls:
         _check_found(fast.report, named, allow_missing)
     return fast

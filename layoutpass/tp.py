@@ -118,9 +118,6 @@ def plan(pool_layout: "str | Layout", sizes: dict, channel_groups, tp_src: int, 
     return Plan(src_layout, dst, state_len, groups, tp_src, tp_dst, tuple(pieces))
 
 
-_make_plan = plan  # execute() takes a parameter of that name
-
-
 def _groups(channel_groups, tp_src: int, tp_dst: int) -> tuple[tuple[int, int | None], ...]:
     out = []
     for spec in channel_groups:
@@ -307,9 +304,9 @@ def _auto_chunks(plan: Plan, slots: int, layers: int, element_size: int) -> int:
     return max(1, min(math.ceil(largest / CHUNK_BYTES), MAX_CHUNKS, slots))
 
 
-def _bind(plan: Plan, pool: torch.Tensor, role: str) -> Plan:
+def _bind(symbolic: Plan, pool: torch.Tensor, role: str) -> Plan:
     """A plan with the state length read off this process's pool."""
-    layout = plan.src_layout if role == "src" else plan.dst_layout
+    layout = symbolic.src_layout if role == "src" else symbolic.dst_layout
     state_len = pool.shape[1 + layout.axes[1:].index("tok")]
-    groups = [w if n is None else (w, n) for w, n in plan.channel_groups]
-    return _make_plan(plan.src_layout, {"tok": state_len}, groups, plan.tp_src, plan.tp_dst, plan.dst_layout)
+    groups = [w if n is None else (w, n) for w, n in symbolic.channel_groups]
+    return plan(symbolic.src_layout, {"tok": state_len}, groups, symbolic.tp_src, symbolic.tp_dst, symbolic.dst_layout)

@@ -3,7 +3,6 @@ instances; a pool touched outside its layer sends the model to one whole capture
 against the untouched original over the serving scenario."""
 
 import pytest
-import torch
 from torch import nn
 
 from layoutpass import check_equivalence, optimize
