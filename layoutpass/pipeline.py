@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch._guards import detect_fake_mode
 from torch.export.graph_signature import InputKind
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from layoutpass.kernels.state import relayout_
@@ -343,17 +342,46 @@ def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _refresh_meta(gm: torch.fx.GraphModule, relayouts) -> None:
-    """Shapes for every node of the rewritten graph (the rules' new nodes have none), the
-    relayouted pools entering in their new layout."""
+    """Fake values for the nodes of the rewritten graph that need new ones: the rules' new
+    nodes, and every node downstream of a relayouted pool whose value (shape, strides, storage)
+    changed with it. The relayouted pools enter in their new layout."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     mode = detect_fake_mode([n.meta["val"] for n in placeholders if "val" in n.meta])
     with mode:
         inputs = [n.meta["val"].permute(inverse(relayouts[n][1])).contiguous() if n in relayouts else n.meta.get("val")
                   for n in placeholders]
-    for node, value in zip(placeholders, inputs):
-        node.meta["val"] = value
     with torch.no_grad():  # shapes only; export's fake buffers may say they require grad
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        _Propagate(gm, mode, set(relayouts)).run(*inputs)
+
+
+class _Propagate(torch.fx.Interpreter):
+    """FakeTensorProp for the changed part of a graph only (the rest keeps export's values)."""
+
+    def __init__(self, gm, mode, changed: set):
+        super().__init__(gm)
+        self.mode, self.changed = mode, set(changed)
+
+    def run_node(self, n):
+        if n.op == "placeholder":
+            value = super().run_node(n)
+            n.meta["val"] = value
+            return value
+        if n.op == "output" or ("val" in n.meta and not self.changed.intersection(n.all_input_nodes)):
+            return n.meta.get("val") if n.op != "output" else None
+        with self.mode:
+            value = super().run_node(n)
+        old = n.meta.get("val")
+        if isinstance(value, torch.Tensor) and isinstance(old, torch.Tensor) and _same_tensor_meta(value, old) \
+                and not any(isinstance(a, torch.Tensor) and torch._C._is_alias_of(value, a)
+                            for a in pytree.tree_leaves((self.fetch_args_kwargs_from_env(n)))):
+            return old  # a fresh tensor as before: what follows it is unchanged
+        self.changed.add(n)
+        n.meta["val"] = value
+        return value
+
+
+def _same_tensor_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.storage_offset()) == (b.shape, b.stride(), b.dtype, b.storage_offset())
 
 
 def _kernel_uses(gm: torch.fx.GraphModule, entry: str, placeholders: dict[str, tuple[str, Pool]]) -> list[Use]:
