@@ -148,6 +148,8 @@ class OptimizedModule(nn.Module):
             state.layers = None
             return
         for unit, path, call_args, call_kwargs in pending:
+            device = next(iter(self.get_submodule(path).buffers())).device
+            call_args, call_kwargs = materialize(describe((call_args, call_kwargs)), device)
             if not any(e.accepts(*e.flatten(call_args, call_kwargs)) for e in unit.entries):
                 try:
                     self._rewrite_call(unit, path, call_args, call_kwargs, label)
@@ -237,7 +239,7 @@ class _LayerCall:
                 unit.outputs[key] = describe(type(layer).forward(layer, *args, **kwargs))
             finally:
                 watch.stack.pop()
-        return materialize(unit.outputs[key], watch.mode)
+        return materialize(unit.outputs[key])
 
 
 @dataclass

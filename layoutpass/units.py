@@ -5,9 +5,9 @@ buffers and is the only code that touches them *owns* them: it is captured on it
 kind of layer (same class, code, parameter and buffer shapes, plain attributes) and call
 structure, and every instance of that kind runs the one rewritten graph with its own tensors;
 the rest of the model runs as written. That a layer owns its pools is checked, not assumed: a
-probe runs the model's forward on fake tensors (no compute, no state touched) and watches every
-torch call; a pool touched outside its layer sends the whole model to one capture (the root
-unit), as before. The probe also hands each layer kind the inputs to capture it from."""
+probe runs the model's forward on meta tensors (shapes only: no compute, no state touched) and
+watches every torch call; a pool touched outside its layer sends the whole model to one capture
+(the root unit), as before. The probe also hands each layer kind the inputs to capture it from."""
 
 import dataclasses
 import traceback
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
@@ -97,13 +96,21 @@ class Watch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for value in pytree.tree_leaves((args, kwargs)):
-            if isinstance(value, torch.Tensor):
-                owner = self.pools.get(id(value)) or self.pools.get(id(value._base))
-                if owner is not None and (not self.stack or self.stack[-1] != owner[0]):
-                    name = f"{Unit.prefix(owner[0])}{owner[1]}"
-                    self.outside.setdefault(name, _caller())
+        for value in _tensors(args, kwargs.values()):
+            owner = self.pools.get(id(value)) or self.pools.get(id(value._base))
+            if owner is not None and (not self.stack or self.stack[-1] != owner[0]):
+                self.outside.setdefault(f"{Unit.prefix(owner[0])}{owner[1]}", _caller())
         return func(*args, **kwargs)
+
+
+def _tensors(*groups):
+    """The tensors among a call's arguments (and in its lists of tensors)."""
+    for group in groups:
+        for value in group:
+            if isinstance(value, torch.Tensor):
+                yield value
+            elif isinstance(value, (list, tuple)):
+                yield from (v for v in value if isinstance(v, torch.Tensor))
 
 
 def _caller() -> str:
@@ -116,34 +123,33 @@ def _caller() -> str:
 
 def probe(module: nn.Module, forward, units: dict[str, Unit], args: tuple, kwargs: dict, watching,
           stored_as: dict[str, tuple]) -> Watch:
-    """Run `forward(module, *args, **kwargs)` on fake tensors, `watching(watch)` entered around
-    it (the layer calls see the watch there and answer with fake outputs); pools already moved
+    """Run `forward(module, *args, **kwargs)` on meta tensors, `watching(watch)` entered around
+    it (the layer calls see the watch there and answer with meta outputs); pools already moved
     appear as the model stores them (`stored_as`: name -> shape). Returns the watch: `outside`
     holds the pools touched outside their layers."""
-    mode = FakeTensorMode(allow_non_fake_inputs=False)
     named = dict(module.named_parameters(remove_duplicate=False))
     named.update(module.named_buffers(remove_duplicate=False))
-    fakes = {name: mode.from_tensor(t) for name, t in named.items() if name not in stored_as}
-    with mode:
-        fakes.update({name: torch.empty(shape, dtype=named[name].dtype, device=named[name].device)
-                      for name, shape in stored_as.items()})
-    pools = {id(fakes[f"{Unit.prefix(path)}{name}"]): (path, name) for path in units
+    metas = {name: torch.empty_like(t, device="meta") for name, t in named.items() if name not in stored_as}
+    metas.update({name: torch.empty(shape, dtype=named[name].dtype, device="meta") for name, shape in stored_as.items()})
+    pools = {id(metas[f"{Unit.prefix(path)}{name}"]): (path, name) for path in units
              for name, b in module.get_submodule(path).named_buffers() if b.dim() == 3}
-    fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs))
+    meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     watch = Watch(pools)
-    watch.mode = mode
-    with _reparametrize_module(module, fakes), mode, watch, watching(watch), torch.no_grad():
-        forward(module, *fake_args, **fake_kwargs)
+    with _reparametrize_module(module, metas), watch, watching(watch), torch.no_grad():
+        forward(module, *meta_args, **meta_kwargs)
     return watch
 
 
 def describe(value):
-    """A probe output's metadata, to hand out again without running the layer."""
-    return pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.stride(), t.dtype, t.device), value)
+    """A probe output's shape, strides and dtype, to hand out again without running the layer."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: (tuple(t.shape), t.stride(), t.dtype), value)
 
 
-def materialize(meta, mode: FakeTensorMode):
-    is_tensor = lambda m: isinstance(m, tuple) and len(m) == 4 and isinstance(m[2], torch.dtype)
-    with mode:
-        return pytree.tree_map(lambda m: torch.empty_strided(m[0], m[1], dtype=m[2], device=m[3]) if is_tensor(m)
-                               else m, meta, is_leaf=is_tensor)
+def _is_described(m) -> bool:
+    return isinstance(m, tuple) and len(m) == 3 and isinstance(m[2], torch.dtype)
+
+
+def materialize(meta, device="meta"):
+    """Tensors of described shapes on `device` (zeros: what a layer is captured from needs shapes only)."""
+    return pytree.tree_map(lambda m: torch.empty_strided(m[0], m[1], dtype=m[2], device=device).zero_()
+                           if _is_described(m) else m, meta, is_leaf=_is_described)
