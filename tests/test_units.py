@@ -2,10 +2,13 @@
 instances; a pool touched outside its layer sends the model to one whole capture. Judged
 against the untouched original over the serving scenario."""
 
+import copy
+
 import pytest
+import torch
 from torch import nn
 
-from layoutpass import check_equivalence, optimize
+from layoutpass import LayoutPassError, check_equivalence, optimize
 from layoutpass.examples import build
 from layoutpass.examples.lm import LM, ModelConfig
 
@@ -68,3 +71,32 @@ def test_the_report_lists_every_instance_pool():
     fast = optimize(model, "DS", example_inputs=[model.scenario()[0].inputs])
     assert sorted(fast.report.pools) == sorted(f"mixers.{i}.{q}_conv_state" for i in (0, 1) for q in "qkv")
     assert "pool mixers.1.v_conv_state (8, 3, 32): SD -> DS" in str(fast.report)
+
+
+def test_inplace_relayouts_the_models_own_memory():
+    model = build("mamba2", num_spec=1)
+    reference = copy.deepcopy(model)
+    pointers = {name: model.get_buffer(name).data_ptr() for name in ("mixers.0.conv_state", "mixers.1.conv_state")}
+    fast = optimize(model, "DS", inplace=True, example_inputs=[s.inputs for s in model.scenario()[:2]])
+    assert {name: fast.get_buffer(name).data_ptr() for name in pointers} == pointers
+    assert all(fast.get_buffer(name).is_contiguous() for name in pointers)
+    result = check_equivalence(reference, fast, prefills=3, steps=8)
+    assert result.ok, str(result)
+
+
+def test_inplace_refused_leaves_the_model_untouched():
+    model = ResetsOutside(ModelConfig(layers=("mamba2",)))
+    model.forward = _views_the_pool_flat(model)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    with pytest.raises(LayoutPassError, match="memory-order refusal"):
+        optimize(model, "DS", inplace=True, example_inputs=[model.scenario()[1].inputs])
+    assert all(torch.equal(b, model.get_buffer(name)) for name, b in before.items())
+
+
+def _views_the_pool_flat(model):
+    forward = model.forward
+
+    def patched(input_ids, slots, context_lens, **kwargs):
+        model.mixers[0].conv_state.view(model.cfg.num_slots, -1)[slots, :2] = 0.0  # SD memory order, written
+        return forward(input_ids, slots, context_lens, **kwargs)
+    return patched
