@@ -122,7 +122,7 @@ class OptimizedModule(nn.Module):
         return entry.run(module, entry.flatten(args, kwargs)[0], state.stored, Unit.prefix(path))
 
     def _probe(self, args: tuple, kwargs: dict, label: str) -> None:
-        """Check that every layer owns its pools on this call structure (a run on fake
+        """Check that every layer owns its pools on this call structure (a run on meta
         tensors), and capture the layer calls it shows; otherwise capture the whole model."""
         state = self.__dict__["_lp"]
         pending = []
@@ -138,7 +138,7 @@ class OptimizedModule(nn.Module):
         moved = {name: pool.shape for name, pool in state.pools.items() if name in state.stored}
         try:
             watch = probe(self, state.forward, state.layers, args, kwargs, watching, moved)
-        except Exception as err:  # the model's own code does not run on fake tensors: capture it whole
+        except Exception as err:  # the model's own code does not run on meta tensors: capture it whole
             state.report.notes.append(f"captured whole: the ownership probe could not run the model ({_first_line(err)})")
             state.layers = None
             return
@@ -216,7 +216,7 @@ class OptimizedModule(nn.Module):
 
 class _LayerCall:
     """A layer's forward in the optimized model: its kind's rewritten graph, with its own
-    tensors (during a probe: fake outputs, and its new call structures noted for capture)."""
+    tensors (during a probe: meta outputs, and its new call structures noted for capture)."""
 
     def __init__(self, fast: OptimizedModule, path: str):
         self.fast, self.path = fast, path
