@@ -1,5 +1,5 @@
 """End-to-end benchmark on a CUDA card: whole models at 2.7B-class widths, decode steps in CUDA
-graphs and a prefill, three rows each, timed in the same run (../shared/PERFORMANCE.md):
+graphs and a prefill, three rows each, timed in the same run:
 
   SD, vLLM convs    the model as vLLM runs it: SD pools + transposes, the conv on vLLM's Triton
                     causal_conv1d_update / causal_conv1d_fn (--vllm MODULE, e.g. the file

@@ -4,7 +4,7 @@ with DS pools, and the peers in the same run on the same data: vLLM's Triton ker
 causal_conv1d_fn's signatures; benchmarks/peers/fetch.py extracts vLLM 0.33's) and FLA's
 causal_conv1d_update (--fla; fla-core must be importable). Every implementation is checked
 against ours (and ours against a pure-torch step) before it is timed. Figures are fractions of
-the device copy bandwidth measured in the same run (bytes per PERFORMANCE.md's count).
+the device copy bandwidth measured in the same run (the fewest bytes: every input read once, every output written once).
 
     python benchmarks/kernels.py --out DIR            # tables + kernels.json + kernels.md
     python benchmarks/kernels.py --sweep --out DIR    # first choose the DS block shapes, then the same

@@ -35,7 +35,7 @@ class Mamba1Mixer(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
-    """Conv channels are [x | B | C]: TP shards them as three ranges (MISSION.md)."""
+    """Conv channels are [x | B | C]: a TP shard of them is three channel ranges."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -1,6 +1,6 @@
 """The conv ops as torch.library custom ops, and vLLM-compatible Python entry points.
 
-`conv_update` and `conv_prefill` take vLLM's signatures (MISSION.md), so a model written for
+`conv_update` and `conv_prefill` take vLLM's signatures, so a model written for
 vLLM's `causal_conv1d_update` / `causal_conv1d_fn` runs on them unchanged."""
 
 import torch

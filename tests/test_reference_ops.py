@@ -45,7 +45,7 @@ def test_update_in_place_overwrites_x():
 
 def test_update_varlen_windows_shift_by_each_sequence_length():
     """vLLM's varlen update shortens the window of sequences shorter than the longest;
-    ours shifts each state by its own length (MISSION.md)."""
+    ours shifts each state by its own length."""
     case = update_case(11, layout="DS", form="varlen", spec=False, batch=4)
     lens = (case.kwargs["query_start_loc"][1:] - case.kwargs["query_start_loc"][:-1]).tolist()
     assert len(set(lens)) > 1
