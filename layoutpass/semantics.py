@@ -352,7 +352,11 @@ class Semantics:
         self._opaque_writes(node)
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            return Val(self._leaf(node.name, shape_of(node)), index_symbols(val.dim()), shape_of(node))
+            leaf = self._leaf(node.name, shape_of(node))
+            if self._views_a_pool(node, val):  # what it reads later depends on writes we cannot place
+                self.failures[node.name] = "a view of a pool made by an op the check does not model"
+                leaf.versions = [(leaf.versions[0][0], UNKNOWN)]
+            return Val(leaf, index_symbols(val.dim()), shape_of(node))
         if isinstance(val, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in val):
             out = []
             for k, v in enumerate(val):
@@ -360,6 +364,14 @@ class Semantics:
                 out.append(Val(self._leaf(f"{node.name}.{k}", shape), index_symbols(v.dim()), shape))
             return tuple(out)
         return _plain(val)
+
+    def _views_a_pool(self, node, val: torch.Tensor) -> bool:
+        for a in node.all_input_nodes:
+            value, src = self.values.get(a), a.meta.get("val")
+            if isinstance(value, Val) and value.root.pool and isinstance(src, torch.Tensor) \
+                    and torch._C._is_alias_of(val, src):
+                return True
+        return False
 
     def _describe(self, arg):
         """What an opaque op is given: tensors by shape and contents, the rest as is."""
@@ -419,6 +431,8 @@ class Semantics:
         x = self.values[node.args[0]] if isinstance(self.values.get(node.args[0]), Val) else None
         if _writes_self(node) and x is not None:
             return self._in_place(node, x)
+        if _writes_another(node):  # an out= argument and the like: the opaque path places those writes
+            return self._opaque(node)
         if node.target is aten.index_put.default and x is not None:  # index_put_ on a copy
             copy = self._fresh(node, x.content(), x.shape)
             self._index_put(node, copy)
@@ -583,6 +597,11 @@ def _writes_self(node) -> bool:
         return False
     first = schema.arguments[0].alias_info
     return bool(first and first.is_write) and torch.Tag.inplace in getattr(node.target, "tags", ())
+
+
+def _writes_another(node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[1:])
 
 
 def _aliases(node) -> bool:

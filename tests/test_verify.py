@@ -84,3 +84,13 @@ def test_the_real_rules_pass_the_check_on_every_zoo_entry():
         model = pm.OneConv(extra=extra)
         fast = optimize(model, "DS", example_inputs=[pm.inputs()])
         assert fast.report.pools["pool"].moves
+
+
+def _unfolded(pool, slots):
+    return pool.unfold(1, 2, 1)[slots].sum((1, 2, 3))[:, None]  # a view op the check does not model
+
+
+def test_a_view_the_check_cannot_follow_is_refused_not_guessed():
+    model = pm.OneConv(extra=_unfolded)
+    with pytest.raises(UnprovenRewrite, match="cannot be proven.*a view of a pool made by an op the check does not model"):
+        optimize(model, "DS", example_inputs=[pm.inputs()])
