@@ -596,7 +596,8 @@ def _writes_self(node) -> bool:
     if schema is None or not schema.arguments:
         return False
     first = schema.arguments[0].alias_info
-    return bool(first and first.is_write) and torch.Tag.inplace in getattr(node.target, "tags", ())
+    returned = schema.returns[0].alias_info if schema.returns else None
+    return bool(first and first.is_write and returned and returned.is_write)  # returns its written self
 
 
 def _writes_another(node) -> bool:
