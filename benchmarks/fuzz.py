@@ -24,6 +24,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 import fuzz_models as fm  # noqa: E402
 
 FAILURES = ("mismatch", "crash", "late-refusal", "other")
+ACCEPTED = ("equivalent", "rounding", "refused", "refused-partial")
+MEANING = {
+    "equivalent": "every step's outputs and logical state equal the original's (exactly; 1e-5 where a lowering ran)",
+    "rounding": "state exact, an output within 1e-5 but not bit-equal (a sum or matmul over a relayouted axis)",
+    "refused": "a LayoutPassError at capture, no buffer changed",
+    "refused-partial": "a LayoutPassError at capture, logical state intact, pools of layers captured earlier in "
+                       "the same call already moved",
+    "mismatch": "an output or the logical state differs",
+    "crash": "an exception while a captured graph ran",
+    "late-refusal": "a LayoutPassError at capture after the logical state changed",
+    "other": "any other exception at capture (not a LayoutPassError)",
+}
 
 
 def _commit() -> str:
@@ -87,18 +99,19 @@ def markdown(meta: dict, tally: dict, repros: list) -> str:
     lines = [
         "# Fuzzing the pass (benchmarks/fuzz.py)", "",
         f"{tally['programs']} generated programs, each optimized to DS and to SD ({tally['checks']} checks), "
-        f"on commit {meta['commit']}, torch {meta['torch']}, CPU; {meta['seconds']:.0f} s. lower= drawn per program.",
-        "", "| outcome | checks |", "|---|---|",
-        *[f"| {k} | {o.get(k, 0)} |" for k in ("equivalent", "refused", *FAILURES)],
+        f"on commit {meta['commit']}, torch {meta['torch']}, CPU (one thread); {meta['seconds']:.0f} s; seed "
+        f"{meta['seed']}, lower= drawn per program. A check is one program in one layout.",
+        "", "| outcome | checks | meaning |", "|---|---|---|",
+        *[f"| {k} | {o.get(k, 0)} | {MEANING[k]} |" for k in (*ACCEPTED, *FAILURES)],
         f"| (generator errors: the original model failed) | {tally['generator_errors']} |", "",
-        "## Refusals (LayoutPassError before any buffer moved), by reason", "", "| checks | reason |", "|---|---|",
-        *[f"| {n} | {r.removeprefix('refused: ')} |" for r, n in tally["reasons"].items() if r.startswith("refused")],
+        "## Refusals, by reason", "", "| checks | reason |", "|---|---|",
+        *[f"| {n} | {r} |" for r, n in tally["reasons"].items() if r.startswith("refused")],
         "", "## Failures, by class", "", "| checks | class |", "|---|---|",
         *[f"| {n} | {r} |" for r, n in tally["reasons"].items() if r.split(":")[0] in FAILURES],
         "", "## Outcomes per use kind (checks whose program contains the use)", "",
-        "| use | equivalent | refused | " + " | ".join(FAILURES) + " |", "|---|---|---|" + "---|" * len(FAILURES),
-        *[f"| {k} | {v.get('equivalent', 0)} | {v.get('refused', 0)} | "
-          + " | ".join(str(v.get(f, 0)) for f in FAILURES) + " |" for k, v in tally["per_use_kind"].items()],
+        "| use | " + " | ".join((*ACCEPTED, *FAILURES)) + " |", "|---|" + "---|" * (len(ACCEPTED) + len(FAILURES)),
+        *[f"| {k} | " + " | ".join(str(v.get(f, 0)) for f in (*ACCEPTED, *FAILURES)) + " |"
+          for k, v in tally["per_use_kind"].items()],
         "", "## Minimal repro of each failure class", "",
         "Each runs standalone from the repository root (`python repro.py`) and fails its assertion or raises.", ""]
     for r in repros:
@@ -113,10 +126,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minimize-s", type=float, default=240.0, help="time to minimize each failure class")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz"))
+    parser.add_argument("--commit", help="the pass's commit, when layoutpass is imported from an exported copy")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    meta = {"commit": _commit(), "torch": torch.__version__, "seed": args.seed}
+    meta = {"commit": args.commit or _commit(), "torch": torch.__version__, "seed": args.seed}
     start = time.monotonic()
     tally, first, generator_errors = run(args.programs, args.seed)
     repros = minimal_repros(first, args.minimize_s)

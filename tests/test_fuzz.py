@@ -1,7 +1,8 @@
 """The fuzzer in CI: programs written by tests/fuzz_models.py, optimized to DS and to SD, give the
 original's outputs and logical state at every call in their order, or are refused with a
 LayoutPassError before any buffer moved. Then one test per fuzz finding (issue 10), each a
-minimized generated program, and the harness's own checks (it sees a difference, it is
+minimized generated program (a strict xfail while it is open, a regression
+test once fixed), and the harness's own checks (it sees a difference, it is
 deterministic).
 
 Cost: the property runs CI_EXAMPLES programs (FUZZ_EXAMPLES overrides), derandomized, without
@@ -21,11 +22,10 @@ from layoutpass import LayoutPassError
 
 CI_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 200))
 PHASES = (Phase.explicit, Phase.generate) + ((Phase.shrink,) if os.environ.get("FUZZ_SHRINK") else ())
-CI_PROGRAMS = fm.programs(max_pools=2, max_entries=3, max_other_uses=2, max_calls=4)
-OPEN = "open fuzz findings F1-F9 of issue 10 (each has its own test_finding below)"
+CI_PROGRAMS = fm.programs(max_pools=2, max_entries=3, max_other_uses=1, max_calls=3)
 
 
-@pytest.mark.xfail(strict=True, reason=OPEN)
+@pytest.mark.xfail(strict=True, reason="open fuzz findings F10, F11 (OPEN_FINDINGS below)")
 @settings(max_examples=CI_EXAMPLES, derandomize=True, database=None, deadline=None, phases=PHASES,
           suppress_health_check=list(HealthCheck), print_blob=False)
 @given(program=CI_PROGRAMS, lower=st.booleans())
@@ -39,13 +39,15 @@ def test_optimized_programs_match_the_original(program, lower):
 
 
 def pool(layout, slots, state_len, dim, width, index=0):
-    return fm.Pool(index, layout, slots, state_len, dim, width, bias=False, nested=False)
+    return fm.Pool(index, layout, slots, state_len, dim, width, bias=False)
 
 
-def program(pools, bodies, calls, dispatch="mode", named=False):
-    """A fixed program: bodies are (tokens, lines) per entry, calls (entry, batch)."""
-    entries = tuple(fm.Entry(i, tokens, False, tuple(lines), ()) for i, (tokens, lines) in enumerate(bodies))
-    return fm.Program(tuple(pools), entries, dispatch, True, "int64", tuple(calls), 0, named)
+def program(pools, bodies, calls, dispatch="mode", named=False, layers=(), model_lines=()):
+    """A fixed program: bodies are (tokens, lines) per entry, calls (entry, batch). With layers,
+    each body is the one layer class's and model_lines the model's own."""
+    entries = tuple(fm.Entry(i, tokens, False, tuple(model_lines), (), (tuple(lines),)) if layers else
+                    fm.Entry(i, tokens, False, tuple(lines), ()) for i, (tokens, lines) in enumerate(bodies))
+    return fm.Program(tuple(pools), entries, dispatch, True, "int64", tuple(calls), 0, named, tuple(layers))
 
 
 DECODE_SD = ["y = conv_update(x[:, 0, :4], self.p0.transpose(1, 2), self.w0, None, None, slots, "
@@ -95,11 +97,24 @@ FINDINGS = {
         [(1, ["xt = x[:, :, :4].transpose(1, 2)", "self.p0[slots] = F.pad(xt, (3, 0))[..., -3:]",
               "outs.append(F.conv1d(xt, self.w0[:, None], None, padding=3, groups=4)[..., :1])"])],
         [(0, 2)], named=True), "DS", True, "equivalent"),
+    "F10 lowering an update whose stored state is written again erases a node still in use": (program(
+        [pool("DS", 4, 5, 6, 6)],
+        [(1, ["win = torch.cat([self.p0[slots], x[:, :, :6].transpose(1, 2)], -1)", "y = (win * self.w0).sum(-1)",
+              "self.p0.index_put_((slots,), win[..., -5:])", "self.p0.index_put_((slots,), self.p0[slots].roll(1, 2))",
+              "outs.append(y)"])],
+        [(0, 1)]), "DS", True, "equivalent"),
+    "F11 a pool returned by the model as is escapes the layer ownership probe": (program(
+        [pool("SD", 5, 6, 2, 5)], [(1, ["win = torch.cat([self.p0[slots], x[:, :, :2]], 1)", "self.p0[slots] = win[:, 1:]"])],
+        [(0, 1)], layers=(0,), model_lines=["outs.append(self.layers[0].p0)"]), "DS", False, "equivalent"),
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="open: " + name))
-                                  for name in FINDINGS])
+OPEN_FINDINGS = {"F11 a pool returned by the model as is escapes the layer ownership probe",
+                 "F10 lowering an update whose stored state is written again erases a node still in use"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason="open: " + name)]
+                                               if name in OPEN_FINDINGS else []) for name in FINDINGS])
 def test_finding(name):
     prog, layout, lower, fixed = FINDINGS[name]
     outcome = fm.check(prog, layout, lower)
@@ -129,12 +144,21 @@ class Sabotaged:
         raise LayoutPassError("refused")
 
     @staticmethod
-    def moves_then_refuses(model, layout, **kwargs):
+    def changes_then_refuses(model, layout, **kwargs):
+        fast = copy.deepcopy(model)
+
+        def capture(*args, **kw):
+            fast.p0.add_(1.0)
+            raise LayoutPassError("refused after the state changed")
+        fast.forward = capture
+        return fast
+
+    @staticmethod
+    def fails_running(model, layout, **kwargs):
         fast = copy.deepcopy(model)
 
         def forward(*args, **kw):
-            fast.p0.add_(1.0)
-            raise LayoutPassError("refused after a buffer changed")
+            raise LayoutPassError("a kernel's argument check, at run time")
         fast.forward = forward
         return fast
 
@@ -151,4 +175,5 @@ def test_the_property_tells_each_outcome():
     prog = program([pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD)], [(0, 2), (0, 2)])
     assert fm.check(prog, "DS", False, optimizer=Sabotaged.nudged_weight).kind == "mismatch"
     assert fm.check(prog, "DS", False, optimizer=Sabotaged.refuses).kind == "refused"
-    assert fm.check(prog, "DS", False, optimizer=Sabotaged.moves_then_refuses).kind == "late-refusal"
+    assert fm.check(prog, "DS", False, optimizer=Sabotaged.changes_then_refuses).kind == "late-refusal"
+    assert fm.check(prog, "DS", False, optimizer=Sabotaged.fails_running).kind == "crash"
