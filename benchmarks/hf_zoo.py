@@ -1,0 +1,296 @@
+"""Every transformers class whose cache holds a causal-conv state (layoutpass.hf.CLASSES), tiny
+and random, through CacheAsBuffers and optimize() -- DS lowered, DS, SD -- against transformers'
+own greedy generate, token for token and logit by logit. Also: how many exported graphs serve
+prompts of every length once export's guards are kept (transformers' scans pad and loop with
+Python ints that export specializes).
+
+    python benchmarks/hf_zoo.py [CLASS ...] [--no-buckets]
+
+writes benchmarks/results/hf_zoo.json and hf_zoo.md (the README table), on the CPU.
+
+    python benchmarks/hf_zoo.py --gpu
+
+runs a few classes at real-ish widths in bf16 on CUDA, the conv updates lowered onto the
+kernels, against transformers' own bf16 generate (and an fp32 run of the same weights, the
+yardstick for bf16 noise); writes results/hf_zoo_gpu.json and .md with the card named."""
+
+import argparse
+import json
+import platform
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT, NEW, BATCH = 7, 8, 2
+MODES = (("DS", True), ("DS", False), ("SD", False))
+# prompt lengths for the guard analysis: every short one, then around the scans' chunk sizes (8, 64)
+LENGTHS = list(range(1, 41)) + [63, 64, 65, 66, 127, 128, 129, 130, 200]
+PER_LENGTH = 12  # that many lengths, each needing its own graph: a scan loops over the tokens
+
+
+def reference(model, ids):
+    out = model.generate(ids, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+class _TimeLimit(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TimeLimit()
+
+
+def optimized(name: str, layout: str, lower: bool, ids, tokens, logits, limit: int) -> dict:
+    from layoutpass import optimize
+    from layoutpass.hf import CacheAsBuffers, generate, tiny_model
+
+    start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        fast = optimize(CacheAsBuffers(tiny_model(name), BATCH, 32), layout, lower=lower)
+        got, got_logits = generate(fast, ids, NEW, output_logits=True)
+    except _TimeLimit:
+        return dict(error=f"not done in {limit} s")
+    except Exception as err:  # a failure is a result: the table shows it
+        return dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    finally:
+        signal.alarm(0)
+    uses = fast.report.uses
+    return dict(tokens_equal=bool(torch.equal(got, tokens)), logit_error=(got_logits - logits).abs().max().item(),
+                pools=len(fast.report.pools), lowered=sum(u.action == "lowered" for u in uses),
+                not_lowered=sorted({u.detail for u in uses if u.action == "not lowered"}),
+                captures=len(fast.graphs), seconds=round(time.perf_counter() - start, 1))
+
+
+def guarded_graphs(name: str) -> dict:
+    """Prompts of LENGTHS, fresh each: reuse an exported graph whenever its guards accept the
+    length (checked against the eager adapter), export a new one otherwise."""
+    from torch.export import Dim
+
+    from layoutpass.hf import CacheAsBuffers, tiny_model
+
+    adapter = CacheAsBuffers(tiny_model(name), BATCH, max(LENGTHS) + 8)
+    graphs, firsts, worst = [], [], 0.0
+    try:
+        for length in LENGTHS:
+            ids = torch.randint(0, 64, (BATCH, length), generator=torch.Generator().manual_seed(length))
+            with torch.no_grad():
+                want = adapter(ids)
+            for graph in graphs:
+                try:
+                    with torch.no_grad():
+                        got = graph(ids)
+                except (AssertionError, RuntimeError) as err:  # a guard or a size range refused it
+                    if "Guard failed" in str(err) or "Expected input" in str(err):
+                        continue
+                    raise
+                worst = max(worst, (got - want).abs().max().item())
+                break
+            else:
+                program = torch.export.export(adapter, (ids,), dynamic_shapes={"input_ids": {1: Dim.AUTO}},
+                                              strict=False)
+                graphs.append(program.module())
+                firsts.append(length)
+                if firsts[-PER_LENGTH:] == LENGTHS[:PER_LENGTH]:  # no graph served a second length
+                    return dict(graphs="one per length", first_lengths=firsts, reuse_error=worst)
+    except Exception as err:
+        return dict(graphs=len(graphs), first_lengths=firsts, error=f"{type(err).__name__}: {str(err)[:300]}")
+    return dict(graphs=len(graphs), first_lengths=firsts, reuse_error=worst)
+
+
+def run(name: str, buckets: bool, limit: int) -> dict:
+    from layoutpass.hf import CacheAsBuffers, generate, tiny_model
+
+    model = tiny_model(name)
+    ids = torch.randint(0, 64, (BATCH, PROMPT), generator=torch.Generator().manual_seed(1))
+    tokens, logits = reference(model, ids)
+    got, got_logits = generate(CacheAsBuffers(model, BATCH, 32), ids, NEW, output_logits=True)
+    row = dict(adapter=dict(tokens_equal=bool(torch.equal(got, tokens)),
+                            logit_error=(got_logits - logits).abs().max().item()),
+               distinct_tokens=len(set(tokens.flatten().tolist())))
+    for layout, lower in MODES:
+        first = row.get("DS lowered", {}).get("error", "")
+        skip = dict(error=f"skipped: DS lowered {first}") if "not done" in first else None
+        key = f"{layout}{' lowered' if lower else ''}"
+        row[key] = skip or optimized(name, layout, lower, ids, tokens, logits, limit)
+    if buckets:
+        row["prompt_graphs"] = guarded_graphs(name)
+    return row
+
+
+def _cell(result: dict) -> str:
+    if "error" in result:
+        return f"error: {result['error'][:80]}"
+    return f"{'yes' if result['tokens_equal'] else '**no**'} ({result['logit_error']:.0e})"
+
+
+def table(rows: dict) -> str:
+    lines = ["| class | pools found | DS tokens == transformers (lowered / not) | SD tokens == transformers "
+             "| lowered convs | captures | time (DS lowered / DS / SD) |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        low, ds, sd = row["DS lowered"], row["DS"], row["SD"]
+        pools = next((r["pools"] for r in (low, ds, sd) if "pools" in r), "?")
+        lowered = str(low.get("lowered", "-")) + (f" (not: {'; '.join(low['not_lowered'])[:60]})"
+                                                  if low.get("not_lowered") else "")
+        graphs = row.get("prompt_graphs")
+        captures = "1 decode + 1 per prompt length"
+        if graphs and graphs["graphs"] == "one per length":
+            captures += f" even with guards kept (a token loop: lengths 1-{PER_LENGTH} each needed one)"
+        elif graphs and "error" not in graphs:
+            captures += f"; {graphs['graphs']} with guards kept (new at {graphs['first_lengths']})"
+        elif graphs:
+            captures += f"; guard analysis failed: {graphs['error'][:60]}"
+        times = " / ".join(str(r.get("seconds", "-")) for r in (low, ds, sd))
+        lines.append(f"| {name} | {pools} | {_cell(low)} / {_cell(ds)} | {_cell(sd)} | {lowered} | {captures} "
+                     f"| {times} s |")
+    return "\n".join(lines)
+
+
+# real-ish widths: a Mamba2 of 2.7B's width, a Bamba hybrid (attention beside Mamba2 layers), an
+# Lfm2 (short convs beside attention); a few layers each
+GPU_CLASSES = {
+    "Mamba2": dict(vocab_size=32000, hidden_size=2560, num_hidden_layers=4, state_size=128, num_heads=80,
+                   head_dim=64, n_groups=1, expand=2, chunk_size=256),
+    "Bamba": dict(vocab_size=32000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=4,
+                  attn_layer_indices=[2], num_attention_heads=16, num_key_value_heads=8, mamba_n_heads=64,
+                  mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2,
+                  mamba_chunk_size=256),
+    "Lfm2": dict(vocab_size=32000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=4,
+                 num_attention_heads=16, num_key_value_heads=8, layer_types=["conv", "conv", "full_attention", "conv"]),
+}
+GPU_BATCH, GPU_PROMPT, GPU_NEW = 4, 64, 16
+
+
+def gpu_check(name: str, options: dict, device="cuda") -> dict:
+    import copy
+
+    from layoutpass import optimize
+    from layoutpass.hf import CacheAsBuffers, _tiny_configs, generate
+
+    config_class, model_class, _ = _tiny_configs()[name]
+    torch.manual_seed(0)
+    config = config_class(**options, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    exact = model_class(config).to(device).eval()
+    model = copy.deepcopy(exact).to(torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, options["vocab_size"], (GPU_BATCH, GPU_PROMPT), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    tokens, logits = reference_n(model, ids)
+    with torch.no_grad():  # the yardstick: fp32, no cache, on transformers' bf16 tokens
+        fp32 = exact(torch.cat([ids, tokens[:, :-1]], 1)).logits[:, GPU_PROMPT - 1:].float()
+    del exact
+    start = time.perf_counter()
+    fast = optimize(CacheAsBuffers(model, GPU_BATCH, GPU_PROMPT + GPU_NEW), "DS", lower=True)
+    got, got_logits = generate(fast, ids, GPU_NEW, output_logits=True)
+    seconds = time.perf_counter() - start
+    # teacher-forced on transformers' bf16 tokens, so a flipped near-tie does not carry on
+    forced = forced_logits(fast, ids, tokens)
+    differ = (got != tokens).any(0).nonzero()
+    return dict(tokens_equal=bool(torch.equal(got, tokens)), first_difference=int(differ[0]) if len(differ) else None,
+                bf16_vs_transformers_bf16=(forced - logits).abs().max().item(),
+                transformers_bf16_vs_fp32=(logits - fp32).abs().max().item(),
+                ours_bf16_vs_fp32=(forced - fp32).abs().max().item(),
+                logit_scale=fp32.abs().max().item(), pools=len(fast.report.pools),
+                lowered=sum(u.action == "lowered" for u in fast.report.uses),
+                not_lowered=sorted({u.detail for u in fast.report.uses if u.action == "not lowered"}),
+                captures=len(fast.graphs), seconds=round(seconds, 1))
+
+
+def reference_n(model, ids):
+    out = model.generate(ids, max_new_tokens=GPU_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1).float()
+
+
+@torch.no_grad()
+def forced_logits(module, ids, tokens):
+    """The logits of each step, the previous tokens being transformers' own."""
+    steps = [module(ids)[:, -1]]
+    for n in range(tokens.shape[1] - 1):
+        steps.append(module(tokens[:, n:n + 1], torch.tensor(ids.shape[1] + n, device=ids.device))[:, -1])
+    return torch.stack(steps, 1).float()
+
+
+def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
+    import transformers
+    import triton
+
+    rows = {}
+    for name, options in classes.items():
+        rows[name] = gpu_check(name, options, device)
+        print(name, json.dumps(rows[name]), flush=True)
+    card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__, dtype="bfloat16", batch=GPU_BATCH, prompt=GPU_PROMPT,
+                new_tokens=GPU_NEW, widths=classes)
+    lines = [f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
+             f"bf16, batch {GPU_BATCH}, prompt {GPU_PROMPT}, {GPU_NEW} new tokens", "",
+             "| class | tokens == transformers bf16 | max abs logit diff: ours vs transformers (bf16) | transformers "
+             "bf16 vs fp32 | ours bf16 vs fp32 | pools | lowered convs | captures | time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        same = "yes" if r["tokens_equal"] else f"no (from step {r['first_difference']})"
+        lines.append(f"| {name} | {same} | {r['bf16_vs_transformers_bf16']:.3g} | {r['transformers_bf16_vs_fp32']:.3g} "
+                     f"| {r['ours_bf16_vs_fp32']:.3g} | {r['pools']} | {r['lowered']} | {r['captures']} "
+                     f"| {r['seconds']} s |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hf_zoo_gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    (out / "hf_zoo_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _commit() -> str:
+    """The pass's commit: LAYOUTPASS_COMMIT if set (a run from a copy), else the checkout's HEAD."""
+    import os
+    import subprocess
+
+    if os.environ.get("LAYOUTPASS_COMMIT"):
+        return os.environ["LAYOUTPASS_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    from layoutpass.hf import CLASSES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("classes", nargs="*", metavar="CLASS", help=f"some of {', '.join(CLASSES)} (default: all)")
+    parser.add_argument("--no-buckets", dest="buckets", action="store_false", help="skip the guard analysis")
+    parser.add_argument("--gpu", action="store_true", help="the bf16 check at real-ish widths on CUDA")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    parser.add_argument("--limit", type=int, default=600, help="seconds for one optimize + generate run")
+    args = parser.parse_args()
+    unknown = [name for name in args.classes if name not in CLASSES]
+    if unknown:
+        parser.error(f"unknown classes {unknown}")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.gpu:
+        return gpu_main(args.out)
+    torch.set_num_threads(1)  # CI's CPU has 2 cores, shared
+    rows = {}
+    for name in args.classes or CLASSES:
+        start = time.perf_counter()
+        rows[name] = run(name, args.buckets, args.limit)
+        print(f"{name}: {time.perf_counter() - start:.0f} s {json.dumps(rows[name])}", flush=True)
+    meta = dict(layoutpass=_commit(), torch=torch.__version__, transformers=transformers.__version__,
+                python=platform.python_version(),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                prompt=PROMPT, new_tokens=NEW, batch=BATCH, lengths=LENGTHS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "hf_zoo.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    (args.out / "hf_zoo.md").write_text(f"{table(rows)}\n\n{json.dumps(meta)}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
