@@ -3,9 +3,11 @@ dynamic unless export specializes it), run later with the optimized module's own
 
 import copy
 import inspect
+import sys
 import time
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 from torch.export import Dim, ExportedProgram, ShapesCollection
 from torch.export.graph_signature import InputKind, OutputKind
@@ -55,7 +57,8 @@ class Entry:
     arguments: dict = field(default_factory=dict)  # user input index -> (name, layout, fixed sizes) of a pool argument
     in_spec: object = field(init=False)
     out_spec: object = field(init=False)
-    user_inputs: tuple = field(init=False)  # per user input: (dtype, rank, ((dim, size), ...) specialized) or the value
+    user_inputs: tuple = field(init=False)  # per user input: (dtype, rank, sizes: ints or symbols) or the value
+    ranges: dict = field(init=False)  # size symbol -> (least, most) export proved the graph for
     inputs: tuple = field(init=False)  # per graph input: (kind, target)
     outputs: tuple = field(init=False)  # per graph output: (kind, target)
     constants: dict = field(init=False)
@@ -72,6 +75,8 @@ class Entry:
         nodes = {n.name: n for n in self.program.graph_module.graph.find_nodes(op="placeholder")}
         self.user_inputs = tuple(_describe(nodes[s.arg.name].meta.get("val")) for s in signature.input_specs
                                  if s.kind == InputKind.USER_INPUT)
+        self.ranges = {str(symbol): (_bound(r.lower, 0), _bound(r.upper, sys.maxsize))
+                       for symbol, r in self.program.range_constraints.items() if symbol.is_Symbol}
         self.graph_module = self.program.graph_module
 
     def flatten(self, args: tuple, kwargs: dict):
@@ -83,8 +88,12 @@ class Entry:
         return {kind_target[1]: s.arg.name for kind_target, s in zip(self.inputs, specs) if s.kind == InputKind.BUFFER}
 
     def accepts(self, flat: list, spec) -> bool:
+        """Whether the graph computes this call: same structure, dtypes and ranks, every size
+        the graph fixed, and every symbolic size within what export proved it for (one symbol,
+        one value; a graph traced at 7 tokens may be wrong at 3)."""
         if spec != self.in_spec or len(flat) != len(self.user_inputs):
             return False
+        sizes, derived = {}, []
         for k, (value, expected) in enumerate(zip(flat, self.user_inputs)):
             if not isinstance(value, torch.Tensor):
                 if value != expected:
@@ -92,9 +101,23 @@ class Entry:
                 continue
             if not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1]:
                 return False
-            if k not in self.arguments and any(value.shape[i] != size for i, size in expected[2]):
+            if k in self.arguments:  # a pool argument, in its new layout: run() checks its sizes
+                continue
+            for n, size in zip(value.shape, expected[2]):
+                if isinstance(size, int):
+                    if n != size:
+                        return False
+                elif isinstance(size, str):
+                    if sizes.setdefault(size, n) != n:
+                        return False
+                else:
+                    derived.append((size, n))
+        for symbol, n in sizes.items():
+            least, most = self.ranges.get(symbol, (0, sys.maxsize))
+            if not least <= n <= most:
                 return False
-        return True
+        return all(all(s in sizes for s in symbols) and f(*(sizes[s] for s in symbols)) == n
+                   for (symbols, f), n in derived)
 
     def run(self, module: torch.nn.Module, flat: list, stored: dict[str, Layout], prefix: str = ""):
         for name, layout in self.expects:
@@ -128,10 +151,29 @@ class Entry:
 
 
 def _describe(val):
-    """A user input as captured: tensors by dtype, rank and the sizes export specialized."""
-    if isinstance(val, torch.Tensor):  # a size export replaced by a constant is specialized too
-        return (val.dtype, val.dim(), tuple((i, int(s)) for i, s in enumerate(val.shape) if is_concrete_int(s)))
+    """A user input as captured: tensors by dtype, rank and sizes (an int where export fixed it,
+    a symbol's name, or (names, function) for a size derived from symbols), in plain Python so
+    that torch.compile traces the dispatch."""
+    if isinstance(val, torch.Tensor):
+        return (val.dtype, val.dim(), tuple(_size(s) for s in val.shape))
     return val
+
+
+def _size(s):
+    if is_concrete_int(s):
+        return int(s)
+    expr = s.node.expr
+    if expr.is_Symbol:
+        return str(expr)
+    symbols = sorted(expr.free_symbols, key=str)
+    return tuple(map(str, symbols)), sympy.lambdify(symbols, expr, "math")
+
+
+def _bound(value, unbounded: int) -> int:
+    try:
+        return int(value)
+    except (OverflowError, TypeError, AttributeError):  # sympy's or torch's infinity
+        return unbounded
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, name: str, dynamic: bool = True,

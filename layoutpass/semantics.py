@@ -48,6 +48,7 @@ class Root:
     shape: tuple
     versions: list  # (symbols, formula), newest last
     pool: str | None = None
+    tainted: bool = False  # its contents depend on a pool's (else formulas would only restate opaque values)
 
     def read(self, coords) -> sympy.Expr:
         symbols, formula = self.versions[-1]
@@ -336,12 +337,21 @@ class Semantics:
             formula = sympy.Function(f"P[{pool}]")(*(logical[a] for a in CANONICAL if a in logical))
         else:
             formula = sympy.Function(f"X[{name}]")(*i) if i else sympy.Symbol(f"X[{name}]")
-        return Root(name, shape, [(i, formula)], pool)
+        return Root(name, shape, [(i, formula)], pool, tainted=pool is not None)
 
     def _fresh(self, node, formula, shape=None) -> Val:
         shape = shape_of(node) if shape is None else shape
-        root = Root(node.name, shape, [(index_symbols(len(shape)), formula)])
+        root = Root(node.name, shape, [(index_symbols(len(shape)), formula)], tainted=self._tainted(node))
         return Val(root, index_symbols(len(shape)), shape)
+
+    def _tainted(self, node) -> bool:
+        """Whether any tensor the node reads depends on a pool's contents."""
+        for a in node.all_input_nodes:
+            value = self.values.get(a)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, Val) and v.root.tainted:
+                    return True
+        return False
 
     def _opaque(self, node):
         given = tuple(self._describe(a) for a in node.args) + tuple((k, self._describe(v)) for k, v in node.kwargs.items())
@@ -447,6 +457,8 @@ class Semantics:
                 if _aliases(node):
                     return view
                 return self._fresh(node, _cast(node, view.content()))
+        if not self._tainted(node):  # nothing of a pool in it: the same opaque value in both graphs
+            return self._opaque(node)
         compute = COMPUTE.get(node.target)
         if compute is not None:
             return self._fresh(node, compute(self, node))
@@ -553,6 +565,7 @@ class Semantics:
         old = root.read(c)
         formula = written if inside == sympy.true else sympy.Piecewise((written, inside), (old, True))
         self.writes.append((node, root, written))
+        root.tainted = root.tainted or self._tainted(node)
         root.write(formula)
 
     def final(self, name: str, layout: Layout | None = None) -> sympy.Expr:

@@ -146,3 +146,28 @@ def _with_memory_order_write(forward):
             forward.__self__.pool.view(pm.SLOTS, -1)[slots, :2] = 0.0  # SD memory order, written through
         return forward(x, slots, mode, **kwargs)
     return patched
+
+
+class Branches(nn.Module):
+    """Python branches on a size: export proves the graph traced at 7 tokens for >= 4 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pool", torch.randn(4, 3, 4))
+
+    def forward(self, x):  # x: (batch, dim, tokens)
+        if x.shape[-1] >= 4:
+            tail = x[..., -4:]
+        else:
+            tail = torch.nn.functional.pad(x, (4 - x.shape[-1], 0)) * 2
+        self.pool.copy_(torch.cat([self.pool[..., 1:], tail[..., -1:]], -1))
+        return tail.sum(-1)
+
+
+def test_a_graph_runs_only_within_the_sizes_export_proved_it_for():
+    model = Branches()
+    reference, fast = copy.deepcopy(model), optimize(model, "SD", allow_missing=True)
+    for tokens in (7, 2, 5, 3):
+        x = torch.randn(4, 3, tokens)
+        torch.testing.assert_close(fast(x), reference(x), rtol=0, atol=0)
+    assert len(fast.graphs) == 2  # >= 4 tokens, and the branch below
