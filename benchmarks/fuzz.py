@@ -28,13 +28,13 @@ ACCEPTED = ("equivalent", "rounding", "refused", "refused-partial")
 MEANING = {
     "equivalent": "every step's outputs and logical state equal the original's (exactly; 1e-5 where a lowering ran)",
     "rounding": "state exact, an output within 1e-5 but not bit-equal (a sum or matmul over a relayouted axis)",
-    "refused": "a LayoutPassError at capture, no buffer changed",
-    "refused-partial": "a LayoutPassError at capture, logical state intact, pools of layers captured earlier in "
-                       "the same call already moved",
+    "refused": "a LayoutPassError (outside a graph's code), no buffer changed",
+    "refused-partial": "a LayoutPassError (outside a graph's code), logical state intact, pools of layers "
+                       "captured earlier in the same call already moved",
     "mismatch": "an output or the logical state differs",
-    "crash": "an exception while a captured graph ran",
-    "late-refusal": "a LayoutPassError at capture after the logical state changed",
-    "other": "any other exception at capture (not a LayoutPassError)",
+    "crash": "an exception raised inside a captured graph's code (a run-time failure)",
+    "late-refusal": "a LayoutPassError (outside a graph's code) after the logical state changed",
+    "other": "any other exception outside a graph's code (the pass failing at capture, not with a LayoutPassError)",
 }
 
 

@@ -101,6 +101,13 @@ class Program:
     seed: int
     named: bool  # the pools are named to optimize() (state_buffers=), not left to discovery
     layers: tuple[int, ...] = ()
+    layer_calls: str = "after"  # the model's own lines come "after" or "before" the layers; "twice": layers run twice
+    upfront: bool = False  # every call structure captured by optimize(example_inputs=), not on its first call
+
+    def example_inputs(self, inputs) -> list | None:
+        """One call of each (entry, batch), other data than the run's, for optimize(example_inputs=)."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        return [inputs(e, b, gen) for e, b in dict.fromkeys(self.calls)] if self.upfront else None
 
     @property
     def slots(self) -> int:
@@ -112,14 +119,23 @@ class Program:
 
     @property
     def kinds(self) -> set[str]:
-        return {k for e in self.entries for k in e.kinds} | ({"layers"} if self.layers else set()) | \
-            ({"identical layers"} if len(set(self.layers)) < len(self.layers) else set())
+        """The uses in the bodies and the program's shape (config:...), for the tally."""
+        config = {f"config:dispatch-{self.dispatch}", f"config:entries-{len(self.entries)}",
+                  f"config:pools-{len(self.pools)}"}
+        config |= {"config:named pools"} if self.named else set()
+        config |= {"config:captured up front"} if self.upfront else set()
+        if self.layers:
+            config |= {"config:layers", f"config:layers-{self.layer_calls}"}
+            config |= {"config:identical layers"} if len(set(self.layers)) < len(self.layers) else set()
+            config |= {"config:pool in a layer's child"} if any(p.owner == "self.inner" for p in self.pools) else set()
+        return {k for e in self.entries for k in e.kinds} | config
 
     def source(self) -> str:
         """The model, its inputs and its call order, as a standalone Python module."""
         classes = []
         for c in sorted(set(self.layers)):
-            init = [f"        {line}" for line in self.pools[c].init()]
+            init = [f"        {line}" for line in (["self.inner = nn.Module()"] if self.pools[c].owner == "self.inner"
+                                                        else []) + self.pools[c].init()]
             classes += [f"class Layer{c}(nn.Module):", "    def __init__(self, gen):", "        super().__init__()",
                         *init, "", *self._forward([e.layer_lines[c] for e in self.entries]), "", ""]
         init = [f"        gen = torch.Generator().manual_seed({self.seed})"]
@@ -131,22 +147,24 @@ class Program:
         call = {"mode": "x, slots, mode", "keys": "x, slots, gate=gate, flag=flag", "kwargs": "x, slots, **kwargs",
                 "rank": "x, slots"}[self.dispatch]
         layers = [f"        for layer in self.layers:", f"            outs.extend(layer({call}))"] if self.layers else []
+        layers *= 2 if self.layer_calls == "twice" else 1
         return "\n".join([
             "import torch", "import torch.nn.functional as F", "from torch import nn",
             "from layoutpass.kernels import conv_prefill, conv_update", "", "", *classes,
             "class Model(nn.Module):", "    def __init__(self):", "        super().__init__()", *init, "",
-            *self._forward([e.lines for e in self.entries], layers), "", "", *self._inputs(), "",
+            *self._forward([e.lines for e in self.entries], layers, self.layer_calls == "before"), "", "",
+            *self._inputs(), "",
             f"CALLS = {list(self.calls)}  # (entry, batch)", ""])
 
-    def _forward(self, bodies, head=()) -> list[str]:
+    def _forward(self, bodies, layers=(), layers_last=False) -> list[str]:
         signature = {"mode": "x, slots, mode", "keys": "x, slots, gate=None, flag=None",
                      "kwargs": "x, slots, **kwargs", "rank": "x, slots"}[self.dispatch]
-        lines = [f"    def forward(self, {signature}):", "        outs = []", *head]
+        lines = [f"    def forward(self, {signature}):", "        outs = []", *(() if layers_last else layers)]
         for e, body in zip(self.entries, bodies):
             test, prologue = self._branch(e)
             lines.append(f"        {'if' if e.index == 0 else 'elif'} {test}:")
             lines += [f"            {s}" for s in (*prologue, *body)] or ["            pass"]
-        lines.append("        return tuple(outs)")
+        lines += [*(layers if layers_last else ()), "        return tuple(outs)"]
         return lines
 
     def _branch(self, e: Entry) -> tuple[str, list[str]]:
@@ -182,12 +200,13 @@ class Program:
         if not self.named:
             return None
         if self.layers:
-            return {f"layers.{k}.p{c}": self.pools[c].layout for k, c in enumerate(self.layers)}
+            return {f"layers.{k}.{self.pools[c].owner[5:]}.p{c}".replace("..", "."): self.pools[c].layout
+                    for k, c in enumerate(self.layers)}
         return {("sub." if p.owner == "self.sub" else "") + f"p{p.index}": p.layout for p in self.pools}
 
     def script(self, layout: str, lower: bool) -> str:
         """The source and a driver that checks it against its untouched copy: a standalone repro."""
-        return self.source() + DRIVER.format(layout=layout, lower=lower, seed=self.seed,
+        return self.source() + DRIVER.format(layout=layout, lower=lower, seed=self.seed, upfront=self.upfront,
                                              named=self.state_buffers(), tolerance=LOWERED_TOLERANCE)
 
     def __repr__(self) -> str:
@@ -215,7 +234,9 @@ if __name__ == "__main__":  # optimized vs untouched copy, step by step
 
     model = Model()
     reference = copy.deepcopy(model)
-    fast = optimize(model, {layout!r}, lower={lower}, state_buffers={named})
+    gen0 = torch.Generator().manual_seed({seed} + 1)  # optimize() captures every call structure now
+    example = [inputs(e, b, gen0) for e, b in dict.fromkeys(CALLS)] if {upfront} else None
+    fast = optimize(model, {layout!r}, lower={lower}, state_buffers={named}, example_inputs=example)
     gen = torch.Generator().manual_seed({seed})
     for step, (entry, batch) in enumerate(CALLS):
         args, kwargs = inputs(entry, batch, gen)
@@ -507,6 +528,10 @@ def read_use(draw, body: Body, p: Pool):
     """A chain of read transforms from the pool, its result returned."""
     v = pool_value(p)
     kinds = []
+    if draw(st.integers(0, 5)) == 0:  # the pool itself, as it is
+        body.lines.append(f"outs.append({p.ref})")
+        body.kinds += ["read", "read:as-is"]
+        return
     for _ in range(draw(st.integers(1, 4))):
         step = draw(st.sampled_from(READ_TRANSFORMS))(draw, body, v)
         if step is not None:
@@ -816,7 +841,8 @@ def entries(draw, index: int, pools: tuple[Pool, ...], dispatch: str, width_x: i
     model = Body((), tokens, whole, width_x)
     if draw(st.integers(0, 3)) == 0:  # the model itself touches a layer's pool: not owned by the layer
         k = draw(st.integers(0, len(layers) - 1))
-        outside = dataclasses.replace(pools[layers[k]], owner=f"self.layers[{k}]")
+        below = pools[layers[k]].owner.removeprefix("self")  # "" or ".inner"
+        outside = dataclasses.replace(pools[layers[k]], owner=f"self.layers[{k}]{below}")
         model.program_pools = (outside,)
         draw(draw(st.sampled_from([read_use, write_use]))(model, outside))
         model.kinds[:] = [f"outside {kind}" for kind in model.kinds]
@@ -827,7 +853,7 @@ def entries(draw, index: int, pools: tuple[Pool, ...], dispatch: str, width_x: i
 @st.composite
 def pools_of(draw, index: int, slots: int, layered: bool):
     width = draw(st.integers(2, 8))
-    owner = "self" if layered or draw(st.integers(0, 3)) else "self.sub"
+    owner = "self" if draw(st.integers(0, 3)) else "self.inner" if layered else "self.sub"
     return Pool(index, draw(st.sampled_from(["SD", "DS"])), slots, width - 1 + draw(st.integers(0, 2)),
                 draw(st.integers(2, 6)), width, draw(st.booleans()), owner)
 
@@ -848,8 +874,10 @@ def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int
     batch = st.integers(1, min(slots, 4))
     calls = draw(st.lists(st.tuples(st.integers(0, len(bodies) - 1), batch), min_size=1, max_size=max_calls))
     calls = tuple((e, slots if bodies[e].whole else b) for e, b in calls)
+    layer_calls = draw(st.sampled_from(["after", "twice"] + (["before"] if dispatch != "rank" else [])))
     return Program(pools, bodies, dispatch, draw(st.booleans()), draw(st.sampled_from(["int64", "int32"])),
-                   calls, draw(st.integers(0, 2**16)), draw(st.integers(0, 3)) == 0, layers)
+                   calls, draw(st.integers(0, 2**16)), draw(st.integers(0, 3)) == 0, layers, layer_calls,
+                   draw(st.integers(0, 3)) == 0)
 
 
 # ----------------------------------------------------------------------------- the property
@@ -912,11 +940,6 @@ def _in_a_graph(err: BaseException) -> bool:
     return any(code.co_filename.startswith("<eval_with_key") for code in _frames(err))
 
 
-def _at_capture(err: BaseException) -> bool:
-    """Raised while optimize() captured or rewrote a call (not while running one)."""
-    return any(code.co_name in ("capture", "_probe") for code in _frames(err))
-
-
 def _lowered(fast) -> bool:
     report = getattr(fast, "report", None)
     return any(u.action == "lowered" for u in getattr(report, "uses", ()))
@@ -930,7 +953,8 @@ def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Out
     model = namespace["Model"]()
     reference, initial = copy.deepcopy(model), _snapshot(model)
     try:
-        fast = optimizer(model, layout, lower=lower, state_buffers=program.state_buffers())
+        fast = optimizer(model, layout, lower=lower, state_buffers=program.state_buffers(),
+                         example_inputs=program.example_inputs(namespace["inputs"]))
     except LayoutPassError as err:
         return Outcome("refused", f"{type(err).__name__}: {err}", None)
     except Exception as err:  # noqa: BLE001 - anything else is the pass's failure, classified
@@ -948,7 +972,7 @@ def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Out
             got = fast(*_clone(args), **_clone(kwargs))
         except Exception as err:  # noqa: BLE001
             message = f"{type(err).__name__}: {err}"
-            if _in_a_graph(err) or not _at_capture(err):
+            if _in_a_graph(err):
                 return Outcome("crash", message, step, _lowered(fast))
             if not isinstance(err, LayoutPassError):
                 return Outcome("other", message, step, _lowered(fast))
@@ -992,8 +1016,9 @@ def _variants(program: Program):
     for e in program.entries:
         for shorter in _shorter_bodies(e):
             yield replace(program, entries=program.entries[:e.index] + (shorter,) + program.entries[e.index + 1:])
-    for k, c in enumerate(program.layers):
-        if program.layers.count(c) > 1:
+    model_lines = " ".join(line for e in program.entries for line in e.lines)
+    for k, c in enumerate(program.layers):  # a layer instance the model's own lines do not name
+        if len(program.layers) > 1 and (program.layers.count(c) > 1 or "self.layers[" not in model_lines):
             yield replace(program, layers=program.layers[:k] + program.layers[k + 1:])
     text = "\n".join(line for e in program.entries for lines in (e.lines, *e.layer_lines) for line in lines)
     for p in program.pools if not program.layers else ():
@@ -1001,6 +1026,10 @@ def _variants(program: Program):
             yield replace(program, pools=tuple(q for q in program.pools if q is not p))
     if program.named:
         yield replace(program, named=False)
+    if program.upfront:
+        yield replace(program, upfront=False)
+    if program.layer_calls != "after":
+        yield replace(program, layer_calls="after")
 
 
 def _shorter_bodies(e: Entry):

@@ -155,12 +155,18 @@ class Sabotaged:
 
     @staticmethod
     def fails_running(model, layout, **kwargs):
+        """A captured graph whose op raises (as a kernel's argument check would)."""
         fast = copy.deepcopy(model)
-
-        def forward(*args, **kw):
-            raise LayoutPassError("a kernel's argument check, at run time")
-        fast.forward = forward
+        graph = torch.fx.symbolic_trace(lambda x: _kernel_check(x))
+        fast.forward = lambda x, *args, **kw: graph(x)
         return fast
+
+
+def _kernel_check(x):
+    raise LayoutPassError("a kernel's argument check, at run time")
+
+
+torch.fx.wrap("_kernel_check")
 
 
 @settings(max_examples=20, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
