@@ -94,10 +94,13 @@ class Watch(TorchFunctionMode):
         self.stack: list[str] = []  # the layer calls running, innermost last
         self.outside: dict[str, str] = {}  # pool -> where it was touched from outside its layer
 
+    def owner(self, value: torch.Tensor) -> tuple[str, str] | None:
+        return self.pools.get(id(value)) or self.pools.get(id(value._base))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for value in _tensors(args, kwargs.values()):
-            owner = self.pools.get(id(value)) or self.pools.get(id(value._base))
+            owner = self.owner(value)
             if owner is not None and (not self.stack or self.stack[-1] != owner[0]):
                 self.outside.setdefault(f"{Unit.prefix(owner[0])}{owner[1]}", _caller())
         return func(*args, **kwargs)
@@ -136,7 +139,11 @@ def probe(module: nn.Module, forward, units: dict[str, Unit], args: tuple, kwarg
     meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
     watch = Watch(pools)
     with _reparametrize_module(module, metas), watch, watching(watch), torch.no_grad():
-        forward(module, *meta_args, **meta_kwargs)
+        result = forward(module, *meta_args, **meta_kwargs)
+    for value in pytree.tree_leaves(result):  # a pool handed out by the model leaves its layer too
+        owner = watch.owner(value) if isinstance(value, torch.Tensor) else None
+        if owner is not None:
+            watch.outside.setdefault(f"{Unit.prefix(owner[0])}{owner[1]}", "the model's outputs")
     return watch
 
 

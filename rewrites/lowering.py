@@ -260,7 +260,8 @@ def _update(pool, slots, x, squeeze, tokens, initial, conv, mutations, order):
     pool is read in between (that read would see the new state too early)."""
     write = mutations[-1]
     anchor = max((n for n in (write, conv.weight, conv.bias, x) if n is not None), key=lambda n: order[n])
-    if any(order[write] < order[u] <= order[anchor] for u in pool.users):
+    readers = list(pool.users) + list(write.users)  # the write returns the pool: later code may read it so
+    if any(order[write] < order[u] <= order[anchor] for u in readers):
         return NearMiss(pool, "the pool is read between the state write and the convolution")
     return Update(pool, slots, x, squeeze, tokens, initial, conv.weight, conv.bias, conv.result, conv.activation,
                   mutations, anchor)
@@ -334,6 +335,7 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
             out = call(aten.permute.default, (call(aten.reshape.default, (kernel, [dim, batch, m.tokens])), [1, 0, 2]))
     kernel.meta["stack_trace"] = m.mutations[-1].meta.get("stack_trace")
     m.result.replace_all_uses_with(out)
+    m.mutations[-1].replace_all_uses_with(m.pool)  # what read the written pool after the kernel reads the pool
     for node in reversed(m.mutations):  # the kernel writes the state; the idiom's writes go
         graph.erase_node(node)
     # the idiom's dtype asserts go with the values they check (an assert met before the value's

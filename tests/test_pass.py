@@ -321,3 +321,26 @@ def test_lowering_says_why_a_near_match_is_not_lowered():
     fast = optimize(model, "DS", lower=True, state_buffers={"pool": "SD"}, example_inputs=[pm.inputs()])
     reasons = [u.detail for u in fast.report.uses if u.action == Action.NOT_LOWERED]
     assert reasons == ["the window's tail is not written back to the same slots"]
+
+
+class WrittenAgain(torch.nn.Module):
+    """A pure-torch decode on a DS pool whose written state is read and written again."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(pm.DIM, pm.WIDTH))
+        self.register_buffer("pool", torch.randn(pm.SLOTS, pm.DIM, pm.TOK))
+
+    def forward(self, x, slots):
+        window = torch.cat([self.pool[slots], x[..., None]], -1)
+        y = (window * self.weight).sum(-1)
+        self.pool.index_put_((slots,), window[..., -pm.TOK:])
+        self.pool.index_put_((slots,), self.pool[slots].roll(1, 2))
+        return y
+
+
+def test_a_lowered_update_whose_state_is_read_again():
+    model = WrittenAgain()
+    fast = optimize(model, "DS", lower=True, example_inputs=[pm.inputs()])
+    assert [u.detail for u in fast.report.uses if u.action == Action.LOWERED] == ["pure-torch cat update -> conv_update"]
+    assert check_equivalence(model, fast, calls(), rtol=1e-5, atol=1e-5).ok

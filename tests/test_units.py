@@ -104,3 +104,34 @@ def _views_the_pool_flat(model):
         model.mixers[0].conv_state.view(model.cfg.num_slots, -1)[slots, :2] = 0.0  # SD memory order, written
         return forward(input_ids, slots, context_lens, **kwargs)
     return patched
+
+
+class PoolLayer(nn.Module):
+    """Owns an SD pool, found by its pure-torch update."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pool", torch.randn(5, 6, 2))
+
+    def forward(self, x, slots):
+        window = torch.cat([self.pool[slots], x[:, None]], 1)
+        self.pool[slots] = window[:, 1:]
+        return x * window.sum(1)
+
+
+class HandsOutThePool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = PoolLayer()
+
+    def forward(self, x, slots):
+        return self.layer(x, slots), self.layer.pool  # no torch call touches the pool outside its layer
+
+
+def test_a_pool_returned_by_the_model_is_not_its_layers_alone():
+    model = HandsOutThePool()
+    reference, fast = copy.deepcopy(model), optimize(model, "DS")
+    x, slots = torch.randn(2, 2), torch.tensor([3, 1])
+    for got, expected in zip(fast(x, slots), reference(x, slots)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert any("layer.pool is used outside its layer at the model's outputs" in n for n in fast.report.notes)
