@@ -275,7 +275,7 @@ def generate(module: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
         raise ArgumentError("input_ids", "expected integer token ids of shape (batch, prompt_length)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ArgumentError("max_new_tokens", f"expected a positive int, got {max_new_tokens!r}")
-    limit = getattr(module, "max_len", None) or getattr(getattr(module, "_model", None), "max_len", None)
+    limit = getattr(module, "max_len", None)  # an optimized CacheAsBuffers is one too
     if limit is not None and input_ids.shape[1] + max_new_tokens - 1 > limit:
         raise ArgumentError("max_new_tokens", f"prompt ({input_ids.shape[1]}) + {max_new_tokens} new tokens exceed "
                                               f"the adapter's max_len ({limit})")
