@@ -25,7 +25,6 @@ PHASES = (Phase.explicit, Phase.generate) + ((Phase.shrink,) if os.environ.get("
 CI_PROGRAMS = fm.programs(max_pools=2, max_entries=3, max_other_uses=1, max_calls=3)
 
 
-@pytest.mark.xfail(strict=True, reason="open fuzz findings F10, F11 (OPEN_FINDINGS below)")
 @settings(max_examples=CI_EXAMPLES, derandomize=True, database=None, deadline=None, phases=PHASES,
           suppress_health_check=list(HealthCheck), print_blob=False)
 @given(program=CI_PROGRAMS, lower=st.booleans())
@@ -109,8 +108,7 @@ FINDINGS = {
 }
 
 
-OPEN_FINDINGS = {"F11 a pool returned by the model as is escapes the layer ownership probe",
-                 "F10 lowering an update whose stored state is written again erases a node still in use"}
+OPEN_FINDINGS: set[str] = set()
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason="open: " + name)]
