@@ -431,6 +431,12 @@ def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs:
     otherwise modified; a refused rewrite raises LayoutPassError and changes nothing."""
     if not isinstance(model, nn.Module):
         raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
+    if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        from .hf import raw_transformers_hint  # a cache object passed to forward cannot be captured
+
+        hint = raw_transformers_hint(model)
+        if hint:
+            raise ArgumentError("model", hint)
     target = parse_layout(layout)
     if lower not in (True, False, "auto"):
         raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
