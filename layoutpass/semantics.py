@@ -323,9 +323,12 @@ class Semantics:
                 self.values[node] = self._eval(node)
             except Unmodeled as why:
                 self.failures[node.name] = str(why)
-                self.values[node] = self._opaque(node)
-                if _writes_self(node) and isinstance(self.values.get(node.args[0]), Val):
-                    self._unknown_write(node, self.values[node.args[0]].root)
+                value = self._opaque(node)
+                target = self.values.get(node.args[0]) if node.args else None
+                if _writes_self(node) and isinstance(target, Val):  # it returns its (now unknown) self
+                    self._unknown_write(node, target.root)
+                    value = target
+                self.values[node] = value
         return self
 
     # -- leaves --------------------------------------------------------------------------------
