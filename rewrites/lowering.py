@@ -13,9 +13,10 @@ Once the pool is stored DS (tok last), the spellings read, in aten:
 and then the convolution: y = sum(window * weight, 2) (one token), or the outputs of
 conv1d(window, weight, bias, padding=P, groups=dim) that end at the L new tokens; [silu(y)].
 Each is exactly a kernel call on that pool (state_len >= width - 1, the state shifted by L):
-conv_update for one token after a history, conv_prefill otherwise. A matcher returns an
-Update, None when the node starts no idiom, or a string saying which part of an almost-match
-differed (for the report)."""
+conv_update for one token after a history, conv_prefill otherwise. LOWERINGS keys each matcher
+by the op its idiom starts from; a matcher returns an Update, None when the node starts no
+idiom, or a NearMiss saying which part of an almost-match differed (for the report). The rewrite
+driver (layoutpass/rewrite.py) runs the table."""
 
 import operator
 from dataclasses import dataclass
