@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import ArgumentError
 
@@ -96,27 +97,52 @@ def check_equivalence(reference: nn.Module, candidate: nn.Module, scenario=None,
         stack.enter_context(_restored(candidate))
         fill_state(reference, seed)
         _load_logical(candidate, logical_buffers(reference))
+        arguments = _pool_arguments(candidate)
+        moved: dict[int, tuple] = {}  # id(the caller's pool) -> (name, Pool, it, the candidate's own copy)
         for i, step in enumerate(scenario):
-            out_ref, out_cand = reference(**step.inputs), candidate(**step.inputs)
+            theirs = {k: _own_copy(k, v, arguments[k], moved) if k in arguments and isinstance(v, torch.Tensor) else v
+                      for k, v in step.inputs.items()}
+            out_ref, out_cand = reference(**step.inputs), candidate(**theirs)
             out_err = _error(out_ref, out_cand)
             ok = _close(out_ref, out_cand, rtol, atol)
             state_err, worst = 0.0, None
             cand_state = logical_buffers(candidate)
-            for name, ref in logical_buffers(reference).items():
-                err = _error(ref, cand_state[name])
-                if not _close(ref, cand_state[name], rtol, atol):
+            pairs = [(name, ref, cand_state[name]) for name, ref in logical_buffers(reference).items()]
+            pairs += [(f"pool argument {name}", ref, pool.target.view(copy_, pool.source))
+                      for name, pool, ref, copy_ in moved.values()]
+            for name, ref, cand in pairs:
+                err = _error(ref, cand)
+                if not _close(ref, cand, rtol, atol):
                     ok, worst = False, worst or name
-                if err > state_err:
-                    state_err = err
+                state_err = max(state_err, err)
             results.append(StepResult(i, step.kind, out_err, state_err, worst, ok))
     return EquivalenceResult(tuple(results), rtol, atol)
 
 
-def _error(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
+def _pool_arguments(candidate: nn.Module) -> dict:
+    """Pools the candidate takes as forward arguments: name -> Pool."""
+    candidate = getattr(candidate, "_orig_mod", candidate)
+    pools = getattr(getattr(candidate, "report", None), "pools", {})
+    return {name: pool for name, pool in pools.items() if pool.argument}
+
+
+def _own_copy(name: str, tensor: torch.Tensor, pool, moved: dict) -> torch.Tensor:
+    """The candidate's own copy of a pool the caller passes, stored in the candidate's layout,
+    made the first time the caller passes it: the same state then evolves in each model."""
+    if id(tensor) not in moved:
+        moved[id(tensor)] = (name, pool, tensor, pool.source.convert(tensor, pool.target).clone())
+    return moved[id(tensor)][3]
+
+
+def _error(a, b) -> float:
+    """max |a - b| over the tensors of two outputs (inf when their structures differ)."""
+    a, b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return float("inf")
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return max(((x.double() - y.double()).abs().max().item() if x.numel() else 0.0 for x, y in zip(a, b)), default=0.0)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> bool:
-    return a.shape == b.shape and bool(torch.isclose(a.double(), b.double(), rtol=rtol, atol=atol).all())
+def _close(a, b, rtol: float, atol: float) -> bool:
+    a, b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(a) == len(b) and all(x.shape == y.shape and bool(torch.isclose(x.double(), y.double(), rtol=rtol,
+                                                                            atol=atol).all()) for x, y in zip(a, b))

@@ -172,6 +172,9 @@ def test_pool_passed_as_argument_is_optimized_and_declared(layout):
     if layout == "DS":
         with pytest.raises(ArgumentError, match="^pool: a pool argument: expected a contiguous DS tensor"):
             fast(**pm.inputs(), pool=pool)
+    shared = torch.randn(pm.SLOTS, pm.TOK, pm.DIM)  # one engine-owned pool across the steps
+    result = check_equivalence(model, fast, [Step("decode", dict(pm.inputs(), pool=shared)) for _ in range(3)])
+    assert result.ok, str(result)
 
 
 def test_optimize_never_changes_the_model():
