@@ -59,7 +59,7 @@ def optimized(name: str, layout: str, lower: bool, ids, tokens, logits, limit: i
     except _TimeLimit:
         return dict(error=f"not done in {limit} s")
     except Exception as err:  # a failure is a result: the table shows it
-        return dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+        return dict(error=f"{type(err).__name__}: {err}\n{err.__cause__ or ''}"[:2000])
     finally:
         signal.alarm(0)
     uses = fast.report.uses
@@ -101,7 +101,7 @@ def guarded_graphs(name: str) -> dict:
                 if firsts[-PER_LENGTH:] == LENGTHS[:PER_LENGTH]:  # no graph served a second length
                     return dict(graphs="one per length", first_lengths=firsts, reuse_error=worst)
     except Exception as err:
-        return dict(graphs=len(graphs), first_lengths=firsts, error=f"{type(err).__name__}: {str(err)[:300]}")
+        return dict(graphs=len(graphs), first_lengths=firsts, error=f"{type(err).__name__}: {err}"[:2000])
     return dict(graphs=len(graphs), first_lengths=firsts, reuse_error=worst)
 
 
@@ -125,32 +125,48 @@ def run(name: str, buckets: bool, limit: int) -> dict:
     return row
 
 
-def _cell(result: dict) -> str:
-    if "error" in result:
-        return f"error: {result['error'][:80]}"
-    return f"{'yes' if result['tokens_equal'] else '**no**'} ({result['logit_error']:.0e})"
+def _one_line(error: str) -> str:
+    """An error's first line, and where export says it was caused."""
+    cause = next((ln.strip() for ln in error.splitlines() if ln.startswith("Caused by")), "")
+    return f"{error.splitlines()[0]} {cause}".strip()
 
 
 def table(rows: dict) -> str:
+    """The README table; failures and conv updates left unlowered as numbered notes below it."""
+    notes = []
+
+    def note(text: str) -> str:
+        if text not in notes:
+            notes.append(text)
+        return f"[{notes.index(text) + 1}]"
+
+    def cell(result: dict) -> str:
+        if "error" in result:
+            return f"no {note(_one_line(result['error']))}"
+        return f"{'yes' if result['tokens_equal'] else '**no**'} ({result['logit_error']:.0e})"
+
     lines = ["| class | pools found | DS tokens == transformers (lowered / not) | SD tokens == transformers "
-             "| lowered convs | captures | time (DS lowered / DS / SD) |", "|---|---|---|---|---|---|---|"]
+             "| lowered conv updates | captures: prompts (decode: 1) | time (DS lowered / DS / SD) |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         low, ds, sd = row["DS lowered"], row["DS"], row["SD"]
-        pools = next((r["pools"] for r in (low, ds, sd) if "pools" in r), "?")
-        lowered = str(low.get("lowered", "-")) + (f" (not: {'; '.join(low['not_lowered'])[:60]})"
-                                                  if low.get("not_lowered") else "")
-        graphs = row.get("prompt_graphs")
-        captures = "1 decode + 1 per prompt length"
-        if graphs and graphs["graphs"] == "one per length":
-            captures += f" even with guards kept (a token loop: lengths 1-{PER_LENGTH} each needed one)"
-        elif graphs and "error" not in graphs:
-            captures += f"; {graphs['graphs']} with guards kept (new at {graphs['first_lengths']})"
+        pools = next((r["pools"] for r in (low, ds, sd) if "pools" in r), "-")
+        lowered = str(low.get("lowered", "-"))
+        lowered += "".join(f" {note('not lowered: ' + detail)}" for detail in low.get("not_lowered", []))
+        graphs = row.get("prompt_graphs", {})
+        if graphs.get("graphs") == "one per length":
+            captures = "one per length, guards or not (a loop over the tokens)"
+        elif "error" in graphs:
+            captures = f"export fails {note(_one_line(graphs['error']))}"
         elif graphs:
-            captures += f"; guard analysis failed: {graphs['error'][:60]}"
+            firsts = ", ".join(map(str, graphs["first_lengths"]))
+            captures = f"one per length; {graphs['graphs']} with guards kept (new at {firsts})"
+        else:
+            captures = "one per length"
         times = " / ".join(str(r.get("seconds", "-")) for r in (low, ds, sd))
-        lines.append(f"| {name} | {pools} | {_cell(low)} / {_cell(ds)} | {_cell(sd)} | {lowered} | {captures} "
+        lines.append(f"| {name} | {pools} | {cell(low)} / {cell(ds)} | {cell(sd)} | {lowered} | {captures} "
                      f"| {times} s |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [f"[{i + 1}] {text}" for i, text in enumerate(notes)])
 
 
 # real-ish widths: a Mamba2 of 2.7B's width, a Bamba hybrid (attention beside Mamba2 layers), an
