@@ -17,6 +17,7 @@ conv's share of a step is the conv kernels' part of the GPU kernel time of one e
 
     python benchmarks/e2e.py --vllm vllm_conv --out DIR    # table + e2e.json + e2e.md
     python benchmarks/e2e.py --smoke                       # tiny models on the CPU: the checks only
+    python benchmarks/e2e.py --trace --out DIR             # where the hybrid's decode differs: e2e_trace.*
 """
 
 import argparse
@@ -117,6 +118,135 @@ def check(model: LM, fast, step: Step, vllm) -> dict:
     return dict(exact=torch.equal(ours, ds) and state_diff == 0, logits_diff=(ours - ds).abs().max().item(),
                 state_diff=state_diff, worst_buffer=worst if state_diff else None, sd_repeat_logits_equal=repeat,
                 vllm_logits_diff=vllm_logits, vllm_state_diff=vllm_state[0], logits_max_abs=ds.abs().max().item())
+
+
+def digest(t: torch.Tensor) -> tuple[int, int]:
+    """The exact contents of a tensor in logical order, as two sums of its bit patterns (plain and
+    position-weighted), in chunks so that GBs of state need little scratch."""
+    flat = t.detach().contiguous().flatten()
+    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    plain = weighted = 0
+    for start in range(0, bits.numel(), 1 << 26):
+        chunk = bits[start:start + (1 << 26)].long()
+        plain += int(chunk.sum())
+        weighted += int((chunk * (torch.arange(start, start + chunk.numel(), device=t.device) % 65521 + 1)).sum())
+    return plain, weighted
+
+
+class Recorder:
+    """Every call of the wrapped functions, in order: each tensor argument's (shape, strides,
+    address mod 16), and digests of every tensor argument before the call and of every tensor
+    argument and result after it (what the call read, and what it wrote or returned; a conv
+    update's `out`, its last argument, is write-only: not digested before). A conv update also
+    runs first on a copy of its pool in the other layout (the same inputs), and records whether
+    that twin gave the same bits."""
+
+    def __init__(self):
+        self.events, self.counts = [], {}
+
+    def wrap(self, op: str, fn, conv: bool = False, twin: bool = False):
+        from torch.utils._pytree import tree_leaves
+
+        def wrapped(*args, **kwargs):
+            tensors = lambda *trees: [a for a in tree_leaves(trees) if isinstance(a, torch.Tensor)]
+            event = dict(op=f"{op}#{self.counts.setdefault(op, 0)}",
+                         meta=[(tuple(a.shape), a.stride(), a.data_ptr() % 16) for a in tensors(args, kwargs)],
+                         before=[digest(a) for a in tensors(args[:-1] if conv else args, kwargs)])
+            self.counts[op] += 1
+            if twin:
+                event["twin_equal"] = _twin_equal(fn, *args)
+            result = fn(*args, **kwargs)
+            event["after"] = [digest(a) for a in tensors(args, kwargs, result)]
+            self.events.append(event)
+            return result
+        return wrapped
+
+
+def _twin_equal(update, x, pool, *rest) -> bool:
+    """triton_conv.update's call on copies, the pool in the other layout: same output bits and
+    the same logical state?"""
+    other = pool.contiguous() if pool.stride(1) == 1 else pool.transpose(1, 2).contiguous().transpose(1, 2)
+    out, twin_out = rest[-1], torch.empty_like(rest[-1])
+    real_pool, real_out = pool.clone(), torch.empty_like(out)
+    update(x.clone(), other, *rest[:-1], twin_out)
+    update(x.clone(), real_pool, *rest[:-1], real_out)
+    return torch.equal(twin_out, real_out) and torch.equal(other, real_pool)
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder):
+    """Wrap the ops a decode step of the examples calls: our conv update (Triton on CUDA, the
+    reference on the CPU), the recurrence's FLA step, attention (SDPA on CUDA)."""
+    from layoutpass.kernels import ops
+
+    modules = {name: importlib.import_module(f"layoutpass.examples.{name}") for name in ("recurrence", "attention")}
+    targets = [("conv", triton_conv, "update"), ("conv", ops, "conv_update_reference"),
+               ("fla", modules["recurrence"], "_fla_step"), ("sdpa", modules["attention"], "_sdpa"),
+               ("attend", modules["attention"], "_attend")]
+    saved = [(module, attr, getattr(module, attr)) for _, module, attr in targets]
+    for op, module, attr in targets:
+        setattr(module, attr, recorder.wrap(op, getattr(module, attr), conv=op == "conv", twin=module is triton_conv))
+    try:
+        yield
+    finally:
+        for module, attr, fn in saved:
+            setattr(module, attr, fn)
+
+
+def first_difference(a: list[dict], b: list[dict]) -> dict | None:
+    """The first event of two runs whose inputs or outputs differ (by digest), and how."""
+    for ea, eb in zip(a, b):
+        if ea["op"] != eb["op"]:
+            return dict(op=f"{ea['op']} vs {eb['op']}", what="different calls")
+        for part, what in (("before", "inputs differ"), ("after", "outputs differ, inputs equal")):
+            args = [i for i, (x, y) in enumerate(zip(ea[part], eb[part])) if x != y]
+            if args:
+                return dict(op=ea["op"], what=what, args=args, meta_equal=ea["meta"] == eb["meta"],
+                            meta=None if ea["meta"] == eb["meta"] else [ea["meta"], eb["meta"]])
+    return None if len(a) == len(b) else dict(op=None, what="different number of calls")
+
+
+@torch.no_grad()
+def trace(args) -> dict:
+    """Where the hybrid's decode steps differ: from one random state, the SD model on our convs
+    twice, optimize(DS) twice, optimize(SD) (captured graphs, SD pools) once, each run
+    recording every conv, recurrence and attention call; then the runs compared pairwise."""
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    layers = MODELS["hybrid"][:4] if args.smoke else MODELS["hybrid"]
+    model = build(layers, "tiny" if args.smoke else "2.7b", device, dtype, num_slots=max(DECODE_BATCHES) + 1,
+                  max_len=512)
+    models = {"SD": model, "optimize(DS)": optimize(model, "DS"), "optimize(SD)": optimize(model, "SD")}
+    runs_of = [("SD", "SD"), ("SD again", "SD"), ("optimize(DS)", "optimize(DS)"),
+               ("optimize(DS) again", "optimize(DS)"), ("optimize(SD)", "optimize(SD)")]
+    pairs = [("SD", "SD again"), ("optimize(DS)", "optimize(DS) again"), ("SD", "optimize(DS)"),
+             ("SD", "optimize(SD)"), ("optimize(SD)", "optimize(DS)")]
+    result = dict(layers=list(layers), cases=[])
+    for batch in DECODE_BATCHES:
+        step = decode_step(model.cfg, min(batch, model.cfg.num_slots - 1), device)
+        for m in models.values():
+            m(**step.inputs)  # capture (and relayout) before any state is loaded
+        runs = {}
+        for run, name in runs_of:
+            fill_state(model, seed=1)
+            start = logical_buffers(model)
+            for buf_name, view in logical_buffers(models[name]).items():
+                view.copy_(start[buf_name])
+            recorder = Recorder()
+            with recording(recorder):
+                logits = models[name](**step.inputs)
+            runs[run] = dict(events=recorder.events, logits=digest(logits),
+                             state={n: digest(b) for n, b in logical_buffers(models[name]).items()})
+        case = dict(work=f"decode B={batch}", calls=len(runs["SD"]["events"]),
+                    twins_equal=all(e.get("twin_equal", True) for r in runs.values() for e in r["events"]),
+                    pairs=[])
+        for a, b in pairs:
+            ra, rb = runs[a], runs[b]
+            case["pairs"].append(dict(a=a, b=b, logits_equal=ra["logits"] == rb["logits"],
+                                      buffers_differ=sorted(n for n in ra["state"] if ra["state"][n] != rb["state"][n]),
+                                      first_difference=first_difference(ra["events"], rb["events"])))
+        result["cases"].append(case)
+        print(json.dumps(case, default=str), flush=True)
+    return result
 
 
 def time_call(call, graph: bool) -> float:
@@ -236,7 +366,12 @@ def main():
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--vllm", help="module with vLLM's causal_conv1d_update / causal_conv1d_fn (the first row)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, checks only")
+    parser.add_argument("--trace", action="store_true", help="trace where the hybrid's decode differs (SD, DS)")
     args = parser.parse_args()
+    if args.trace:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "e2e_trace.json").write_text(json.dumps(trace(args), indent=1, default=str))
+        return
     if not args.smoke:
         from layoutpass.examples.recurrence import fla_ops
 
