@@ -1,8 +1,8 @@
 """Every transformers class whose cache holds a causal-conv state (layoutpass.hf.CLASSES), tiny
 and random, through CacheAsBuffers and optimize() -- DS lowered, DS, SD -- against transformers'
 own greedy generate, token for token and logit by logit. Also: how many exported graphs serve
-prompts of every length once export's guards are kept (transformers' scans pad and loop with
-Python ints that export specializes).
+prompts of every length, each reused wherever export's guards accept the length, as the pass
+reuses them (transformers' scans pad and loop with Python ints derived from the length).
 
     python benchmarks/hf_zoo.py [CLASS ...] [--no-buckets]
 
@@ -146,7 +146,7 @@ def table(rows: dict) -> str:
         return f"{'yes' if result['tokens_equal'] else '**no**'} ({result['logit_error']:.0e})"
 
     lines = ["| class | pools found | DS tokens == transformers (lowered / not) | SD tokens == transformers "
-             "| lowered conv updates | captures: prompts (decode: 1) | time (DS lowered / DS / SD) |",
+             "| lowered conv updates | prompt graphs (decode: 1) | time (DS lowered / DS / SD) |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         low, ds, sd = row["DS lowered"], row["DS"], row["SD"]
@@ -155,14 +155,13 @@ def table(rows: dict) -> str:
         lowered += "".join(f" {note('not lowered: ' + detail)}" for detail in low.get("not_lowered", []))
         graphs = row.get("prompt_graphs", {})
         if graphs.get("graphs") == "one per length":
-            captures = "one per length, guards or not (a loop over the tokens)"
+            captures = "one per length (a loop over the tokens)"
         elif "error" in graphs:
             captures = f"export fails {note(_one_line(graphs['error']))}"
         elif graphs:
-            firsts = ", ".join(map(str, graphs["first_lengths"]))
-            captures = f"one per length; {graphs['graphs']} with guards kept (new at {firsts})"
+            captures = f"{graphs['graphs']} (new at {', '.join(map(str, graphs['first_lengths']))})"
         else:
-            captures = "one per length"
+            captures = "-"
         times = " / ".join(str(r.get("seconds", "-")) for r in (low, ds, sd))
         lines.append(f"| {name} | {pools} | {cell(low)} / {cell(ds)} | {cell(sd)} | {lowered} | {captures} "
                      f"| {times} s |")

@@ -3,16 +3,18 @@ dynamic unless export specializes it), run later with the optimized module's own
 
 import copy
 import inspect
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 
-import sympy
 import torch
 from torch.export import Dim, ExportedProgram, ShapesCollection
+from torch.export.exported_program import _get_shape_env
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.printers import PythonPrinter
 
 from .errors import ArgumentError, LayoutPassError
 from .layout import Layout
@@ -54,11 +56,13 @@ class Entry:
     seconds: dict[str, float]  # wall time of each stage for this entry
     graph_module: torch.fx.GraphModule = field(init=False)  # the rewritten graph now in use
     expects: tuple = ()  # (buffer, layout it must be stored in, None: as the model stores it)
-    arguments: dict = field(default_factory=dict)  # user input index -> (name, layout, fixed sizes) of a pool argument
+    arguments: dict = field(default_factory=dict)  # user input index -> a pool argument's (name, layout,
+    #   fixed sizes, the captured dim of each of its dims)
     in_spec: object = field(init=False)
     out_spec: object = field(init=False)
     user_inputs: tuple = field(init=False)  # per user input: (dtype, rank, sizes: ints or symbols) or the value
     ranges: dict = field(init=False)  # size symbol -> (least, most) export proved the graph for
+    guards: tuple = field(init=False)  # (size symbols, predicate): the branches export took, or ()
     inputs: tuple = field(init=False)  # per graph input: (kind, target)
     outputs: tuple = field(init=False)  # per graph output: (kind, target)
     constants: dict = field(init=False)
@@ -77,6 +81,8 @@ class Entry:
                                  if s.kind == InputKind.USER_INPUT)
         self.ranges = {str(symbol): (_bound(r.lower, 0), _bound(r.upper, sys.maxsize))
                        for symbol, r in self.program.range_constraints.items() if symbol.is_Symbol}
+        self.guards = _guards(self.program, {s for u in self.user_inputs if isinstance(u, tuple)
+                                             for s in u[2] if isinstance(s, str)})
         self.graph_module = self.program.graph_module
 
     def flatten(self, args: tuple, kwargs: dict):
@@ -90,7 +96,8 @@ class Entry:
     def accepts(self, flat: list, spec) -> bool:
         """Whether the graph computes this call: same structure, dtypes and ranks, every size
         the graph fixed, and every symbolic size within what export proved it for (one symbol,
-        one value; a graph traced at 7 tokens may be wrong at 3)."""
+        one value, within its range, and taking every branch the trace took: a graph traced at
+        7 tokens, which padded them to a chunk of 8, is wrong at 8 or 9)."""
         if spec != self.in_spec or len(flat) != len(self.user_inputs):
             return False
         sizes, derived = {}, []
@@ -101,9 +108,10 @@ class Entry:
                 continue
             if not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1]:
                 return False
-            if k in self.arguments:  # a pool argument, in its new layout: run() checks its sizes
-                continue
-            for n, size in zip(value.shape, expected[2]):
+            captured = expected[2]
+            if k in self.arguments:  # a pool argument in its new layout (run() checks its tok and dim sizes)
+                captured = [captured[d] for d in self.arguments[k][3]]
+            for n, size in zip(value.shape, captured):
                 if isinstance(size, int):
                     if n != size:
                         return False
@@ -116,6 +124,9 @@ class Entry:
             least, most = self.ranges.get(symbol, (0, sys.maxsize))
             if not least <= n <= most:
                 return False
+        if self.guards and not (all(s in sizes for s in self.guards[0]) and
+                                self.guards[1](*(sizes[s] for s in self.guards[0]))):
+            return False
         return all(all(s in sizes for s in symbols) and f(*(sizes[s] for s in symbols)) == n
                    for (symbols, f), n in derived)
 
@@ -124,7 +135,7 @@ class Entry:
             if stored.get(prefix + name) != layout:
                 raise LayoutPassError(f"internal: {self.name} was rewritten for {prefix + name!r} in {layout}, "
                                       f"which is stored as {stored.get(prefix + name)}")
-        for k, (name, layout, sizes) in self.arguments.items():
+        for k, (name, layout, sizes, _) in self.arguments.items():
             if not flat[k].is_contiguous() or any(flat[k].shape[i] != n for i, n in sizes):
                 raise ArgumentError(name, f"a pool argument: expected a contiguous {layout} tensor with sizes "
                                     f"{dict(sizes)} (see input_layouts), got shape {tuple(flat[k].shape)}, "
@@ -165,8 +176,27 @@ def _size(s):
     expr = s.node.expr
     if expr.is_Symbol:
         return str(expr)
-    symbols = sorted(expr.free_symbols, key=str)
-    return tuple(map(str, symbols)), sympy.lambdify(symbols, expr, "math")
+    return _python(expr.free_symbols, [expr])
+
+
+def _guards(program: ExportedProgram, known: set[str]) -> tuple:
+    """export's guards on the input sizes (each branch or loop of the model's Python that read a
+    size), as one predicate; guards on other symbols are checked in the graph itself."""
+    env = _get_shape_env(program.graph_module)
+    exprs = [g.expr for g in (env.guards if env else ()) if {str(s) for s in g.expr.free_symbols} <= known]
+    if not exprs:
+        return ()
+    symbols, predicate = _python(set().union(*(e.free_symbols for e in exprs)), exprs, " and ")
+    return symbols, predicate
+
+
+def _python(symbols, exprs: list, join: str = ""):
+    """(symbol names, a plain-Python function of them) computing `join` over the sympy
+    expressions, printed the way torch prints guards (so its floor division and modulo keep
+    Python's meaning); plain Python, so torch.compile traces the dispatch."""
+    names = sorted(map(str, symbols))
+    body = join.join(f"({PythonPrinter().doprint(e)})" for e in exprs)
+    return tuple(names), eval(f"lambda {', '.join(names)}: {body}", {"math": math})  # our own printout of sympy
 
 
 def _bound(value, unbounded: int) -> int:

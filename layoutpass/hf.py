@@ -15,19 +15,11 @@ Conv states are (batch, channels, kernel): DS pools whose slot is the batch row.
 import copy
 import inspect
 import random
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ArgumentError
-
-# Run from a checkout's root (`python -m ...`), the path holds kernels/, importable as a top-level
-# `kernels`: transformers tries Hugging Face's package of that name and would load our kernels a
-# second time, registering their ops anew. The project is installed; its root is not needed.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 # transformers 5.24's model classes whose cache holds a causal-conv state (RecurrentGemma: its modules)
 CLASSES = ("Mamba", "Mamba2", "FalconMamba", "Bamba", "Zamba", "Zamba2", "NemotronH", "Jamba", "GraniteMoeHybrid",
@@ -49,11 +41,6 @@ class CacheAsBuffers(nn.Module):
     continue every sequence by `tokens` tokens starting at `position` (a 0-d integer tensor: the
     tokens seen so far), or with position=None start them anew (every buffer zeroed, then
     transformers' own prefill path, as in a fresh cache)."""
-
-    # transformers' scans branch and loop on Python ints derived from the prompt length (pad to
-    # the chunk size or not, one chunk or several, Mamba1's loop over tokens): export turns them
-    # into guards the pass does not check yet, so a graph is kept for one size only.
-    layoutpass_dynamic = False
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int = 512):
         super().__init__()

@@ -326,7 +326,7 @@ def _build(entry: Entry, unit: Unit, pools: dict[str, Pool], options: Options, m
     expects = tuple((name, local[name][1].target if name in local and local[name][1].moves else None)
                     for name in sorted(entry.takes()) if name in rank3)
     users = [s.arg.name for s in entry.program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    arguments = {users.index(ph): (name, pool.target, _fixed_sizes(pool))
+    arguments = {users.index(ph): (name, pool.target, _fixed_sizes(pool), pool.source.permutation(pool.target))
                  for name, (ph, pool) in local.items() if pool.argument and pool.moves}
     return Built(gm, uses, expects, arguments, time.perf_counter() - start)
 

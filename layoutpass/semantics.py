@@ -197,9 +197,15 @@ def _unsqueezed(shape, out_shape):
     return coords
 
 
+def _size_args(node) -> tuple:
+    """The node's arguments with sizes computed in the graph (dynamic shapes: a slice ending at
+    `tokens - 1`) as their sympy expressions."""
+    return torch.fx.node.map_arg(node.args, lambda a: _sympify(a.meta.get("val", a)))
+
+
 def _view_coords(node, shape, out_shape):
     """The index map of a view node, or None when the node is no view this module knows."""
-    t, args = node.target, node.args
+    t, args = node.target, _size_args(node)
     if t in PERMUTATIONS:
         return _permute(shape, permutation_of(node))
     if t is aten.select.int:

@@ -9,8 +9,6 @@ sys.path.insert(0, str(Path(__file__).parent))  # the oracle and the shared case
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
 
-import layoutpass.hf  # noqa: E402,F401  before transformers: takes the checkout's root off sys.path (see there)
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

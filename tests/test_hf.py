@@ -76,6 +76,17 @@ def test_optimized_models_generate_what_transformers_generates(name, layout, low
     assert any(u.action == "lowered" for u in fast.report.uses) == lower
 
 
+def test_one_prompt_graph_serves_every_length_that_takes_its_branches():
+    """Lfm2's prompt path branches on the length only below its conv width: one graph serves
+    every longer prompt (export's guards decide, checked against transformers each time)."""
+    model = tiny_model("Lfm2")
+    fast = optimize(CacheAsBuffers(model, 2, 64), "DS")
+    for length in (9, 5, 17, 12):
+        ids = prompt(length=length, seed=length)
+        assert torch.equal(generate(fast, ids, 3), reference(model, ids, 3)[0])
+    assert len(fast.graphs) == 2  # the prompts, the decode step
+
+
 @pytest.mark.parametrize("name", ["Mamba2", "Zamba2", "Qwen3_5"])
 def test_a_continuation_chunk_is_what_transformers_computes(name):
     """Prompt, a 3-token chunk, then single tokens, each at its position, against transformers'
@@ -153,12 +164,19 @@ def test_lowered_on_cuda_generates_what_transformers_generates(name):
 
 
 def test_transformers_does_not_load_our_kernels_a_second_time():
-    """kernels/ at the checkout's root would import as a top-level `kernels`, which transformers
-    tries for Hugging Face's package: its ops would be registered anew, and the pass, holding
-    the first ones, would find no conv op in graphs captured after."""
-    tiny("Mamba")
-    shadow = sys.modules.get("kernels")
-    assert shadow is None or Path(shadow.__file__).resolve().parent != ROOT / "kernels"
+    """Run from the checkout's root, kernels/ also imports as a top-level `kernels`, the package
+    name transformers probes for Hugging Face's kernels: imported so it must stay empty, or its
+    ops would be registered anew and the pass, holding the first ones, would find no conv op in
+    graphs captured after."""
+    lowered = ("from layoutpass import optimize; from layoutpass.hf import tiny, generate; "
+               "fast = optimize(tiny('Mamba2', batch_size=2), 'DS', lower=True, dynamic=False); "
+               "generate(fast, torch.randint(0, 64, (2, 5)), 2); "
+               "print(sum(u.action == 'lowered' for u in fast.report.uses))")
+    shadowed = "import sys; sys.path.insert(0, '.'); import kernels, torch; print(hasattr(kernels, 'conv_update')); "
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            for code in ("import torch; " + lowered, shadowed + lowered)]
+    assert all(done.returncode == 0 for done in runs), runs[-1].stderr[-2000:]
+    assert runs[1].stdout.split() == ["False", runs[0].stdout.strip()] and int(runs[0].stdout) > 0
 
 
 def test_the_command_line_checks_a_transformers_model():

@@ -171,3 +171,24 @@ def test_a_graph_runs_only_within_the_sizes_export_proved_it_for():
         x = torch.randn(4, 3, tokens)
         torch.testing.assert_close(fast(x), reference(x), rtol=0, atol=0)
     assert len(fast.graphs) == 2  # >= 4 tokens, and the branch below
+
+
+class Parity(Branches):
+    """A branch no range expresses (pad to an even length or not): export records it as a guard
+    on the token count, which a reused graph must satisfy too."""
+
+    def forward(self, x):  # x: (batch, dim, tokens)
+        if x.shape[-1] % 2:
+            x = torch.nn.functional.pad(x, (1, 0)) * 2  # odd: one leading zero, and scaled
+        self.pool.copy_(torch.cat([self.pool[..., 1:], x[..., -1:]], -1))
+        return x.sum(-1) + self.pool.sum(-1)
+
+
+def test_a_graph_runs_only_where_the_branches_it_took_are_taken():
+    model = Parity()
+    reference, fast = copy.deepcopy(model), optimize(model, "DS", allow_missing=True)
+    for tokens in (7, 8, 5, 6, 9):
+        x = torch.randn(4, 3, tokens)
+        torch.testing.assert_close(fast(x), reference(x), rtol=0, atol=0)
+        torch.testing.assert_close(logical_buffers(fast)["pool"], reference.pool, rtol=0, atol=0)
+    assert len(fast.graphs) == 2  # odd lengths, even lengths
