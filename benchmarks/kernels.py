@@ -5,7 +5,8 @@ extracts vLLM 0.33's) and FLA's causal_conv1d_update (--fla). First everything i
 data: ours (SD and DS) against a float64 pure-torch step, SD and DS bit-identical, every peer
 against ours; then everything is timed. Figures are fractions of the copy bandwidth measured in
 the same run (bytes: every input read once, every output written once). Ours are the Triton
-kernels called directly, as the peers are (the public ops add argument checks on the host).
+ops as users call them (on CUDA their Triton kernels; triton_op launches them without the
+dispatch that a bare wrap_triton call costs in eager mode, ~0.1-1 ms of host time).
 
     python benchmarks/kernels.py --out DIR             # checks, timings, kernels.json + kernels.md
     python benchmarks/kernels.py --sweep --out DIR     # first choose the DS block shapes and the prefill tile
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from layoutpass.kernels import conv_update, triton_conv
+from layoutpass.kernels import conv_prefill, conv_update, triton_conv
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ S = FULL
 WIDTH, ROUNDS = 4, 3
 STATE_LEN = WIDTH - 1
 FLA_NOTE = ("FLA keeps a dense (batch, dim, width) cache of the batch's own rows (no slot pool): a step reads "
-            "its last width - 1 columns and writes all width (its bytes counted so)")
+            "its last width - 1 columns and writes all width (its bytes counted so); its kernel autotunes on "
+            "(dim, width) only and is retuned here at each batch (its best case)")
 VLLM_NOTE = ("vLLM's prefill is given the metadata its engine precomputes on the host (without it, "
              "causal_conv1d_fn reads the sequence lengths back from the device on every call)")
 
@@ -113,6 +115,20 @@ def same_state(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert torch.equal(got, expected), f"{what}: state differs"
 
 
+def ours_update(x, pool, weight, bias, idx, out):
+    """Our decode step as users call it: the public op. The dry run calls its Triton function
+    itself (on the CPU the op runs the pure-torch reference)."""
+    if S.device == "cpu":
+        return triton_conv.update(x, pool, weight, bias, "silu", idx, None, None, -1, 0, out)
+    conv_update(x, pool, weight, bias, "silu", idx, out=out)
+
+
+def ours_prefill(x, weight, bias, pool, qsl, idx, has_init):
+    """Our prefill as users call it (the dry run: its Triton function, as ours_update)."""
+    prefill = triton_conv.prefill if S.device == "cpu" else conv_prefill
+    return prefill(x, weight, bias, pool, qsl, idx, has_init, "silu", 0)
+
+
 def peer(spec: str | None):
     if not spec:
         return None
@@ -130,7 +146,7 @@ def decode_case(batch: int, gen: random.Random):
 def decode_impls(args, idx, weight, bias) -> dict:
     """(name, layout) -> call(x, pool, out) returning the output."""
     def ours(x, s, o):
-        triton_conv.update(x, s, weight, bias, "silu", idx, None, None, -1, 0, o)
+        ours_update(x, s, weight, bias, idx, o)
         return o
     impls = {("ours", layout): ours for layout in ("SD", "DS")}
     update_peer = peer(args.peer_update)
@@ -144,6 +160,19 @@ def decode_impls(args, idx, weight, bias) -> dict:
 
         impls[("FLA", "dense")] = lambda x, s, o: fla_update(x, s, weight=weight, bias=bias, activation="silu")[0]
     return impls
+
+
+def retune_fla() -> None:
+    """FLA's update kernel autotunes on (dim, width) alone, so it keeps the block it chose at its
+    first call whatever the batch. Forget the choice: each batch is timed with the block tuned
+    for it (FLA's best case; its on-disk cache of choices is off, FLA_CACHE_RESULTS=0)."""
+    from fla.modules.causal_conv1d import ops
+    from triton.runtime.autotuner import Autotuner
+
+    tuner = ops.causal_conv1d_update_kernel
+    while not isinstance(tuner, Autotuner):
+        tuner = tuner.fn
+    tuner.cache.clear()
 
 
 def reference_update(x, pool, weight, bias, idx):
@@ -216,6 +245,8 @@ def bench_decode(args, bw, rows, gen, failed: set):
         impls = {key: call for key, call in decode_impls(args, idx, weight, bias).items()
                  if (f"decode B={batch}", *key) not in failed}
         pools = {layout: make_pools(layout, S.layers, batch) for layout in {layout for _, layout in impls}}
+        if args.fla:
+            retune_fla()
         times = {key: [] for key in impls}
         for _ in range(ROUNDS):
             for (name, layout), call in impls.items():
@@ -256,11 +287,10 @@ def vllm_metadata(module, lengths: list[int], device):
 
 def prefill_impls(args, x, weight, bias, idx, has_init, qsl) -> dict:
     """name -> call(pool) returning the output; every one runs on SD and DS pools."""
-    impls = {"ours": lambda s: triton_conv.prefill(x, weight, bias, s, qsl, idx, has_init, "silu", 0)}
+    impls = {"ours": lambda s: ours_prefill(x, weight, bias, s, qsl, idx, has_init)}
     for spec in args.prefill_variant:
         variant = peer(spec)
-        impls[spec.split(":")[1]] = lambda s, variant=variant: variant(x, weight, bias, s, qsl, idx, has_init,
-                                                                        "silu", 0)
+        impls[spec.split(":")[1]] = lambda s, variant=variant: variant(x, weight, bias, s, qsl, idx, has_init, "silu")
     prefill_peer = peer(args.peer_prefill)
     if prefill_peer:
         lengths = qsl.diff().tolist()
@@ -311,21 +341,24 @@ def check_prefill(args, batch: int, length: int, gen: random.Random, failed: set
 
 
 def bench_prefill(args, bw, rows, gen, failed: set):
+    """Each prefill twice: in CUDA graphs (the GPU's time: what a captured step pays) and as
+    plain launches (eager: the host's work per call shows wherever it exceeds the GPU's)."""
     for batch, length in S.prefills:
         work = f"prefill {batch} x {length}"
         impls = prefill_impls(args, *prefill_case(batch, length, gen))
         pools = {layout: make_pools(layout, 1)[0] for layout in ("SD", "DS")}
-        times = {(name, layout): [] for name in impls for layout in pools if (work, name, layout) not in failed}
+        times = {(name, layout, graph): [] for name in impls for layout in pools for graph in (True, False)
+                 if (work, name, layout) not in failed}
         for _ in range(ROUNDS):
-            for (name, layout), ts in times.items():
-                ts.append(bench_us(lambda: impls[name](pools[layout]), graph=False))
+            for (name, layout, graph), ts in times.items():
+                ts.append(bench_us(lambda: impls[name](pools[layout]), graph=graph, rep=50))
         moved = 2 * batch * length * S.dim * S.elem + 2 * batch * STATE_LEN * S.dim * S.elem
-        for (name, layout), ts in times.items():
+        for (name, layout, graph), ts in times.items():
             us = statistics.median(ts)
-            rows.append(dict(work=work, impl=name, layout=layout, us=us, runs_us=ts,
-                             frac_bw=moved / (us * 1e-6) / 1e9 / bw, timing="launches"))
-        print(f"{work}: " + ", ".join(f"{n} {l} {statistics.median(t):.1f} us" for (n, l), t in times.items()),
-              flush=True)
+            rows.append(dict(work=work + ("" if graph else ", eager"), impl=name, layout=layout, us=us, runs_us=ts,
+                             frac_bw=moved / (us * 1e-6) / 1e9 / bw, timing="cudagraph" if graph else "launches"))
+        print(f"{work}: " + ", ".join(f"{n} {l} {'graph' if g else 'eager'} {statistics.median(t):.1f} us"
+                                      for (n, l, g), t in times.items()), flush=True)
 
 
 # ---------------------------------------------------------------- sweep, compile check, profile
@@ -348,7 +381,7 @@ def sweep(gen, log) -> None:
         for block, seqs, warps, path, pdl in candidates:
             triton_conv.UPDATE_BLOCKS[True] = [(1 << 62, block, seqs, warps, path)]
             triton_conv.PDL = pdl
-            call = lambda x, s, o: triton_conv.update(x, s, weight, bias, "silu", idx, None, None, -1, 0, o)
+            call = lambda x, s, o: ours_update(x, s, weight, bias, idx, o)
             results.append((time_decode(call, pools, xs, outs, rep=50), block, seqs, warps, path, pdl))
         results.sort()
         log(f"sweep decode DS B={batch}: " + "; ".join(f"{r[0]:.2f} us {r[1:]}" for r in results[:6]) +
@@ -364,8 +397,7 @@ def sweep(gen, log) -> None:
     results = []
     for tile in ((64, 64, 8), (32, 128, 4), (64, 128, 8), (16, 256, 4), (32, 256, 8), (16, 512, 8)):
         triton_conv.PREFILL_BLOCKS[False] = tile
-        results.append((bench_us(lambda: triton_conv.prefill(x, weight, bias, pool, qsl, idx, has_init, "silu", 0),
-                                 graph=False), *tile))
+        results.append((bench_us(lambda: ours_prefill(x, weight, bias, pool, qsl, idx, has_init), graph=False), *tile))
     results.sort()
     triton_conv.PREFILL_BLOCKS[False] = tuple(results[0][1:])
     log(f"sweep prefill {S.prefills[0]} DS: " + "; ".join(f"{r[0]:.1f} us {r[1:]}" for r in results))
@@ -441,11 +473,14 @@ def report(args, card: str, bw: float, rows: list[dict], checks: list[dict], log
     lines = [f"Card: {card}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s "
              f"(bytes read + written), measured in this run. {S.dtype}, dim {S.dim}, width {WIDTH}, pools of {S.slots} "
              f"slots, random slots; decode: CUDA-graph replays calling the kernel once per layer over {S.layers} "
-             f"layers' pools (L2-cold), time per call; prefill: plain launches (do_bench, L2 flushed); median of "
-             f"{ROUNDS} interleaved rounds. Ours: the Triton kernels called directly, as the peers are. Every "
+             f"layers' pools (L2-cold), time per call; prefill: CUDA-graph replays, and (eager) plain launches "
+             f"(do_bench, L2 flushed), where host work per call shows if it exceeds the GPU's; median of "
+             f"{ROUNDS} interleaved rounds. Ours: the public ops (conv_update, conv_prefill). Every "
              "implementation checked before timing (below; kernels.json: checks).", ""]
     lines += wide_table(rows, args.peer_label)
     lines += [""] + ([f"FLA: {FLA_NOTE}."] if args.fla else []) + ([f"{VLLM_NOTE}."] if args.peer_prefill else [])
+    lines += [f"Prefill variant {spec.split(':')[1]} ({spec}, checked bit-identical to ours): "
+              f"{peer(spec).__doc__.strip()}" for spec in args.prefill_variant]
     lines += ["", "| checks (relative error of the whole output; states compared exactly) |", "|---|"]
     lines += [f"| {c['work']}: " + ", ".join(f"{k} {v if isinstance(v, (bool, str)) else f'{v:.2g}'}"
                                               for k, v in c.items() if k != "work") + " |" for c in checks]
@@ -466,7 +501,7 @@ def main():
     parser.add_argument("--peer-label", default="vLLM", help="the peer's name in the tables")
     parser.add_argument("--fla", action="store_true", help="FLA's causal_conv1d_update (fla-core installed)")
     parser.add_argument("--prefill-variant", action="append", default=[],
-                        help="MODULE:FUNC with triton_conv.prefill's signature: checked bit-identical to ours, timed")
+                        help="MODULE:FUNC with conv_prefill's signature: checked bit-identical to ours, timed")
     parser.add_argument("--no-compile-check", action="store_true", help="skip the torch.compile bit check")
     args = parser.parse_args()
     if args.tiny:
@@ -481,6 +516,7 @@ def main():
             args.peer_prefill = None
     elif not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or --tiny under TRITON_INTERPRET=1 for a dry run")
+    os.environ.setdefault("FLA_CACHE_RESULTS", "0")  # read when fla is imported (see retune_fla)
     gen = random.Random(0)
     torch.manual_seed(0)
     if args.profile:
