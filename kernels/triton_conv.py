@@ -257,30 +257,35 @@ def _ds_vec_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, batch, grou
 
 
 @triton.jit
-def _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
+def _prefill_tap(x_rows, wt_ptr, head_ptr, D2, T2, seq, start, mask, dim, sx_dim, sx_tok,
                  k: tl.constexpr, WIDTH: tl.constexpr):
-    """Tap k's contribution: input position t - (WIDTH - 1) + k, from x inside the sequence,
-    from `head` before its start."""
+    """Tap k's term: weight k times input position p = t - (WIDTH - 1) + k, from x inside the
+    sequence and from `head` before its start. One load: each row's pointer is chosen first
+    (the channel offsets agree whenever x's channel stride is 1, the usual case)."""
     p = T2 - (WIDTH - 1) + k
-    vx = tl.load(x_ptr + D2 * sx_dim + p * sx_tok, mask=live & (p >= start), other=0.0)
-    h = WIDTH - 1 - start + p
-    vh = tl.load(head_ptr + (seq * (WIDTH - 1) + h) * dim + D2, mask=live & (p < start), other=0.0)
-    wk = tl.load(w_ptr + D2 * sw_dim + k * sw_k, mask=D2 < dim, other=0.0).to(tl.float32)
-    return wk * (vx.to(tl.float32) + vh.to(tl.float32))
+    inside = p >= start
+    row = tl.where(inside, x_rows + (k - (WIDTH - 1)) * sx_tok,
+                   head_ptr + (seq * (WIDTH - 1) + WIDTH - 1 - start + p) * dim)
+    v = tl.load(row + tl.where(inside, D2 * sx_dim, D2), mask=mask, other=0.0)
+    wk = tl.load(wt_ptr + k * dim + D2, mask=D2 < dim, other=0.0).to(tl.float32)
+    return wk * v.to(tl.float32)
 
 
 @triton.jit
 def _prefill_out_kernel(
-    x_ptr, w_ptr, b_ptr, head_ptr, seq_ptr, qsl_ptr, idx_ptr, out_ptr,
+    x_ptr, wt_ptr, b_ptr, head_ptr, seq_ptr, qsl_ptr, idx_ptr, out_ptr,
     num_tokens, dim, null_block_id,
-    sx_dim, sx_tok, sw_dim, sw_k, so_dim, so_tok,
+    sx_dim, sx_tok, so_dim, so_tok,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
     TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """A (token block, channel block) of the varlen prefill output. Token blocks may span
     sequences: each token finds its sequence; taps before a sequence's start read `head`, the
-    (batch, width - 1, dim) inputs before it (its initial state's tail, or zeros). The pool is
-    not touched here, so this kernel is the same for every pool layout."""
+    (batch, width - 1, dim) inputs before it (its initial state's tail, or zeros). The weights
+    come as (WIDTH, dim) rows, so every operand of a tap is a row of channels in the x tile's
+    layout: with BLOCK_D = 256 * num_warps (warps side by side along the channels) nothing
+    goes through shared memory. Null slots are zeroed at the end. The pool is not touched
+    here: the kernel is the same for every pool layout."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     if TOK_FAST:
@@ -288,26 +293,22 @@ def _prefill_out_kernel(
     else:
         D2, T2 = d[None, :], t[:, None]
     mask = (T2 < num_tokens) & (D2 < dim)
+    x_rows = x_ptr + T2.to(tl.int64) * sx_tok
     seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
     start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
-    live = mask
-    if HAS_INDICES:
-        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
-        live = live & (slot != null_block_id)
+    acc = tl.zeros(mask.shape, tl.float32)
     if HAS_BIAS:
-        acc = tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32) + tl.zeros((1, 1), tl.float32)
-    else:
-        acc = tl.zeros((1, 1), tl.float32)
+        acc += tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32)
     # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
-    acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
-                        WIDTH - 1, WIDTH)
+    acc += _prefill_tap(x_rows, wt_ptr, head_ptr, D2, T2, seq, start, mask, dim, sx_dim, sx_tok, WIDTH - 1, WIDTH)
     tl.debug_barrier()
     for k in tl.static_range(WIDTH - 1):
-        acc += _prefill_tap(x_ptr, w_ptr, head_ptr, D2, T2, seq, start, live, dim, sx_dim, sx_tok, sw_dim, sw_k,
-                            k, WIDTH)
+        acc += _prefill_tap(x_rows, wt_ptr, head_ptr, D2, T2, seq, start, mask, dim, sx_dim, sx_tok, k, WIDTH)
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
-    acc = tl.where(live, acc, 0.0)
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
+        acc = tl.where(slot != null_block_id, acc, 0.0)
     tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -319,16 +320,16 @@ def _flat(conv_state: torch.Tensor) -> bool:
 # Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps,
 # path), the first match wins. Paths: "tiled" (any strides), "flat" (a dense DS block as one
 # run), "vec" (dense DS, one token, no spec, state_len == width - 1 <= 3, whole 8-channel
-# groups; else "flat"). PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps). PDL:
+# groups; else "flat"). PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps), channels
+# fastest with BLOCK_D = 256 * num_warps (no layout conversion; see _prefill_out_kernel). PDL:
 # programmatic dependent launch on the vec path (each kernel starts while the one before it
-# drains; Hopper and newer). Chosen by `benchmarks/kernels.py --sweep` on an H100 80GB HBM3
-# (benchmarks/results/bench.log).
+# drains; Hopper and newer). Chosen on an H100 80GB HBM3 (benchmarks/results/, NOTES.md).
 UPDATE_BLOCKS = {
     True: [(1 << 62, 256, 1, 1, "vec")],
     False: [(16, 128, 1, 4, "tiled"), (64, 256, 1, 1, "tiled"), (256, 128, 1, 2, "tiled"),
             (1 << 62, 256, 1, 1, "tiled")],
 }
-PREFILL_BLOCKS = {True: (64, 64, 4), False: (16, 256, 4)}
+PREFILL_BLOCKS = {True: (64, 64, 4), False: (4, 512, 2)}
 PDL = True
 
 
@@ -424,9 +425,10 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     init = None if has_initial_state is None else has_initial_state.to(torch.int8)
     wrap_triton(_prefill_out_kernel)[grid](
-        x, weight, bias, _heads(conv_states, cache_indices, has_initial_state, batch, weight.shape[1]),
+        x, weight.t().contiguous(), bias,  # weights as (width, dim) rows: see _prefill_out_kernel
+        _heads(conv_states, cache_indices, has_initial_state, batch, weight.shape[1]),
         seq_of_token, query_start_loc, cache_indices, out, num_tokens, dim, null_block_id,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
         HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d,
         num_warps=warps)
