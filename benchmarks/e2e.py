@@ -18,6 +18,7 @@ conv's share of a step is the conv kernels' part of the GPU kernel time of one e
     python benchmarks/e2e.py --vllm vllm_conv --out DIR    # table + e2e.json + e2e.md
     python benchmarks/e2e.py --smoke                       # tiny models on the CPU: the checks only
     python benchmarks/e2e.py --trace --out DIR             # where the hybrid's decode differs: e2e_trace.*
+    python benchmarks/e2e.py --sdpa --out DIR              # is the attention call deterministic: e2e_sdpa.json
 """
 
 import argparse
@@ -249,6 +250,40 @@ def trace(args) -> dict:
     return result
 
 
+def sdpa_determinism(device, repeats: int = 8) -> list[dict]:
+    """The examples' attention call (attention._sdpa) at the hybrid's decode shapes (2.7B widths,
+    512 cached positions, random context lengths), the same inputs `repeats` + 1 times: the
+    same bits every time? Under torch's own choice of SDPA backend (named) and with each
+    backend forced."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attention = importlib.import_module("layoutpass.examples.attention")
+    heads, head_dim, cached = SIZES["2.7b"]["heads"], SIZES["2.7b"]["hidden"] // SIZES["2.7b"]["heads"], 512
+    names = {int(b.value): name for name, b in SDPBackend.__members__.items()}
+    rows = []
+    for batch in DECODE_BATCHES:
+        gen = torch.Generator(device=device).manual_seed(batch)
+        rand = lambda *shape: torch.randn(shape, generator=gen, device=device).to(torch.bfloat16)
+        q = rand(batch, 1, heads, head_dim)
+        keys, values = rand(batch, cached, heads, head_dim), rand(batch, cached, heads, head_dim)
+        lens = torch.randint(1, cached, (batch,), generator=gen, device=device)
+        visible = torch.arange(cached, device=device)[None, None, :] <= lens[:, None, None]
+        choice = torch._fused_sdp_choice(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         visible[:, None])
+        row = dict(batch=batch, torch_picks=names.get(int(choice), str(choice)))
+        for name in ("default", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH"):
+            try:
+                with sdpa_kernel([SDPBackend.__members__[name]]) if name != "default" else contextlib.nullcontext():
+                    call = lambda: attention._sdpa(q, keys, values, visible)
+                    first = call()
+                    row[name] = all(torch.equal(first, call()) for _ in range(repeats))
+            except RuntimeError as error:
+                row[name] = f"unavailable: {str(error).splitlines()[0][:100]}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def time_call(call, graph: bool) -> float:
     """Milliseconds per call: CUDA-graph replays or plain launches."""
     from triton.testing import do_bench, do_bench_cudagraph
@@ -335,6 +370,7 @@ def write(out: Path, rows: list[dict], checks: list[dict], args) -> list[str]:
     card = torch.cuda.get_device_name()
     fla = fla_ops() is not None and importlib.metadata.version("fla-core")
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, fla_core=fla, vllm_convs=args.vllm,
+                sdpa_cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
                 dtype="bfloat16", size="2.7b", models={k: list(v) for k, v in MODELS.items()}, rounds=ROUNDS,
                 config=SIZES["2.7b"], kernels=dict(update_blocks={str(k): v for k, v in triton_conv.UPDATE_BLOCKS.items()},
                                                    pdl=triton_conv.PDL))
@@ -343,7 +379,8 @@ def write(out: Path, rows: list[dict], checks: list[dict], args) -> list[str]:
     lines = [f"Card: {card}; torch {torch.__version__}; triton {triton.__version__}; fla-core {fla}. bf16, 2.7B-class "
              f"widths ({SIZES['2.7b']}); mamba2: {len(MODELS['mamba2'])} layers, hybrid: {len(MODELS['hybrid'])} "
              f"(mamba2, attention, gdn, mamba2 x {len(MODELS['hybrid']) // 4}); recurrences on FLA's Triton kernels, "
-             "attention on scaled_dot_product_attention; decode in CUDA graphs, prefill plain launches; median of "
+             "attention on scaled_dot_product_attention (cuDNN backend off: not deterministic here); decode in CUDA "
+             "graphs, prefill plain launches; median of "
              f"{ROUNDS} interleaved rounds. Speedup of optimize(DS) = row time / optimize(DS) time, same run. "
              "Conv share: the conv kernels' part of the GPU kernel time of one eager step (torch.profiler).", "",
              "| model | work | impl | time (ms) | optimize(DS) speedup | conv share | timing |",
@@ -367,10 +404,20 @@ def main():
     parser.add_argument("--vllm", help="module with vLLM's causal_conv1d_update / causal_conv1d_fn (the first row)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, checks only")
     parser.add_argument("--trace", action="store_true", help="trace where the hybrid's decode differs (SD, DS)")
+    parser.add_argument("--sdpa", action="store_true", help="is the attention call deterministic (each backend)")
     args = parser.parse_args()
-    if args.trace:
+    if not args.smoke and not args.sdpa:
+        # SDPA's cuDNN backend, torch's pick on an H100 for the examples' masked decode attention,
+        # returns other bits for the same inputs from batch 64 up (--sdpa, results/e2e_sdpa.json);
+        # its efficient backend does not. With cuDNN the SD and DS models cannot be compared exactly.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.trace or args.sdpa:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "e2e_trace.json").write_text(json.dumps(trace(args), indent=1, default=str))
+        if args.sdpa:
+            rows = sdpa_determinism("cpu" if args.smoke else "cuda")
+            (args.out / "e2e_sdpa.json").write_text(json.dumps(rows, indent=1))
+        if args.trace:
+            (args.out / "e2e_trace.json").write_text(json.dumps(trace(args), indent=1, default=str))
         return
     if not args.smoke:
         from layoutpass.examples.recurrence import fla_ops
