@@ -21,6 +21,7 @@ driver (layoutpass/rewrite.py) runs the table."""
 import operator
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx
 
@@ -40,7 +41,7 @@ class Update:
     slots: torch.fx.Node | None  # None: batch row b is slot b
     x: torch.fx.Node  # (batch, dim), or (batch, dim, L); (batch, dim, 1) squeezed when squeeze is set
     squeeze: bool
-    tokens: int  # L: one goes to conv_update, more to conv_prefill (a token loop would not scale)
+    tokens: int | sympy.Expr  # L (symbolic under dynamic shapes): one goes to conv_update, more to conv_prefill
     initial: bool  # the rows start from their slots' states (else from zeros: a prompt)
     weight: torch.fx.Node
     bias: torch.fx.Node | None
@@ -70,13 +71,40 @@ class _Conv:
     activation: str | None
 
 
+def _n(size):
+    """A size (an int, a SymInt, or a graph node computing one) as an int, or as its sympy
+    expression when it is symbolic (a dynamic token count)."""
+    if isinstance(size, torch.fx.Node):
+        size = size.meta.get("val")
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_number else expr
+    return size
+
+
+def _same(a, b) -> bool:
+    """Two sizes provably equal for every value of their symbols."""
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
 def _slice_args(node):
-    return (list(node.args[1:4]) + [0, None, None])[:3] if node.target is aten.slice.Tensor else None
+    """(dim, start, end) of a slice, sizes computed in the graph as sympy expressions."""
+    if node.target is not aten.slice.Tensor:
+        return None
+    given = list(node.args[1:4])
+    return [_n(a) for a in given + [0, None, None][len(given):]]  # export drops trailing defaults
+
+
+def _to_end(end, length) -> bool:
+    """A slice end that keeps an axis of `length` to its end."""
+    if end is None or (isinstance(end, int) and end >= END):
+        return True
+    return length is not None and (_same(end, length) or (_static(end, length) and end >= length))
 
 
 def _full(node) -> bool:
     dim, start, end = _slice_args(node)
-    return start in (0, None) and (end is None or end >= END)
+    return start in (0, None) and _to_end(end, None)
 
 
 def _through_full_slices(node, want):
@@ -149,24 +177,34 @@ def _conv1d(window):
 def _tail(node):
     """Follow the convolution's output through token slices, one SiLU and same-dtype casts (in
     any order): (the last node, the activation, [lo, hi) of the output kept)."""
-    lo, hi = 0, node.meta["val"].shape[-1]
+    lo, hi = 0, _n(node.meta["val"].shape[-1])
     activation = None
     while True:
         users = [u for u in node.users if u.target is not ASSERT]
         nxt = users[0] if len(users) == 1 else None
         if nxt is None:
             return node, activation, (lo, hi)
-        if nxt.target is aten.slice.Tensor and _slice_args(nxt)[0] in (2, -1) and node.meta["val"].dim() == 3 \
-                and _static(_slice_args(nxt)[1] or 0, _slice_args(nxt)[2] or 0):
+        if nxt.target is aten.slice.Tensor and _slice_args(nxt)[0] in (2, -1) and node.meta["val"].dim() == 3:
             _, start, end = _slice_args(nxt)
             n = hi - lo
-            start, end = [min(max(v + n if v < 0 else v, 0), n) for v in (start or 0, n if end is None else end)]
+            start, end = (_clamp(v, n) for v in (start or 0, n if end is None else end))
+            if start is None or end is None:  # a bound whose sign no symbol decides
+                return node, activation, None
             lo, hi = lo + start, lo + end
         elif nxt.target is aten.silu.default and activation is None:
             activation = "silu"
         elif not (nxt.target is aten.to.dtype and nxt.args[1] == node.meta["val"].dtype):
             return node, activation, (lo, hi)
         node = nxt
+
+
+def _clamp(v, n):
+    """Python's slice bound v on an axis of n (either may be symbolic), or None if undecided."""
+    negative = sympy.sympify(v).is_negative
+    if negative is None:
+        return None
+    v = v + n if negative else v
+    return min(max(v, 0), n) if _static(v, n) else sympy.Min(sympy.Max(v, 0), n)
 
 
 def _convolution(window, tokens, order, last_write):
@@ -184,8 +222,8 @@ def _convolution(window, tokens, order, last_write):
     if op.target is aten.conv1d.default:
         # output j sees window columns j - P .. j - P + width - 1: keep those ending at the new tokens
         padding = op.args[4][0] if len(op.args) > 4 else 0
-        first = window[0].meta["val"].shape[2] - tokens + padding - weight.meta["val"].shape[-1] + 1
-        if kept != (first, first + tokens):
+        first = _n(window[0].meta["val"].shape[2]) - tokens + padding - weight.meta["val"].shape[-1] + 1
+        if kept is None or not (_same(kept[0], first) and _same(kept[1], first + tokens)):
             return "the conv1d's outputs kept are not those of the new tokens"
     if any(order[u] < order[last_write] for u in result.users):
         return "the output is used before the new state is written"
@@ -206,9 +244,8 @@ def _token_tails(value, length):
     """(slice, its start) for each slice of value from a static start to the end of the token
     axis (of size length), looking through slices that keep whole axes."""
     tails = _through_full_slices(value, lambda u: _slice_args(u) is not None and _slice_args(u)[0] in (2, -1)
-                                 and _static(_slice_args(u)[1] or 0)
-                                 and (_slice_args(u)[2] is None or _slice_args(u)[2] >= length))
-    return [(t, (_slice_args(t)[1] or 0) % length) for t in tails]
+                                 and _static(_slice_args(u)[1] or 0) and _to_end(_slice_args(u)[2], length))
+    return [(t, start + length if (start := _slice_args(t)[1] or 0) < 0 else start) for t in tails]
 
 
 def match_cat(window, pools, order):
@@ -288,14 +325,14 @@ def match_prompt(conv, pools, order):
     while window.target is aten.to.dtype and window.args[1] == window.args[0].meta["val"].dtype:
         window = window.args[0]
     x = _left_pad_of(window) or window
-    if x.target is aten.cat.default or x.meta["val"].dim() != 3 or not _static(x.meta["val"].shape[2]):
+    if x.target is aten.cat.default or x.meta["val"].dim() != 3:
         return None  # a window with history is match_cat's
-    tokens = x.meta["val"].shape[2]
+    tokens = _n(x.meta["val"].shape[2])
     padded = [u for u in x.users if _left_pad_of(u) is x]
     writes = [(user, found) for value in {v for w in [x, *padded] for v in _values(w)}
-              if _static(length := value.meta["val"].shape[2])
+              for length in [_n(value.meta["val"].shape[2])]
               for tail, start in _token_tails(value, length) for user in tail.users
-              if (found := _pool_write(user, tail, pools)) and start == length - found[0].meta["val"].shape[2]]
+              if (found := _pool_write(user, tail, pools)) and _same(start, length - found[0].meta["val"].shape[2])]
     if len(writes) != 1:
         return None  # no pool keeps these tokens: a stateless conv, not ours
     write, (pool, slots) = writes[0]
@@ -325,15 +362,17 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
                           (x, m.pool, weight, m.bias, m.activation, m.slots, None, None, -1, -1, out))
         else:
             device = m.x.meta["val"].device
-            batch = call(aten.sym_size.int, (m.x, 0))  # the batch may be dynamic: a size of the graph, not a constant
-            total = call(operator.mul, (batch, m.tokens))
+            # batch and token count may be dynamic: sizes of the graph, not constants
+            batch = call(aten.sym_size.int, (m.x, 0))
+            length = m.tokens if isinstance(m.tokens, int) else call(aten.sym_size.int, (m.x, 2))
+            total = call(operator.mul, (batch, length))
             tokens = call(aten.reshape.default, (call(aten.permute.default, (m.x, [1, 0, 2])), [dim, total]))
-            starts = call(aten.arange.start_step, (0, call(operator.add, (total, 1)), m.tokens),
+            starts = call(aten.arange.start_step, (0, call(operator.add, (total, 1)), length),
                           {"dtype": torch.int32, "device": device})
             initial = call(aten.ones.default, ([batch],), {"dtype": torch.bool, "device": device}) if m.initial else None
             kernel = call(torch.ops.layoutpass.conv_prefill.default,
                           (tokens, weight, m.bias, m.pool, starts, m.slots, initial, m.activation, -1))
-            out = call(aten.permute.default, (call(aten.reshape.default, (kernel, [dim, batch, m.tokens])), [1, 0, 2]))
+            out = call(aten.permute.default, (call(aten.reshape.default, (kernel, [dim, batch, length])), [1, 0, 2]))
     kernel.meta["stack_trace"] = m.mutations[-1].meta.get("stack_trace")
     m.result.replace_all_uses_with(out)
     m.mutations[-1].replace_all_uses_with(m.pool)  # what read the written pool after the kernel reads the pool

@@ -78,13 +78,17 @@ def test_optimized_models_generate_what_transformers_generates(name, layout, low
 
 def test_one_prompt_graph_serves_every_length_that_takes_its_branches():
     """Lfm2's prompt path branches on the length only below its conv width: one graph serves
-    every longer prompt (export's guards decide, checked against transformers each time)."""
+    every longer prompt (export's guards decide, checked against transformers each time), its
+    conv lowered with the length symbolic."""
     model = tiny_model("Lfm2")
-    fast = optimize(CacheAsBuffers(model, 2, 64), "DS")
+    fast = optimize(CacheAsBuffers(model, 2, 64), "DS", lower=True)
     for length in (9, 5, 17, 12):
         ids = prompt(length=length, seed=length)
         assert torch.equal(generate(fast, ids, 3), reference(model, ids, 3)[0])
     assert len(fast.graphs) == 2  # the prompts, the decode step
+    prompts = [u for u in fast.report.uses if u.entry.startswith("entry0")]
+    assert prompts and all(u.detail == "pure-torch conv1d update -> conv_prefill" for u in prompts
+                           if u.action == "lowered") and any(u.action == "lowered" for u in prompts)
 
 
 @pytest.mark.parametrize("name", ["Mamba2", "Zamba2", "Qwen3_5"])
