@@ -200,7 +200,7 @@ def _unsqueezed(shape, out_shape):
 def _size_args(node) -> tuple:
     """The node's arguments with sizes computed in the graph (dynamic shapes: a slice ending at
     `tokens - 1`) as their sympy expressions."""
-    return torch.fx.node.map_arg(node.args, lambda a: _sympify(a.meta.get("val", a)))
+    return node.args[:1] + torch.fx.node.map_arg(node.args[1:], lambda a: _sympify(a.meta.get("val", a)))
 
 
 def _view_coords(node, shape, out_shape):
