@@ -108,10 +108,11 @@ class Entry:
                 continue
             if not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1]:
                 return False
-            captured = expected[2]
-            if k in self.arguments:  # a pool argument in its new layout (run() checks its tok and dim sizes)
-                captured = [captured[d] for d in self.arguments[k][3]]
-            for n, size in zip(value.shape, captured):
+            pairs = zip(value.shape, expected[2])
+            if k in self.arguments:  # a pool argument, in its new layout: its slot count is checked here; its
+                _, _, fixed, order = self.arguments[k]  # tok and dim sizes in run(), so they count as given
+                pairs = [(dict(fixed).get(i, n), expected[2][order[i]]) for i, n in enumerate(value.shape)]
+            for n, size in pairs:
                 if isinstance(size, int):
                     if n != size:
                         return False

@@ -170,8 +170,10 @@ def test_pool_passed_as_argument_is_optimized_and_declared(layout):
         torch.testing.assert_close(fast(**step, pool=theirs), model(**step, pool=pool), rtol=0, atol=0)
         assert torch.equal(target.view(theirs, SD), pool)
     if layout == "DS":
+        captured = len(fast.graphs)
         with pytest.raises(ArgumentError, match="^pool: a pool argument: expected a contiguous DS tensor"):
             fast(**pm.inputs(), pool=pool)
+        assert len(fast.graphs) == captured  # told at once, not captured anew for the wrong tensor
     shared = torch.randn(pm.SLOTS, pm.TOK, pm.DIM)  # one engine-owned pool across the steps
     result = check_equivalence(model, fast, [Step("decode", dict(pm.inputs(), pool=shared)) for _ in range(3)])
     assert result.ok, str(result)
