@@ -44,7 +44,7 @@ def stalls(row: dict, top: int = 3) -> str:
 
 def summary(text: str) -> list[str]:
     rows = list(csv.reader(io.StringIO("\n".join(line for line in text.splitlines() if line.startswith('"')))))
-    header, data = rows[0], [dict(zip(rows[0], r)) for r in rows[2:]]  # rows[1]: units
+    data = [dict(zip(rows[0], r)) for r in rows[2:]]  # rows[1]: units
     lines = ["| kernel | grid x block | " + " | ".join(h for h, _ in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 2) + "|"]
     for row in data:

@@ -2,7 +2,11 @@
 not the tensors), capturing a prefill and a decode entry eagerly; and stacks of N identical
 Mamba2 layers, the cost at 64 layers against 4 (one run, a ratio).
 
-    python benchmarks/optimize_time.py [--layers 64] [--repeat 3]"""
+The runs of the models compared are interleaved, and a fixed pure-Python loop is timed beside
+them: a shared 2-core VM's speed drifts by up to 1.6x within minutes, and the loop shows where
+in that range a run was taken.
+
+    python benchmarks/optimize_time.py [--layers 64] [--repeat 5]"""
 
 import argparse
 import platform
@@ -16,42 +20,75 @@ from layoutpass.examples.lm import LM, ModelConfig
 from layoutpass.examples.scenario import make_scenario
 
 
-def timed(layers: tuple[str, ...], repeat: int) -> tuple[float, dict, object]:
-    """Median seconds of optimize() over `repeat` runs (after one warm-up), the stage sums of
-    the last run, and that run's optimized model."""
-    cfg = ModelConfig(layers=layers)
-    torch.manual_seed(0)
-    model = LM(cfg).eval()
-    steps = make_scenario(cfg)
-    calls = [next(s.inputs for s in steps if s.kind == kind) for kind in ("prefill", "decode")]
-    optimize(model, "DS", example_inputs=calls)  # warm-up: torch's first export loads a lot
-    times = []
-    for _ in range(repeat):
+class Case:
+    """One model and its prefill and decode calls, warmed up (torch's first export loads a lot)."""
+
+    def __init__(self, layers: tuple[str, ...]):
+        cfg = ModelConfig(layers=layers)
+        torch.manual_seed(0)
+        self.model = LM(cfg).eval()
+        steps = make_scenario(cfg)
+        self.calls = [next(s.inputs for s in steps if s.kind == kind) for kind in ("prefill", "decode")]
+        self.times: list[float] = []
+        self.fast = optimize(self.model, "DS", example_inputs=self.calls)
+
+    def run(self) -> None:
         start = time.perf_counter()
-        fast = optimize(model, "DS", example_inputs=calls)
-        times.append(time.perf_counter() - start)
-    stages = {}
-    for graphs in fast.graphs.values():
-        for stage, seconds in graphs.seconds.items():
-            stages[stage] = stages.get(stage, 0.0) + seconds
-    return statistics.median(times), stages, fast
+        self.fast = optimize(self.model, "DS", example_inputs=self.calls)
+        self.times.append(time.perf_counter() - start)
+
+    def stages(self) -> dict[str, float]:
+        """Seconds per stage of the last run, summed over its captured entries."""
+        sums = {}
+        for graphs in self.fast.graphs.values():
+            for stage, seconds in graphs.seconds.items():
+                sums[stage] = sums.get(stage, 0.0) + seconds
+        return sums
+
+
+def python_loop() -> float:
+    """Seconds of a fixed pure-Python loop: the machine's speed at the moment."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(10**6):
+        total += i
+    return time.perf_counter() - start
+
+
+def interleaved(cases: list[Case], repeat: int) -> list[float]:
+    loops = []
+    for _ in range(repeat):
+        loops.append(python_loop())
+        for case in cases:
+            case.run()
+    return loops
+
+
+def spread(times: list[float], scale: float = 1.0, unit: str = "s") -> str:
+    median, least, most = (scale * x for x in (statistics.median(times), min(times), max(times)))
+    return f"median {median:.2f} {unit} (min {least:.2f}, max {most:.2f})"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     pattern = ("mamba2", "attention", "gdn", "mamba2")
-    hybrid = tuple(pattern[i % 4] for i in range(args.layers))
-    seconds, stages, fast = timed(hybrid, args.repeat)
+    hybrid = Case(tuple(pattern[i % 4] for i in range(args.layers)))
+    loops = interleaved([hybrid], args.repeat)
     where = f"CPU: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"optimize() on a {args.layers}-layer hybrid ({len(fast.report.pools)} pools, prefill + decode, "
-          f"{len(fast.graphs)} captured entries): median {seconds:.2f} s of {args.repeat}; stages summed over "
-          f"entries: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()) + f" ({where})")
-    small, _, _ = timed(("mamba2",) * 4, args.repeat)
-    large, _, _ = timed(("mamba2",) * 64, args.repeat)
-    print(f"identical Mamba2 layers: 4 layers {small:.2f} s, 64 layers {large:.2f} s: ratio {large / small:.2f} ({where})")
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in hybrid.stages().items())
+    print(f"optimize() on a {args.layers}-layer hybrid ({len(hybrid.fast.report.pools)} pools, prefill + decode, "
+          f"{len(hybrid.fast.graphs)} captured entries): {spread(hybrid.times)} of {args.repeat}; last run's "
+          f"stages summed over entries: {stages}; the rest is the ownership probe and the copy ({where})")
+    small, large = Case(("mamba2",) * 4), Case(("mamba2",) * 64)
+    loops += interleaved([small, large], args.repeat)
+    ratios = [b / a for a, b in zip(small.times, large.times)]
+    print(f"identical Mamba2 layers, runs interleaved: 4 layers {spread(small.times)}, 64 layers "
+          f"{spread(large.times)}: ratio of medians {statistics.median(large.times) / statistics.median(small.times):.2f}"
+          f" (per pair {min(ratios):.2f}-{max(ratios):.2f}) ({where})")
+    print(f"machine speed: a fixed 10^6-step Python loop took {spread(loops, 1e3, 'ms')} over the runs")
 
 
 if __name__ == "__main__":

@@ -86,13 +86,18 @@ def signature(flat: list) -> tuple:
 
 
 class Watch(TorchFunctionMode):
-    """Records every torch call that touches a layer's pool while another unit (or none) runs."""
+    """Records every torch call that touches a layer's pool while another unit (or none) runs.
+    A call on meta tensors that made a fresh tensor before (same function, input metadata and
+    plain arguments) gets a new one of the same metadata without running again: meta kernels
+    cost ~150 us per elementwise op, and a 64-layer model repeats the same few thousands of times.
+    Views, in-place results and other aliases always run: the watch follows a pool through them."""
 
     def __init__(self, pools: dict[int, tuple[str, str]]):
         super().__init__()
         self.pools = pools  # id(fake tensor) -> (layer path, buffer name)
         self.stack: list[str] = []  # the layer calls running, innermost last
         self.outside: dict[str, str] = {}  # pool -> where it was touched from outside its layer
+        self.fresh: dict[tuple, tuple] = {}  # a call's key (_meta_call) -> its fresh output's (shape, stride, dtype)
 
     def owner(self, value: torch.Tensor) -> tuple[str, str] | None:
         return self.pools.get(id(value)) or self.pools.get(id(value._base))
@@ -103,7 +108,47 @@ class Watch(TorchFunctionMode):
             owner = self.owner(value)
             if owner is not None and (not self.stack or self.stack[-1] != owner[0]):
                 self.outside.setdefault(f"{Unit.prefix(owner[0])}{owner[1]}", _caller())
-        return func(*args, **kwargs)
+        key, inputs = _meta_call(func, args, kwargs)
+        if key in self.fresh:
+            shape, stride, dtype = self.fresh[key]
+            return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        out = func(*args, **kwargs)
+        if key is not None and type(out) is torch.Tensor and out.device.type == "meta" and \
+                not any(torch._C._is_alias_of(out, t) for t in inputs):
+            self.fresh[key] = (out.shape, out.stride(), out.dtype)
+        return out
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _meta_call(func, args, kwargs) -> tuple:
+    """(key, its tensors) for a call on meta tensors and plain values, whose output's metadata
+    depends on nothing else (the key holds values with their types: 2 and 2.0 promote
+    differently); (None, ()) for any other call."""
+    inputs = []
+    try:
+        key = (func, _keyed(args, inputs), _keyed(tuple(kwargs.items()), inputs))
+    except _NotPlain:
+        return None, ()
+    return (key, inputs) if inputs else (None, ())
+
+
+def _keyed(value, inputs: list):
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "meta" or type(value) not in (torch.Tensor, nn.Parameter):
+            raise _NotPlain
+        inputs.append(value)
+        return tuple(value.shape), value.stride(), value.dtype, value.storage_offset(), value.requires_grad
+    if type(value) in (tuple, list, torch.Size):
+        return type(value), tuple(_keyed(v, inputs) for v in value)
+    if type(value) in _PLAIN:
+        return type(value), value
+    raise _NotPlain
 
 
 def _tensors(*groups):

@@ -11,6 +11,7 @@ from torch import nn
 from layoutpass import LayoutPassError, check_equivalence, optimize
 from layoutpass.examples import build
 from layoutpass.examples.lm import LM, ModelConfig
+from layoutpass.units import Watch
 
 
 def test_identical_layers_share_one_capture_per_call_structure():
@@ -135,3 +136,23 @@ def test_a_pool_returned_by_the_model_is_not_its_layers_alone():
     for got, expected in zip(fast(x, slots), reference(x, slots)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert any("layer.pool is used outside its layer at the model's outputs" in n for n in fast.report.notes)
+
+
+def test_the_probe_reruns_no_call_but_one_that_made_a_fresh_tensor():
+    """The probe's memo: a repeated call on meta tensors that made a fresh tensor gets a new
+    one of the same metadata; an alias (a view, an in-place result) always runs; a pool is seen
+    whether or not the call was seen before; 2 and 2.0 are different calls."""
+    other, pool = torch.empty(4, 6, device="meta"), torch.empty(4, 6, device="meta")
+    counts = torch.empty(4, 6, dtype=torch.int64, device="meta")
+    watch = Watch({id(pool): ("layers.1", "conv_state")})
+    with watch:
+        first, second = other * 2, other * 2
+        view = other.view(24)
+        touched = pool * 2
+        added = other.add_(1)
+        ints, floats = counts * 2, counts * 2.0
+    assert second is not first and (second.shape, second.stride(), second.dtype) == (first.shape, first.stride(), first.dtype)
+    assert view._base is other and added is other and not touched._is_view()
+    assert (ints.dtype, floats.dtype) == (torch.int64, torch.float32)
+    assert list(watch.outside) == ["layers.1.conv_state"] and "test_units.py" in watch.outside["layers.1.conv_state"]
+    assert len(watch.fresh) == 3  # other * 2 (pool * 2 is the same call), counts * 2, counts * 2.0
