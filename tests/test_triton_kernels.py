@@ -4,7 +4,8 @@ and on CUDA (marked gpu) at real sizes through the public ops."""
 import pytest
 import torch
 
-from cases import prefill_case, update_case
+import oracle
+from cases import TOLERANCE, assert_close, make_pool, prefill_case, update_case
 from layoutpass.kernels import conv_prefill, conv_update, triton_conv
 
 LAYOUTS = ["SD", "DS"]
@@ -73,6 +74,17 @@ def test_prefill_interpreted(width, tokens_major, layout, blocks):
                  lens=[1, 0, width - 1, 40, 3]).check(triton_prefill)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("form", ["single", "varlen"])
+def test_wide_index_math_interpreted(form, layout, monkeypatch):
+    """The 64-bit index path (taken for tensors past 2^31 elements, see the GPU test below) on
+    small shapes: it must compute exactly what the 32-bit path does."""
+    monkeypatch.setattr(triton_conv, "_wide", lambda *tensors: True)
+    update_case(7 + len(form), layout=layout, width=4, form=form, spec=form == "varlen", dim=37).check(triton_update)
+    prefill_case(5, layout=layout, width=4, dim=37, tokens_major=form == "varlen",
+                 lens=[1, 0, 3, 40, 3]).check(triton_prefill)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -109,3 +121,33 @@ def test_both_layouts_give_the_same_bits(device, batch, dtype):
         triton_conv.update(x, pool, weight, bias, "silu", idx, None, None, -1, 0, out)
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(sd.transpose(1, 2), ds)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tokens_major", [False, True])
+def test_prefill_past_2_31_elements(tokens_major, layout):
+    """x with more than 2^31 elements (262,272 tokens x 8192 channels: a long prefill at a large
+    model's width), so element offsets pass int32 in both x layouts. Judged by the oracle on
+    the last tokens of the long sequence (their outputs and its final state) and on a short
+    sequence after it, which starts from its slot's initial state."""
+    dim, width, tail = 8192, 4, 64
+    lens = [2**31 // dim + 2 * tail, tail]
+    torch.manual_seed(0)
+    x = torch.randn(sum(lens), dim, device="cuda", dtype=torch.bfloat16)
+    x = x.t() if tokens_major else x.t().contiguous()
+    weight, bias = torch.randn(dim, width, device="cuda").bfloat16(), torch.randn(dim, device="cuda").bfloat16()
+    _, pool = make_pool(3, dim, width - 1, layout, torch.bfloat16, "cuda")
+    initial = pool.double().cpu()
+    qsl = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
+    out = conv_prefill(x, weight, bias, pool, qsl, torch.tensor([2, 1], dtype=torch.int32, device="cuda"),
+                       torch.tensor([False, True], device="cuda"), "silu")
+    end, tol, w, b = lens[0], TOLERANCE[torch.bfloat16], weight.cpu(), bias.cpu()
+    window = x[:, end - tail - (width - 1):end].double().cpu()  # the last outputs of sequence 0 need width - 1 before
+    expected = initial.clone()
+    (long_tail,) = oracle.prefill([window], expected[2:3], w, b, "silu", [0], [False], indexed=False)
+    assert_close(out[:, end - tail:end], long_tail[:, width - 1:], tol, "output past 2^31 elements")
+    assert_close(pool[2], expected[2], tol, "final state of the long sequence")
+    (short,) = oracle.prefill([x[:, end:].double().cpu()], expected, w, b, "silu", [1], [True])
+    assert_close(out[:, end:], short, tol, "output of the sequence after it")
+    assert_close(pool[1], expected[1], tol, "final state of the sequence after it")
