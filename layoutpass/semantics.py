@@ -212,6 +212,8 @@ def _view_coords(node, shape, out_shape):
         return _select(shape, args[1], args[2])
     if t is aten.slice.Tensor:
         return _slice(shape, *args[1:])
+    if t is aten.narrow.default:  # (dim, start, length): a slice (a negative start counts from the end)
+        return _slice(shape, args[1], args[2])
     if t is aten.unsqueeze.default:
         return _unsqueeze(shape, args[1])
     if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
@@ -452,9 +454,9 @@ class Semantics:
             return self._in_place(node, x)
         if _writes_another(node):  # an out= argument and the like: the opaque path places those writes
             return self._opaque(node)
-        if node.target is aten.index_put.default and x is not None:  # index_put_ on a copy
+        if node.target in (aten.index_put.default, aten.index_copy.default) and x is not None:  # on a copy
             copy = self._fresh(node, x.content(), x.shape)
-            self._index_put(node, copy)
+            self._index_put(node, copy) if node.target is aten.index_put.default else self._index_copy(node, copy)
             return copy
         if node.target in SPLITS and x is not None:
             return tuple(Val(x.root, _substitute(x.coords, dict(zip(x_symbols(x), c))), tuple(size(s) for s in v.shape))
@@ -471,7 +473,7 @@ class Semantics:
         compute = COMPUTE.get(node.target)
         if compute is not None:
             return self._fresh(node, compute(self, node))
-        if torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        if _is_pointwise(node.target):
             return self._fresh(node, self._pointwise(node))
         return self._opaque(node)
 
@@ -520,7 +522,9 @@ class Semantics:
             self._write(node, x, self.broadcast(node.args[1], shape))
         elif node.target is aten.zero_.default:
             self._write(node, x, sympy.Integer(0))
-        elif torch.Tag.pointwise in node.target.tags:
+        elif node.target is aten.index_copy_.default:
+            self._index_copy(node, x)
+        elif _is_pointwise(node.target):
             args = [x.content()] + [self.broadcast(a, shape) for a in node.args[1:]]
             self._write(node, x, sympy.Function(_name(node).replace("_.", "."))(*args))
         else:
@@ -535,6 +539,12 @@ class Semantics:
         if accumulate:
             value = sympy.Function("add.Tensor")(view.content(), value)
         self._write(node, view, value)
+
+    def _index_copy(self, node, x: Val) -> None:
+        """x.index_copy_(dim, index, source): x[..., index[j], ...] = source[..., j, ...] along dim."""
+        d = _norm(node.args[1], len(x.shape))
+        view, out_shape = self._indexed(x, [None] * d + [node.args[2]], node)
+        self._write(node, view, self.broadcast(node.args[3], out_shape))
 
     def _indexed(self, x: Val, indices, node) -> tuple[Val, tuple]:
         """x[indices] as a view-like map (advanced indexing on consecutive dims)."""
@@ -613,6 +623,22 @@ def _name(node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _is_pointwise(target) -> bool:
+    """Elementwise with broadcasting: tagged so, or the in-place form of an op that is (torch
+    tags only some of those: masked_fill_ is not), or masked_fill by a 0-dim tensor."""
+    tags = getattr(target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:  # random draws follow memory order, not logical indices
+        return False
+    if target is aten.masked_fill.Tensor or torch.Tag.pointwise in tags:
+        return True
+    schema = getattr(target, "_schema", None)
+    name = schema.name.split("::")[-1] if schema is not None else ""
+    if not name.endswith("_"):
+        return False
+    functional = getattr(getattr(aten, name[:-1], None), target._overloadname, None)
+    return functional is not None and _is_pointwise(functional)
+
+
 def _writes_self(node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.arguments:
@@ -647,6 +673,13 @@ def _cast(node, content: sympy.Expr) -> sympy.Expr:
 
 # ---------------------------------------------------------------------------------------------
 # computing ops
+
+
+def _flip(s: Semantics, node) -> sympy.Expr:
+    value = s.values[node.args[0]]
+    i = index_symbols(len(value.shape))
+    dims = {_norm(d, len(value.shape)) for d in node.args[1]}
+    return value.content().xreplace({i[d]: value.shape[d] - 1 - i[d] for d in dims})
 
 
 def _cat(s: Semantics, node) -> sympy.Expr:
@@ -729,6 +762,7 @@ def _pad(s: Semantics, node) -> sympy.Expr:
 COMPUTE = {
     aten.cat.default: _cat,
     aten.roll.default: _roll,
+    aten.flip.default: _flip,
     **{op: _reduce for op in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
                               aten.sum.default)},
     aten.index.Tensor: _index,
