@@ -27,7 +27,7 @@ from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 
 from .capture import CaptureFailed, Entry, capture, fresh_copy
 from .discover import STATE_ARGUMENT, PoolNotFound, candidates, discover
-from .errors import ArgumentError
+from .errors import ArgumentError, LayoutPassError
 from .layout import DS, Layout, parse_layout
 from .report import Action, Kind, Pool, Report, Use, use
 from .rewrite import relayout_graph
@@ -453,15 +453,29 @@ def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs:
     fast.__dict__["_lp"] = state
     for path in layers or ():
         fast.get_submodule(path).forward = _LayerCall(fast, path)
-    for args, kwargs in calls:
-        if state.layers is not None:
-            fast._probe(args, kwargs, "example_inputs")
-        if state.layers is None:
-            if not any(e.accepts(*e.flatten(args, kwargs)) for e in state.root.entries):
-                fast._rewrite_call(state.root, ROOT, args, kwargs)
-    if calls:
-        _check_found(fast.report, named, allow_missing)
+    try:
+        for args, kwargs in calls:
+            if state.layers is not None:
+                fast._probe(args, kwargs, "example_inputs")
+            if state.layers is None:
+                if not any(e.accepts(*e.flatten(args, kwargs)) for e in state.root.entries):
+                    fast._rewrite_call(state.root, ROOT, args, kwargs)
+        if calls:
+            _check_found(fast.report, named, allow_missing)
+    except LayoutPassError:
+        if inplace:  # pools of layers proven before the refusal moved in the model's own memory
+            _move_back(fast, state)
+        raise
     return fast
+
+
+def _move_back(fast: OptimizedModule, state: "_State") -> None:
+    """Every moved pool back to its layout, in place: the model's own memory is as it was (a
+    pool that was copied instead goes with the discarded copy)."""
+    for name in state.stored:
+        pool = state.pools[name]
+        owner, leaf = _owner(fast, name)
+        relayout_(owner.get_buffer(leaf), pool.target, pool.source)
 
 
 def _copy(model: nn.Module, inplace: bool) -> OptimizedModule:

@@ -147,7 +147,7 @@ class Program:
             init += [f"        {line}" for p in self.pools for line in p.init()]
         call = {"mode": "x, slots, mode", "keys": "x, slots, gate=gate, flag=flag", "kwargs": "x, slots, **kwargs",
                 "rank": "x, slots"}[self.dispatch]
-        layers = [f"        for layer in self.layers:", f"            outs.extend(layer({call}))"] if self.layers else []
+        layers = ["        for layer in self.layers:", f"            outs.extend(layer({call}))"] if self.layers else []
         layers *= 2 if self.layer_calls == "twice" else 1
         return "\n".join([
             "import torch", "import torch.nn.functional as F", "from torch import nn",

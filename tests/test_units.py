@@ -156,3 +156,31 @@ def test_the_probe_reruns_no_call_but_one_that_made_a_fresh_tensor():
     assert (ints.dtype, floats.dtype) == (torch.int64, torch.float32)
     assert list(watch.outside) == ["layers.1.conv_state"] and "test_units.py" in watch.outside["layers.1.conv_state"]
     assert len(watch.fresh) == 3  # other * 2 (pool * 2 is the same call), counts * 2, counts * 2.0
+
+
+class WritesItsPoolFlat(PoolLayer):
+    """A pool layer that also writes its pool through a memory-order view: refused."""
+
+    def forward(self, x, slots):
+        y = super().forward(x, slots)
+        self.pool.view(self.pool.shape[0], -1)[slots, :1] = 0.0
+        return y
+
+
+class TwoKinds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = PoolLayer(), WritesItsPoolFlat()
+
+    def forward(self, x, slots):
+        return self.second(self.first(x, slots), slots)
+
+
+def test_inplace_refused_after_an_earlier_layer_moved_restores_that_layers_pool():
+    """The first layer kind is captured, proven and relayouted in the model's own memory before
+    the second kind is refused: the refusal hands back the model as it was."""
+    model = TwoKinds()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    with pytest.raises(LayoutPassError, match="second|memory order"):
+        optimize(model, "DS", inplace=True, example_inputs=[(torch.randn(2, 2), torch.tensor([3, 1]))])
+    assert all(torch.equal(b, model.get_buffer(name)) for name, b in before.items())
