@@ -27,7 +27,7 @@ from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
 
 from .capture import CaptureFailed, Entry, capture, fresh_copy
 from .discover import STATE_ARGUMENT, PoolNotFound, candidates, discover
-from .errors import ArgumentError, LayoutPassError
+from .errors import ArgumentError
 from .layout import DS, Layout, parse_layout
 from .report import Action, Kind, Pool, Report, Use, use
 from .rewrite import relayout_graph
@@ -462,8 +462,8 @@ def optimize(model: nn.Module, layout: "str | Layout" = "DS", *, example_inputs:
                     fast._rewrite_call(state.root, ROOT, args, kwargs)
         if calls:
             _check_found(fast.report, named, allow_missing)
-    except LayoutPassError:
-        if inplace:  # pools of layers proven before the refusal moved in the model's own memory
+    except BaseException:  # a refusal, or anything else, after earlier layers' pools moved in the model's memory
+        if inplace:
             _move_back(fast, state)
         raise
     return fast

@@ -456,7 +456,10 @@ class Semantics:
             return self._opaque(node)
         if node.target in (aten.index_put.default, aten.index_copy.default) and x is not None:  # on a copy
             copy = self._fresh(node, x.content(), x.shape)
-            self._index_put(node, copy) if node.target is aten.index_put.default else self._index_copy(node, copy)
+            if node.target is aten.index_put.default:
+                self._index_put(node, copy)
+            else:
+                self._index_copy(node, copy)
             return copy
         if node.target in SPLITS and x is not None:
             return tuple(Val(x.root, _substitute(x.coords, dict(zip(x_symbols(x), c))), tuple(size(s) for s in v.shape))
