@@ -109,16 +109,21 @@ def _index_copied(pool, slots):
     return pool[slots, -1]
 
 
+def _index_copied_to_a_copy(pool, slots):
+    return pool.index_copy(0, slots[:1].long(), pool[slots[1:2]] * 0.5)[slots, -1]
+
+
 def _masked(pool, slots):
     pool.masked_fill_((torch.arange(pool.shape[0]) == slots[0])[:, None, None], 0.0)  # reset one slot
     return pool[slots, 0]
 
 
-@pytest.mark.parametrize("extra", [_narrowed, _flipped, _index_copied, _masked], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("extra", [_narrowed, _flipped, _index_copied, _index_copied_to_a_copy, _masked],
+                         ids=lambda f: f.__name__[1:])
 def test_views_and_writes_the_check_models_are_proven(extra):
-    """narrow, flip, index_copy_ and masked_fill_ on the pool: the check follows each (narrow,
-    index_copy_ and masked_fill_ were refused as unmodeled, flip was an opaque op), and the
-    rewrite equals the original over several steps."""
+    """narrow, flip, index_copy(_) and masked_fill_ on the pool: the check follows each (narrow,
+    index_copy_ and masked_fill_ were refused as unmodeled; flip and index_copy were opaque ops
+    whose inputs had to match), and the rewrite equals the original over several steps."""
     model = pm.OneConv(extra=extra)
     fast = optimize(model, "DS", example_inputs=[pm.inputs()])
     assert fast.report.pools["pool"].moves
