@@ -292,12 +292,13 @@ def main() -> None:
     if args.gpu:
         return gpu_main(args.out)
     torch.set_num_threads(1)  # CI's CPU has 2 cores, shared
+    commit = _commit()  # now: the code imported is the code of this moment, not of the run's end
     rows = {}
     for name in args.classes or CLASSES:
         start = time.perf_counter()
         rows[name] = run(name, args.buckets, args.limit)
         print(f"{name}: {time.perf_counter() - start:.0f} s {json.dumps(rows[name])}", flush=True)
-    meta = dict(layoutpass=_commit(), torch=torch.__version__, transformers=transformers.__version__,
+    meta = dict(layoutpass=commit, torch=torch.__version__, transformers=transformers.__version__,
                 python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                 prompt=PROMPT, new_tokens=NEW, batch=BATCH, lengths=LENGTHS)
