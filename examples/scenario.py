@@ -87,10 +87,16 @@ def make_scenario(cfg: ModelConfig, *, prefills: int = 3, decode_steps: int = 16
 
 
 def fill_state(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random data in every buffer (pools, caches), so a step that reads or writes the wrong
-    place changes the result; never start a comparison from zeros."""
-    gens = {}
-    for buf in model.buffers():  # drawn where the buffer lives: GBs of GPU state fill in moments
+    """Random data in all the model's state (buffers, tensor attributes, tensors in lists and
+    dicts), so a step that reads or writes the wrong place changes the result; never start a
+    comparison from zeros."""
+    from layoutpass.state import state_tensors
+
+    gens, seen = {}, set()
+    for _, buf in state_tensors(model):  # drawn where the state lives: GBs of GPU state fill in moments
+        if id(buf) in seen:
+            continue
+        seen.add(id(buf))
         gen = gens.setdefault(buf.device, torch.Generator(device=buf.device).manual_seed(seed))
         buf.copy_(torch.randn(buf.shape, generator=gen, dtype=torch.float32, device=buf.device).to(buf))
 

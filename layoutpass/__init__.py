@@ -3,7 +3,7 @@
 from .equivalence import EquivalenceResult, check_equivalence
 from .errors import ArgumentError, LayoutPassError
 from .layout import DS, SD, Layout, Runs
-from .pipeline import OptimizedModule, optimize
+from .runtime import OptimizedModule, optimize
 from .verify import UnprovenRewrite
 
 __all__ = ["ArgumentError", "DS", "EquivalenceResult", "Layout", "LayoutPassError", "OptimizedModule", "Runs", "SD",

@@ -1,244 +1,147 @@
-"""Capture: one aten-level FX graph per call structure (torch.export, non-strict, every dim
-dynamic unless export specializes it), run later with the optimized module's own tensors."""
+"""Capture: torch Dynamo traces a unit's forward (its guards and side-effect replay keep the
+Python around the graph right), and its graph is traced once more to aten ops (make_fx,
+pre-dispatch: the IR torch.export produces, in-place ops kept) with every input named after
+where it comes from and every node after the model's source line."""
 
-import copy
-import inspect
-import math
-import sys
-import time
-from dataclasses import dataclass, field
+import dis
+import re
+import types
+from dataclasses import dataclass
 
 import torch
-from torch.export import Dim, ExportedProgram, ShapesCollection
-from torch.export.exported_program import _get_shape_env
-from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
-from torch.utils import _pytree as pytree
-from torch.utils._sympy.printers import PythonPrinter
+import torch.fx
+import torch.fx.traceback as fx_traceback
+from torch._guards import TracingContext, detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from .errors import ArgumentError, LayoutPassError
-from .layout import Layout
+# Dynamo settings the pass needs, raised once for the process (never lowered): a layer kind
+# may meet more call structures than the default 8 before it falls back to eager, and a
+# counter kept as an int attribute of a module (`self.seen += n`) is an input, not a constant
+# that recompiles on every call.
+DYNAMO_SETTINGS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "allow_unspec_int_on_nn_module": True}
 
-
-class CaptureFailed(ArgumentError):
-    """torch.export could not capture the module on these inputs."""
-
-
-class _Call(torch.nn.Module):
-    """forward(*args, **kwargs) as forward(args, kwargs): torch.export cannot give dynamic
-    shapes to a variadic signature."""
-
-    PREFIX = "model."
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, args, kwargs):
-        return self.model(*args, **kwargs)
+# Tensor attributes whose values depend on memory order: Python code that reads them on a
+# relayouted pool could branch differently, which no graph shows.
+STRIDE_READS = frozenset({"stride", "is_contiguous", "data_ptr", "storage_offset", "untyped_storage", "storage",
+                          "_typed_storage", "is_non_overlapping_and_dense", "is_set_to"})
 
 
-def _variadic(model: torch.nn.Module) -> bool:
-    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
-    return bool(kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD})
+def configure_dynamo() -> None:
+    config = torch._dynamo.config
+    for name, value in DYNAMO_SETTINGS.items():
+        current = getattr(config, name)
+        if isinstance(value, bool):
+            setattr(config, name, value or current)
+        else:
+            setattr(config, name, max(value, current))
 
 
-@dataclass(eq=False)
-class Entry:
-    """One captured call structure. What forward() needs at call time is plain Python data
-    (no ExportedProgram lookups), so torch.compile can trace through the dispatch."""
+@dataclass(frozen=True)
+class Input:
+    """One input of a captured graph and where it comes from."""
 
-    name: str
-    program: ExportedProgram
-    before: str  # the captured code, before any rewrite
-    variadic: bool  # captured through _Call
-    arguments_may_be_pools: bool  # the whole model: a caller may pass pools in
-    seconds: dict[str, float]  # wall time of each stage for this entry
-    graph_module: torch.fx.GraphModule = field(init=False)  # the rewritten graph now in use
-    expects: tuple = ()  # (buffer, layout it must be stored in, None: as the model stores it)
-    arguments: dict = field(default_factory=dict)  # user input index -> a pool argument's (name, layout,
-    #   fixed sizes, the captured dim of each of its dims)
-    in_spec: object = field(init=False)
-    out_spec: object = field(init=False)
-    user_inputs: tuple = field(init=False)  # per user input: (dtype, rank, sizes: ints or symbols) or the value
-    ranges: dict = field(init=False)  # size symbol -> (least, most) export proved the graph for
-    guards: tuple = field(init=False)  # (size symbols, predicate): the branches export took, or ()
-    inputs: tuple = field(init=False)  # per graph input: (kind, target)
-    outputs: tuple = field(init=False)  # per graph output: (kind, target)
-    constants: dict = field(init=False)
-
-    def __post_init__(self):
-        signature = self.program.graph_signature
-        strip = (lambda t: t[len(_Call.PREFIX):] if t and t.startswith(_Call.PREFIX) else t) if self.variadic \
-            else (lambda t: t)
-        self.constants = dict(self.program.constants)
-        self.in_spec, self.out_spec = self.program.call_spec.in_spec, self.program.call_spec.out_spec
-        self.inputs = tuple((s.kind, s.target if s.kind == InputKind.CONSTANT_TENSOR else strip(s.target))
-                            for s in signature.input_specs)
-        self.outputs = tuple((s.kind, strip(s.target)) for s in signature.output_specs)
-        nodes = {n.name: n for n in self.program.graph_module.graph.find_nodes(op="placeholder")}
-        self.user_inputs = tuple(_describe(nodes[s.arg.name].meta.get("val")) for s in signature.input_specs
-                                 if s.kind == InputKind.USER_INPUT)
-        self.ranges = {str(symbol): (_bound(r.lower, 0), _bound(r.upper, sys.maxsize))
-                       for symbol, r in self.program.range_constraints.items() if symbol.is_Symbol}
-        self.guards = _guards(self.program, {s for u in self.user_inputs if isinstance(u, tuple)
-                                             for s in u[2] if isinstance(s, str)})
-        self.graph_module = self.program.graph_module
-
-    def flatten(self, args: tuple, kwargs: dict):
-        return pytree.tree_flatten(((args, kwargs), {}) if self.variadic else (args, kwargs))
-
-    def takes(self) -> dict[str, str]:
-        """Buffer target -> its placeholder name in the graph."""
-        specs = self.program.graph_signature.input_specs
-        return {kind_target[1]: s.arg.name for kind_target, s in zip(self.inputs, specs) if s.kind == InputKind.BUFFER}
-
-    def accepts(self, flat: list, spec) -> bool:
-        """Whether the graph computes this call: same structure, dtypes and ranks, every size
-        the graph fixed, and every symbolic size within what export proved it for (one symbol,
-        one value, within its range, and taking every branch the trace took: a graph traced at
-        7 tokens, which padded them to a chunk of 8, is wrong at 8 or 9)."""
-        if spec != self.in_spec or len(flat) != len(self.user_inputs):
-            return False
-        sizes, derived = {}, []
-        for k, (value, expected) in enumerate(zip(flat, self.user_inputs)):
-            if not isinstance(value, torch.Tensor):
-                if value != expected:
-                    return False
-                continue
-            if not isinstance(expected, tuple) or value.dtype != expected[0] or value.dim() != expected[1]:
-                return False
-            pairs = zip(value.shape, expected[2])
-            if k in self.arguments:  # a pool argument, in its new layout: its slot count is checked here; its
-                _, _, fixed, order = self.arguments[k]  # tok and dim sizes in run(), so they count as given
-                pairs = [(dict(fixed).get(i, n), expected[2][order[i]]) for i, n in enumerate(value.shape)]
-            for n, size in pairs:
-                if isinstance(size, int):
-                    if n != size:
-                        return False
-                elif isinstance(size, str):
-                    if sizes.setdefault(size, n) != n:
-                        return False
-                else:
-                    derived.append((size, n))
-        for symbol, n in sizes.items():
-            least, most = self.ranges.get(symbol, (0, sys.maxsize))
-            if not least <= n <= most:
-                return False
-        if self.guards and not (all(s in sizes for s in self.guards[0]) and
-                                self.guards[1](*(sizes[s] for s in self.guards[0]))):
-            return False
-        return all(all(s in sizes for s in symbols) and f(*(sizes[s] for s in symbols)) == n
-                   for (symbols, f), n in derived)
-
-    def run(self, module: torch.nn.Module, flat: list, stored: dict[str, Layout], prefix: str = ""):
-        for name, layout in self.expects:
-            if stored.get(prefix + name) != layout:
-                raise LayoutPassError(f"internal: {self.name} was rewritten for {prefix + name!r} in {layout}, "
-                                      f"which is stored as {stored.get(prefix + name)}")
-        for k, (name, layout, sizes, _) in self.arguments.items():
-            if not flat[k].is_contiguous() or any(flat[k].shape[i] != n for i, n in sizes):
-                raise ArgumentError(name, f"a pool argument: expected a contiguous {layout} tensor with sizes "
-                                    f"{dict(sizes)} (see input_layouts), got shape {tuple(flat[k].shape)}, "
-                                    f"strides {tuple(flat[k].stride())}")
-        user = iter(flat)
-        inputs = []
-        for kind, target in self.inputs:
-            if kind == InputKind.USER_INPUT:
-                inputs.append(next(user))
-            elif kind == InputKind.PARAMETER:
-                inputs.append(module.get_parameter(target))
-            elif kind == InputKind.BUFFER:
-                inputs.append(module.get_buffer(target))
-            else:
-                inputs.append(self.constants[target])
-        outputs = self.graph_module(*inputs)
-        user_outputs = []
-        for (kind, target), value in zip(self.outputs, outputs):
-            if kind == OutputKind.BUFFER_MUTATION:
-                module.get_buffer(target).copy_(value)
-            elif kind == OutputKind.USER_OUTPUT:
-                user_outputs.append(value)
-        return pytree.tree_unflatten(user_outputs, self.out_spec)
+    name: str  # the placeholder's name in the aten graph
+    source: str  # Dynamo's source: L['self']._buffers['conv_state'], L['h'], ...
+    kind: str  # "parameter", "state" (held by the unit: buffers, tensor attributes, containers), "argument", "size"
+    path: str  # state: its path under the unit ("conv_state", "kv_cache[0][0]", "norm.weight"); argument: its name
+    tensor: object  # the real tensor (or the value) it was captured from
 
 
-def _describe(val):
-    """A user input as captured: tensors by dtype, rank and sizes (an int where export fixed it,
-    a symbol's name, or (names, function) for a size derived from symbols), in plain Python so
-    that torch.compile traces the dispatch."""
-    if isinstance(val, torch.Tensor):
-        return (val.dtype, val.dim(), tuple(_size(s) for s in val.shape))
-    return val
+_SEGMENT = re.compile(r"(?:\.__dict__\['_(?:modules|buffers|parameters)'\]|\._(?:modules|buffers|parameters))\['([^']+)'\]"
+                      r"|\.__dict__\['([^']+)'\]|\.([A-Za-z_]\w*)|\[([^\]]+)\]")
 
 
-def _size(s):
-    if is_concrete_int(s):
-        return int(s)
-    expr = s.node.expr
-    if expr.is_Symbol:
-        return str(expr)
-    return _python(expr.free_symbols, [expr])
+def _path(source: str) -> tuple[str, str] | None:
+    """(root local, path under it) of a source read off frame locals, e.g. L['self']._modules['norm']
+    ._parameters['weight'] -> ('self', 'norm.weight'); None for anything else (sizes, globals)."""
+    head = re.match(r"L\['([^']+)'\]", source)
+    if head is None:
+        return None
+    rest, parts, at = source[head.end():], [], 0
+    while at < len(rest):
+        m = _SEGMENT.match(rest, at)
+        if m is None or m.group(0).startswith((".size", ".stride")):
+            return None
+        name, entry, attr, index = m.groups()
+        parts.append(f".{name or entry or attr}" if (name or entry or attr) else f"[{index}]")
+        at = m.end()
+    return head.group(1), "".join(parts).lstrip(".")
 
 
-def _guards(program: ExportedProgram, known: set[str]) -> tuple:
-    """export's guards on the input sizes (each branch or loop of the model's Python that read a
-    size), as one predicate; guards on other symbols are checked in the graph itself."""
-    env = _get_shape_env(program.graph_module)
-    exprs = [g.expr for g in (env.guards if env else ()) if {str(s) for s in g.expr.free_symbols} <= known]
-    if not exprs:
-        return ()
-    symbols, predicate = _python(set().union(*(e.free_symbols for e in exprs)), exprs, " and ")
-    return symbols, predicate
+def _readable(name: str, taken: set[str]) -> str:
+    base = re.sub(r"\W+", "_", name).strip("_") or "input"
+    base = base if not base[0].isdigit() else f"_{base}"
+    candidate, k = base, 1
+    while candidate in taken:
+        candidate, k = f"{base}_{k}", k + 1
+    taken.add(candidate)
+    return candidate
 
 
-def _python(symbols, exprs: list, join: str = ""):
-    """(symbol names, a plain-Python function of them) computing `join` over the sympy
-    expressions, printed the way torch prints guards (so its floor division and modulo keep
-    Python's meaning); plain Python, so torch.compile traces the dispatch."""
-    names = sorted(map(str, symbols))
-    body = join.join(f"({PythonPrinter().doprint(e)})" for e in exprs)
-    return tuple(names), eval(f"lambda {', '.join(names)}: {body}", {"math": math})  # our own printout of sympy
+def describe_inputs(gm: torch.fx.GraphModule, owner: str = "self") -> list[Input]:
+    """Every placeholder of Dynamo's graph: its source and its real value (`owner`: the local
+    that is the unit's module)."""
+    inputs, taken = [], set()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        source = arg.source.name if arg is not None and arg.source is not None else node.name
+        value = arg.example if arg is not None else None
+        where = _path(source)
+        if isinstance(value, torch.nn.Parameter):
+            kind = "parameter"
+        elif not isinstance(value, torch.Tensor):
+            kind = "size"
+        elif where is not None and where[0] == owner and where[1]:
+            kind = "state"
+        elif where is not None:
+            kind = "argument"
+        else:
+            kind = "state"  # a global tensor: state the model keeps elsewhere
+        if where is None:
+            path = source
+        elif kind == "argument":
+            path = where[0] + (f".{where[1]}" if where[1] and not where[1].startswith("[") else where[1])
+        else:
+            path = where[1]
+        shown = path if kind in ("state", "argument", "parameter") else node.name
+        inputs.append(Input(_readable(shown, taken), source, kind, path, value))
+    return inputs
 
 
-def _bound(value, unbounded: int) -> int:
-    try:
-        return int(value)
-    except (OverflowError, TypeError, AttributeError):  # sympy's or torch's infinity
-        return unbounded
+def to_aten(gm: torch.fx.GraphModule, example_inputs: list, inputs: list[Input]) -> torch.fx.GraphModule:
+    """Dynamo's graph as aten ops (pre-dispatch: composite ops such as reshape and contiguous stay
+    whole, in-place ops stay in place), placeholders named after `inputs`, every node carrying
+    the stack trace of the model line it came from."""
+    fake = detect_fake_mode(example_inputs)
+    values = [fake.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
+              for x in example_inputs]
+    with fake, fx_traceback.preserve_node_meta():
+        aten = make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True, _error_on_data_dependent_ops=False,
+                       _allow_non_fake_inputs=True)(*values)
+    for node, given in zip(aten.graph.find_nodes(op="placeholder"), inputs):
+        node._rename(given.name)
+        node.target = given.name
+    aten.recompile()
+    return aten
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict, name: str, dynamic: bool = True,
-            label: str = "example_inputs", whole: bool = True) -> Entry:
-    """Export `model` for this call structure; the model and its buffers are not changed.
-    dynamic: sizes > 1 stay symbolic (sizes 0 and 1 export specializes anyway); otherwise
-    every size is specialized and a call of other sizes is captured anew. `label` names the
-    argument an error blames; `whole`: the model itself, not one of its layers."""
-    start = time.perf_counter()
-    variadic = _variadic(model)
-    module, inputs = (_Call(model), ((args, kwargs), {})) if variadic else (model, (args, kwargs))
-    shapes = ShapesCollection()  # by tensor, whatever structure (dataclasses too) holds it
-    for leaf in pytree.tree_leaves(inputs):
-        if isinstance(leaf, torch.Tensor) and dynamic:
-            shapes[leaf] = {i: Dim.AUTO for i in range(leaf.dim()) if leaf.shape[i] > 1}
-    try:  # each op is traced once, so fake-tensor caching costs more than it saves (capture of the
-        # 64-layer hybrid: 2.4 -> 1.3 s on CI's CPU)
-        with torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
-            program = torch.export.export(module, *inputs, strict=False,
-                                          dynamic_shapes=shapes.dynamic_shapes(module, *inputs) if dynamic else None)
-    except Exception as err:  # export's own errors are many; name the argument at fault
-        raise CaptureFailed(label, f"the model does not capture on these inputs: "
-                                   f"{type(err).__name__}: {_first_sentence(err)}") from err
-    described = [f"{k}{list(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-    described = [f"{list(a.shape)}" for a in args if isinstance(a, torch.Tensor)] + described
-    return Entry(f"{name}({', '.join(described)})", program, program.graph_module.code, variadic, whole,
-                 {"capture": time.perf_counter() - start})
+def traced_code() -> list[types.CodeType]:
+    """The code objects Dynamo traced for the graph being compiled."""
+    context = TracingContext.try_get()
+    return list(context.get_traced_code() or ()) if context is not None else []
 
 
-def _first_sentence(err: Exception) -> str:
-    line = (str(err).strip().splitlines() or [""])[0]
-    return line if len(line) < 300 else line[:300] + "..."
-
-
-def fresh_copy(program: ExportedProgram) -> torch.fx.GraphModule:
-    """A graph to rewrite: the captured one stays as it was (the reference the check reads)."""
-    return torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph_module.graph))
+def stride_reads(codes: list[types.CodeType], library: tuple[str, ...]) -> list[str]:
+    """'file:line: .name' for each read of a memory-order attribute in model code (code under
+    `library` folders, torch's own among them, is not the model's)."""
+    found = []
+    for code in codes:
+        if code.co_filename.startswith(library) or not STRIDE_READS.intersection(code.co_names):
+            continue
+        line = code.co_firstlineno
+        for ins in dis.get_instructions(code):
+            line = ins.positions.lineno if ins.positions and ins.positions.lineno else line
+            if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval in STRIDE_READS:
+                found.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{line}: .{ins.argval}")
+    return found

@@ -1,5 +1,5 @@
-"""Discover: which rank-3 buffers (or forward arguments) of a captured entry are conv-state
-pools, and in which layout the model stores them.
+"""Discover: which rank-3 state tensors (or forward arguments) of a captured graph are
+conv-state pools, and which of their axes is which.
 
 A pool is found by what it is, read off the graph's formulas (layoutpass.semantics): a tensor
 that reaches a conv op's state argument through views (whose axes are (slot, dim, tok)), or
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx
-from torch.export.graph_signature import InputKind
 
 from layoutpass.kernels import ops as kernel_ops
 
@@ -32,42 +31,18 @@ class PoolNotFound(LayoutPassError):
 
 @dataclass(frozen=True)
 class Found:
-    layout: Layout
+    axes: Layout  # the pool's logical axes, in the order of its shape
     evidence: str  # why, with the source line
+    kind: str = "conv"
 
 
-@dataclass(frozen=True)
-class Candidate:
-    name: str  # buffer target, or the argument's placeholder name
-    placeholder: str
-    shape: tuple[int, ...]
-    argument: bool
-
-
-def candidates(entry) -> list[Candidate]:
-    """Rank-3 buffers, and rank-3 tensor arguments of a captured model (not of a layer:
-    a layer's pools are its own buffers), of a captured entry."""
-    program = entry.program
-    buffers = {placeholder: name for name, placeholder in entry.takes().items()}
-    nodes = {n.name: n for n in program.graph_module.graph.find_nodes(op="placeholder")}
-    found = []
-    for spec in program.graph_signature.input_specs:
-        val = nodes[spec.arg.name].meta.get("val")
-        kinds = (InputKind.BUFFER, InputKind.USER_INPUT) if entry.arguments_may_be_pools else (InputKind.BUFFER,)
-        if spec.kind in kinds and isinstance(val, torch.Tensor) and val.dim() == 3:
-            argument = spec.kind == InputKind.USER_INPUT
-            shape = tuple(int(s) if isinstance(s, int) else int(s.node.hint) for s in val.shape)  # the example's
-            found.append(Candidate(spec.arg.name if argument else buffers[spec.arg.name], spec.arg.name, shape, argument))
-    return found
-
-
-def discover(entry, named: dict[str, Layout | None]) -> tuple[dict[str, Found], dict[str, Considered]]:
-    """name -> Found for every pool this captured entry shows (or `named` gives a layout for),
-    and a verdict on every candidate."""
-    cands = {c.placeholder: c for c in candidates(entry)}
-    graph = entry.program.graph_module.graph
-    semantics = Semantics(graph, {p: (c.name, PHYSICAL) for p, c in cands.items()}).run()
-    by_pool = {c.name: c for c in cands.values()}
+def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
+             named: dict[str, Layout | None]) -> tuple[dict[str, Found], dict[str, Considered]]:
+    """candidates: placeholder -> (pool name, shape) of the graph's rank-3 state tensors and
+    arguments. Returns name -> Found for every pool the graph shows (or `named` gives the axes
+    of), and a verdict on every candidate."""
+    semantics = Semantics(graph, {p: (name, PHYSICAL) for p, (name, _) in candidates.items()}).run()
+    by_pool = {name: shape for name, shape in candidates.values()}
     evidence: dict[str, list[tuple[Layout, str]]] = {}
     written = set()
     for node in graph.nodes:
@@ -88,7 +63,7 @@ def discover(entry, named: dict[str, Layout | None]) -> tuple[dict[str, Found], 
             evidence.setdefault(root.pool, []).append(
                 (Layout(tuple(axes)), f"token axis {tok} shifted and written back at {source_line(node)}"))
     found, considered = {}, {}
-    for name, c in by_pool.items():
+    for name, shape in by_pool.items():
         seen = evidence.get(name, [])
         layouts = {layout for layout, _ in seen}
         if len(layouts) > 1:
@@ -104,19 +79,24 @@ def discover(entry, named: dict[str, Layout | None]) -> tuple[dict[str, Found], 
         reason = found[name].evidence if name in found else (
             "written, but never from its own contents shifted along one axis, and it reaches no conv op"
             if name in written else "never written and reaches no conv op")
-        if not c.argument or name in found:
-            considered[name] = Considered(name, c.shape, name in found, reason)
+        considered[name] = Considered(name, shape, name in found, reason)
     return found, considered
 
 
 def _through_views(state, by_pool) -> Layout | None:
-    """The stored layout of a pool whose plain permutation is a conv op's (slot, dim, tok) state."""
+    """The axes of a pool a permutation of which is a conv op's (slot, dim, tok) state; the dim
+    axis may start past 0 (a tensor-parallel rank's shard of the channels)."""
     if not isinstance(state, Val) or state.root.pool not in by_pool:
         return None
     op_index = index_symbols(len(state.shape))
-    if sorted(map(str, state.coords)) != sorted(map(str, op_index)):
-        return None
-    return Layout(tuple(OP_AXES[op_index.index(c)] for c in state.coords))
+    axes = []
+    for c in state.coords:
+        index = [k for k, i in enumerate(op_index) if i in sympy.sympify(c).free_symbols]
+        if len(index) != 1 or sympy.expand(c - op_index[index[0]]).free_symbols or \
+                (OP_AXES[index[0]] != "dim" and sympy.expand(c - op_index[index[0]]) != 0):
+            return None
+        axes.append(OP_AXES[index[0]])
+    return Layout(tuple(axes)) if len(set(axes)) == len(axes) else None
 
 
 def _shifted_axis(contents: sympy.Expr, pool: str) -> int | None:

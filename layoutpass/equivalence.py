@@ -1,6 +1,6 @@
 """check_equivalence: run one serving scenario through two models and compare every step's
-outputs and every buffer's logical contents (an optimized model's pools read back in the
-order the original stores them)."""
+outputs and all their state (buffers, tensor attributes, tensors in lists and dicts) after
+every step. A relayouted pool keeps its shape, so both sides compare element by element."""
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -49,25 +49,48 @@ class EquivalenceResult:
 
 
 def logical_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every buffer; the pools of an optimized model seen in the order the original stored them."""
-    model = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
+    """Every state tensor of the model by path (through torch.compile's wrapper), as the model
+    it was optimized from holds it: a raw allocation its moved pools live in reads back in the
+    model's order."""
+    from .state import logical_state
+
+    model = getattr(model, "_orig_mod", model)
     pools = getattr(getattr(model, "report", None), "pools", {})
-    out = {}
-    for name, buf in model.named_buffers():
-        pool = pools.get(name)
-        out[name] = pool.target.view(buf, pool.source) if pool is not None else buf
-    return out
+    return logical_state(model, {p.name: (p.axes, p.source) for p in pools.values() if p.moves and not p.argument})
 
 
 def _load_logical(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    for name, view in logical_buffers(model).items():
-        view.copy_(values[name])
+    """Load state by path; a container of moved pools is not written directly (its pools are,
+    through their own paths)."""
+    from .state import state_tensors
+
+    model = getattr(model, "_orig_mod", model)
+    given = dict(state_tensors(model))
+    logical = logical_buffers(model)
+    for name, tensor in given.items():
+        if name in values and logical[name] is tensor:
+            tensor.copy_(values[name])
+    for name, tensor in given.items():
+        if name in values and logical[name] is not tensor:
+            _load_container(model, name, tensor, values[name])
+
+
+def _load_container(model: nn.Module, name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """A container's bytes outside its moved pools (the pools are loaded through their paths)."""
+    kept = {p: t.clone() for p, t in logical_buffers(model).items() if p != name and t.untyped_storage().data_ptr()
+            == tensor.untyped_storage().data_ptr()}
+    tensor.copy_(value)
+    from .state import state_tensors
+
+    for p, t in state_tensors(model):
+        if p in kept:
+            t.copy_(kept[p])
 
 
 @contextmanager
 def _restored(model: nn.Module):
-    """Logical contents survive a relayout that happens mid-run (a first call captures)."""
-    saved = {name: buf.clone() for name, buf in logical_buffers(model).items()}
+    """Both models' state is as it was once the comparison is done."""
+    saved = {name: t.clone() for name, t in logical_buffers(model).items()}
     try:
         yield
     finally:
@@ -108,8 +131,7 @@ def check_equivalence(reference: nn.Module, candidate: nn.Module, scenario=None,
             state_err, worst = 0.0, None
             cand_state = logical_buffers(candidate)
             pairs = [(name, ref, cand_state[name]) for name, ref in logical_buffers(reference).items()]
-            pairs += [(f"pool argument {name}", ref, pool.target.view(copy_, pool.source))
-                      for name, pool, ref, copy_ in moved.values()]
+            pairs += [(f"pool argument {name}", ref, copy_) for name, pool, ref, copy_ in moved.values()]
             for name, ref, cand in pairs:
                 err = _error(ref, cand)
                 if not _close(ref, cand, rtol, atol):
@@ -129,8 +151,12 @@ def _pool_arguments(candidate: nn.Module) -> dict:
 def _own_copy(name: str, tensor: torch.Tensor, pool, moved: dict) -> torch.Tensor:
     """The candidate's own copy of a pool the caller passes, stored in the candidate's layout,
     made the first time the caller passes it: the same state then evolves in each model."""
+    from .layout import dense_strides
+
     if id(tensor) not in moved:
-        moved[id(tensor)] = (name, pool, tensor, pool.source.convert(tensor, pool.target).clone())
+        own = torch.empty_strided(tensor.shape, dense_strides(pool.axes, pool.target, tuple(tensor.shape)),
+                                  dtype=tensor.dtype, device=tensor.device)
+        moved[id(tensor)] = (name, pool, tensor, own.copy_(tensor))
     return moved[id(tensor)][3]
 
 

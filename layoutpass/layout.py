@@ -1,5 +1,11 @@
 """The layout algebra: a layout is an order of named logical axes, outermost first.
 
+Every pool's axes come from one vocabulary: `slot` (outermost, the serving engine's index),
+then for a conv state `tok` and `dim`, for a recurrent state `[snap]`, `[head]`, `k` (the key /
+B / d_state axis) and `v` (the value / x / head_dim axis). A pool keeps the shape the model
+gives it (its *logical* axes, `Pool.axes`); its layout is the order its axes take in memory,
+as channels_last is for an image: SD / DS put `dim` / `tok` innermost, KV / VK `v` / `k`.
+
 Sizes may be ints or sympy expressions; everything returned is a sympy expression, so the
 rewriter can prove two index maps equal and the distributed code can plan transfers for any
 sizes before it instantiates them."""
@@ -49,7 +55,9 @@ class Layout:
             raise ArgumentError("axes", f"repeated axis in {self.axes}")
 
     def __str__(self) -> str:
-        return NAMES.get(self.axes, "(" + ", ".join(self.axes) + ")")
+        if self.axes in NAMES or len(self.axes) > 3 and self.axes[-2:] in INNER:
+            return INNER[self.axes[-2:]]
+        return "(" + ", ".join(self.axes) + ")"
 
     def shape(self, sizes: Mapping[str, Size]) -> tuple[Size, ...]:
         return tuple(self._sizes(sizes)[a] for a in self.axes)
@@ -122,14 +130,61 @@ class Layout:
 
 SD = Layout(("slot", "tok", "dim"))
 DS = Layout(("slot", "dim", "tok"))
+KV = Layout(("slot", "head", "k", "v"))
+VK = Layout(("slot", "head", "v", "k"))
+LAYOUTS = {"SD": SD, "DS": DS, "KV": KV, "VK": VK}
+INNER = {("tok", "dim"): "SD", ("dim", "tok"): "DS", ("k", "v"): "KV", ("v", "k"): "VK"}
 NAMES = {SD.axes: "SD", DS.axes: "DS"}
-LAYOUTS = {"SD": SD, "DS": DS}
+KINDS = {"conv": ("SD", "DS"), "recurrent": ("KV", "VK")}  # pool kind -> the layouts it may take
 
 
-def parse_layout(name: "str | Layout", argument: str = "layout") -> Layout:
-    """'SD' / 'DS' (any case) or a Layout; anything else is an ArgumentError naming `argument`."""
+def parse_layout(name: "str | Layout", argument: str = "layout", kind: str | None = None) -> Layout:
+    """'SD' / 'DS' / 'KV' / 'VK' (any case; only those of `kind` when given) or a Layout;
+    anything else is an ArgumentError naming `argument`."""
     if isinstance(name, Layout):
         return name
-    if isinstance(name, str) and name.upper() in LAYOUTS:
+    allowed = KINDS[kind] if kind else tuple(LAYOUTS)
+    if isinstance(name, str) and name.upper() in allowed:
         return LAYOUTS[name.upper()]
-    raise ArgumentError(argument, f"unknown layout {name!r}; expected one of {sorted(LAYOUTS)}")
+    raise ArgumentError(argument, f"unknown layout {name!r}; expected one of {list(allowed)}")
+
+
+def arrange(axes: Layout, request: Layout) -> Layout:
+    """The memory order of a pool with logical `axes` in the requested layout: its other axes
+    stay outermost in their order, the request's two innermost axes go innermost."""
+    inner = request.axes[-2:]
+    if not set(inner) <= set(axes.axes):
+        raise ArgumentError("layout", f"layout {request} does not apply to a pool of axes {axes.axes}")
+    return Layout(tuple(a for a in axes.axes if a not in inner) + inner)
+
+
+def dense_strides(axes: Layout, order: Layout, shape: tuple, slot_stride=None) -> tuple:
+    """Strides of a tensor shaped along `axes` whose memory follows `order` densely (the slot
+    axis may keep a larger stride: a pool carved out of a bigger per-slot page)."""
+    sizes = dict(zip(axes.axes, shape))
+    step, strides = 1, {}
+    for axis in reversed(order.axes):
+        strides[axis] = step
+        step = step * sizes[axis]
+    if slot_stride is not None and "slot" in strides:
+        strides["slot"] = slot_stride
+    return tuple(strides[a] for a in axes.axes)
+
+
+def order_of(axes: Layout, shape: tuple, strides: tuple) -> Layout | None:
+    """The memory order of a tensor shaped along `axes` with these strides when each slot's
+    state is one dense block (the slot axis outermost, with any stride); None otherwise. Axes
+    of size 1 take their place in the logical order."""
+    rest = [i for i, a in enumerate(axes.axes) if a != "slot"]
+    ranked = sorted(rest, key=lambda i: (-strides[i] if shape[i] != 1 else 0, i))
+    step = 1
+    for i in sorted((i for i in rest if shape[i] != 1), key=lambda i: strides[i]):
+        if strides[i] != step:
+            return None
+        step *= shape[i]
+    if "slot" in axes.axes:
+        slot = axes.axes.index("slot")
+        if shape[slot] != 1 and strides[slot] < step:
+            return None
+        return Layout(("slot",) + tuple(axes.axes[i] for i in ranked))
+    return Layout(tuple(axes.axes[i] for i in ranked))

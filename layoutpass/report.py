@@ -4,6 +4,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import os
+
+import torch
 import torch.fx
 
 from .layout import Layout
@@ -30,26 +33,49 @@ class Action(StrEnum):
     NOT_LOWERED = "not lowered"  # almost a conv update: the detail says what differed
 
 
+def library() -> tuple[str, ...]:
+    """Folders whose frames are not the model's: torch, and this library's own code (its
+    examples are model code)."""
+    import layoutpass
+    import layoutpass.kernels
+    import layoutpass.rewrites
+
+    return tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, layoutpass, layoutpass.kernels,
+                                                                layoutpass.rewrites))
+
+
 def source_line(node: torch.fx.Node) -> str:
-    """'file:line: code' of the model line that made `node`, from its stack trace."""
+    """'file:line: code' of the model line that made `node`: the innermost frame of its stack
+    trace outside torch and this library."""
     trace = node.meta.get("stack_trace") or ""
     lines = [ln.strip() for ln in trace.strip().splitlines()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            where = lines[i].split('"')[1].rsplit("/", 1)[-1] + ":" + lines[i].split(", line ")[1].split(",")[0]
+    frames = []
+    for i, line in enumerate(lines):
+        if line.startswith("File "):
+            path = line.split('"')[1]
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            return f"{where}: {code}"
+            frames.append((path, line.split(", line ")[1].split(",")[0], code))
+    skip = library()
+    for path, number, code in reversed(frames):
+        if not path.startswith(skip) or "/examples/" in path:
+            return f"{path.rsplit('/', 1)[-1]}:{number}: {code}"
+    if frames:
+        path, number, code = frames[-1]
+        return f"{path.rsplit('/', 1)[-1]}:{number}: {code}"
     return "<no source line>"
 
 
 @dataclass(frozen=True)
 class Pool:
-    """One conv-state pool of the model: one record through every stage and every entry."""
+    """One state pool of the model: one record through every stage and every graph. Its shape
+    never changes; `source` and `target` are the orders of its axes in memory."""
 
-    name: str  # the buffer's qualified name, or the forward argument's name
-    shape: tuple[int, ...]  # as the model stores it
-    source: Layout  # how the model stores it
-    target: Layout  # how the optimized model stores it
+    name: str  # its path in the model (mixers.0.conv_state, mixers.0.kv_cache[0][1]), or the argument's name
+    kind: str  # "conv" or "recurrent"
+    axes: Layout  # its logical axes, in the order of its shape
+    shape: tuple[int, ...]
+    source: Layout  # its memory order in the model
+    target: Layout  # its memory order in the optimized model
     evidence: str  # why it is a pool, with the source line
     argument: bool = False  # passed to forward by the caller (the engine allocates it)
 
@@ -99,10 +125,14 @@ class Report:
         return Counter(use.action for use in self.uses)
 
     def __str__(self) -> str:
-        lines = [f"layoutpass report: {len(self.pools)} conv-state pools, {len(self.entry_uses)} captured entries"]
+        kinds = Counter(p.kind for p in self.pools.values())
+        found = ", ".join(f"{n} {kind}-state pool{'s' if n != 1 else ''}" for kind, n in sorted(kinds.items()))
+        lines = [f"layoutpass report: {found or 'no pools'}, {len(self.entry_uses)} captured graphs"]
         for pool in self.pools.values():
             where = "argument" if pool.argument else "pool"
-            lines.append(f"  {where} {pool.name} {pool.shape}: {pool.source} -> {pool.target} ({pool.evidence})")
+            move = f"{pool.source} -> {pool.target}" if pool.moves else f"{pool.source}, kept"
+            axes = "(" + ", ".join(pool.axes.axes) + ")"
+            lines.append(f"  {where} {pool.name} {axes} {pool.shape}: {move} ({pool.evidence})")
         lines += [f"  {note}" for note in self.notes]
         for c in self.considered.values():
             if not c.taken:

@@ -527,6 +527,9 @@ class Semantics:
             self._write(node, x, sympy.Integer(0))
         elif node.target is aten.index_copy_.default:
             self._index_copy(node, x)
+        elif node.target in (aten.scatter_.src, aten.scatter_.value):
+            view = self._gathered(x, node.args[1], node.args[2])
+            self._write(node, view, self.broadcast(node.args[3], view.shape))
         elif _is_pointwise(node.target):
             args = [x.content()] + [self.broadcast(a, shape) for a in node.args[1:]]
             self._write(node, x, sympy.Function(_name(node).replace("_.", "."))(*args))
@@ -542,6 +545,17 @@ class Semantics:
         if accumulate:
             value = sympy.Function("add.Tensor")(view.content(), value)
         self._write(node, view, value)
+
+    def _gathered(self, x: Val, dim, index) -> Val:
+        """x read along `dim` at index[i] (gather / scatter_'s map): a view shaped like index."""
+        d = _norm(dim, len(x.shape))
+        idx = self.values[index]
+        if not isinstance(idx, Val):
+            raise Unmodeled("a gather by something that is not an index tensor")
+        sym = x_symbols(x)
+        mapping = {sym[k]: sym[k] for k in range(len(x.shape))}
+        mapping[sym[d]] = idx.content()
+        return Val(x.root, _substitute(x.coords, mapping), idx.shape)
 
     def _index_copy(self, node, x: Val) -> None:
         """x.index_copy_(dim, index, source): x[..., index[j], ...] = source[..., j, ...] along dim."""
@@ -740,6 +754,31 @@ def _index(s: Semantics, node) -> sympy.Expr:
     return view.content()
 
 
+def _index_select(s: Semantics, node) -> sympy.Expr:
+    x = s.values[node.args[0]]
+    d = _norm(node.args[1], len(x.shape))
+    view, _ = s._indexed(x, [None] * d + [node.args[2]], node)
+    return view.content()
+
+
+def _gather(s: Semantics, node) -> sympy.Expr:
+    return s._gathered(s.values[node.args[0]], node.args[1], node.args[2]).content()
+
+
+def _stack(s: Semantics, node) -> sympy.Expr:
+    tensors = [s.values[t] for t in node.args[0]]
+    shape = shape_of(node)
+    d = _norm(s.arg(node, 1, 0), len(shape))
+    i = index_symbols(len(shape))
+    pieces = []
+    for k, value in enumerate(tensors):
+        if not isinstance(value, Val):
+            raise Unmodeled("a stack of something that is not a tensor")
+        inner = {sym: (i[m] if m < d else i[m + 1]) for m, sym in enumerate(x_symbols(value))}
+        pieces.append((value.content().xreplace(inner), sympy.Eq(i[d], k) if k < len(tensors) - 1 else True))
+    return sympy.Piecewise(*pieces)
+
+
 def _constant(s: Semantics, node) -> sympy.Expr:
     fills = {aten.zeros_like.default: 0, aten.ones_like.default: 1, aten.zeros.default: 0, aten.ones.default: 1,
              aten.new_zeros.default: 0, aten.new_ones.default: 1}
@@ -769,6 +808,9 @@ COMPUTE = {
     **{op: _reduce for op in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default,
                               aten.sum.default)},
     aten.index.Tensor: _index,
+    aten.index_select.default: _index_select,
+    aten.gather.default: _gather,
+    aten.stack.default: _stack,
     **{op: _constant for op in (aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
                                 aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)},
     aten.constant_pad_nd.default: _pad,

@@ -1,0 +1,242 @@
+"""The compiler: what happens to one graph Dynamo captured of a unit (a layer kind, or the whole
+model), from its inputs to the graph that runs. PASSES is the whole list, in order; each pass
+reads and extends one Build record and names what it requires and ensures.
+
+A pool moves only after the call that found it has returned (Dynamo checks its guards on the
+frame it compiled), so a graph is proven for the order its pools are in when it is captured and
+for the order they will be stored in; the next call captures again for the new strides."""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from layoutpass.rewrites.lowering import lower_updates
+from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
+
+from .capture import Input, describe_inputs, stride_reads, to_aten, traced_code
+from .discover import STATE_ARGUMENT, Found, PoolNotFound, discover
+from .layout import DS, Layout, arrange, dense_strides, order_of
+from .prove import StrideDependent, prove
+from .report import Action, Considered, Kind, Pool, Use, library, use
+from .rewrite import relayout_graph
+from .verify import UnprovenRewrite, verify
+
+aten = torch.ops.aten
+KERNEL_ORDER = ("slot", "dim", "tok")  # the conv ops' (slot, dim, tok) view of a pool
+
+
+@dataclass
+class Build:
+    """One captured graph on its way to running: what every pass reads and adds to."""
+
+    session: object  # runtime.Session: options, known pools, the unit call running
+    unit: object  # runtime.Unit
+    instance: str  # the unit's instance (module path) the capture ran on
+    dynamo: torch.fx.GraphModule  # Dynamo's graph (torch IR)
+    example_inputs: list
+    name: str = ""
+    inputs: list[Input] = field(default_factory=list)
+    captured: torch.fx.GraphModule | None = None  # aten, as the model computes it (the check's reference)
+    gm: torch.fx.GraphModule | None = None  # the graph being rewritten
+    candidates: dict[str, tuple[str, tuple]] = field(default_factory=dict)  # placeholder -> (local name, shape)
+    pools: dict[str, Pool] = field(default_factory=dict)  # placeholder -> pool (known or found now)
+    found: dict[str, Pool] = field(default_factory=dict)  # local name -> pool found by this graph
+    considered: dict[str, Considered] = field(default_factory=dict)
+    kernel_views: dict[torch.fx.Node, str] = field(default_factory=dict)  # (slot, dim, tok) view -> pool name
+    uses: list[Use] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _capture(b: Build) -> None:
+    b.inputs = describe_inputs(b.dynamo)
+    b.captured = to_aten(b.dynamo, b.example_inputs, b.inputs)
+    b.gm = _copy(b.captured)
+    shapes = [list(i.tensor.shape) for i in b.inputs if i.kind == "argument" and isinstance(i.tensor, torch.Tensor)]
+    b.name = f"{b.unit.label}.graph{b.unit.count}({', '.join(map(str, shapes))})"
+    b.unit.count += 1
+
+
+def _identify(b: Build) -> None:
+    """Each state tensor or argument of rank >= 3: a pool already known (by its name in the
+    unit, or as the same view of a pool's memory), else a candidate for discovery."""
+    for i in b.inputs:
+        if i.kind not in ("state", "argument") or not isinstance(i.tensor, torch.Tensor) or i.tensor.dim() < 3:
+            continue
+        local = i.path if i.kind == "state" else f"argument {i.path}"
+        known = b.unit.pools.get(local) or b.session.pool_of(i.tensor)
+        if known is not None:
+            b.pools[i.name] = known
+        else:
+            b.candidates[i.name] = (local, tuple(i.tensor.shape))
+
+
+def _discover(b: Build) -> None:
+    """New pools, by what the graph does with them; the report's verdict on every candidate."""
+    if not b.candidates:
+        return
+    rank3 = {p: c for p, c in b.candidates.items() if len(c[1]) == 3}
+    found, considered = discover(b.captured.graph, rank3, b.session.named_for(b.unit))
+    b.considered.update(considered)
+    tensors = {i.name: i.tensor for i in b.inputs}
+    for placeholder, (local, shape) in rank3.items():
+        if local in found:
+            pool = _new_pool(b, local, found[local], tensors[placeholder])
+            b.pools[placeholder], b.found[local] = pool, pool
+
+
+def _new_pool(b: Build, local: str, found: Found, tensor: torch.Tensor) -> Pool:
+    source = order_of(found.axes, tuple(tensor.shape), tuple(tensor.stride()))
+    if source is None:
+        raise PoolNotFound(f"pool {local!r} {tuple(tensor.shape)} has strides {tuple(tensor.stride())}: its slots are "
+                           "not dense blocks, so the pass cannot store it in another order")
+    request = b.session.options.layouts.get(found.kind)
+    target = arrange(found.axes, request) if request is not None else source
+    argument = local.startswith("argument ")
+    name = local.removeprefix("argument ") if argument else b.session.qualified(b.instance, local)
+    return Pool(name, found.kind, found.axes, tuple(tensor.shape), source, target, found.evidence, argument)
+
+
+def _prove(b: Build) -> None:
+    """The graph computes the same for the order each pool is in and the order it is compared
+    with: the model's own (a pool already moved), or the one it is about to move to."""
+    other, changed = {}, []
+    for placeholder, pool in b.pools.items():
+        val = next(n for n in b.captured.graph.find_nodes(op="placeholder") if n.name == placeholder).meta["val"]
+        slot = pool.axes.axes.index("slot")
+        now = order_of(pool.axes, tuple(val.shape), tuple(val.stride()))
+        compare = pool.source if now != pool.source else pool.target
+        if compare != now:
+            other[placeholder] = dense_strides(pool.axes, compare, tuple(val.shape), val.stride(slot))
+            changed.append(pool)
+    if not other:
+        return
+    names = {p: pool.name for p, pool in b.pools.items()}
+    layouts = ", ".join(sorted({f"{p.source} and {p.target}" for p in changed}))
+    prove(b.captured, other, names, b.name, layouts)
+    reads = stride_reads(traced_code(), library())
+    if reads:
+        raise StrideDependent(f"{b.name}: the model's Python reads memory order ({'; '.join(reads[:3])}); with "
+                              f"{', '.join(p.name for p in changed)} stored {layouts} it could branch differently, "
+                              f"which no graph shows")
+
+
+def _canonicalize(b: Build) -> None:
+    """Where conv updates may be lowered: every use of a DS-bound conv pool is rewritten onto its
+    (slot, dim, tok) view (the model's own transposes cancel against it), proven by the
+    formulas of layoutpass.semantics."""
+    if not b.session.lowering(b.gm):
+        return
+    kernel = Layout(KERNEL_ORDER)
+    chosen = {ph: pool for ph, pool in b.pools.items() if pool.kind == "conv" and pool.target.axes[-2:] == DS.axes[-2:]}
+    if not chosen:
+        return
+    graph = b.gm.graph
+    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    anchor = list(placeholders.values())[-1].next
+    views = {}
+    for ph, pool in chosen.items():
+        node = placeholders[ph]
+        perm = pool.axes.permutation(kernel)
+        with graph.inserting_before(anchor):
+            view = graph.call_function(aten.permute.default, (node, list(perm)))
+        view.meta["val"] = node.meta["val"].permute(perm)
+        view.meta["stack_trace"] = None
+        node.replace_all_uses_with(view, delete_user_cb=lambda u, v=view: u is not v)
+        views[view] = (pool.name, inverse(perm))
+        b.kernel_views[view] = pool.name
+    b.uses += relayout_graph(b.gm, views, b.name)
+    try:
+        _refresh_meta(b.gm)
+    except Exception as err:  # a rule built a graph torch cannot even run on fake tensors
+        raise UnprovenRewrite(f"the rewrite of {b.name} does not typecheck: {str(err).splitlines()[0]}") from err
+    pools = {ph: (pool.name, pool.axes) for ph, pool in b.pools.items()}
+    verify(b.captured.graph, b.gm.graph, pools, pools, b.name)
+
+
+def _lower(b: Build) -> None:
+    if b.kernel_views:
+        b.uses += lower_updates(b.gm, b.name, dict(b.kernel_views))
+
+
+def _report_kernels(b: Build) -> None:
+    """Every conv op on a pool, and the memory order its kernel reads."""
+    names = {ph: pool for ph, pool in b.pools.items()}
+    for op in b.gm.graph.nodes:
+        if op.target not in STATE_ARGUMENT:
+            continue
+        state, views = op.args[STATE_ARGUMENT[op.target]], 0
+        while state.op == "call_function" and state.target in PERMUTATIONS:
+            state, views = state.args[0], views + 1
+        pool = names.get(state.name) if state.op == "placeholder" else None
+        if pool is not None:
+            val = op.args[STATE_ARGUMENT[op.target]].meta.get("val")
+            order = "DS" if val is not None and val.stride(-1) == 1 else "SD"
+            b.uses.append(use(b.name, pool.name, op, Kind.KERNEL, Action.KERNEL_DIRECT,
+                              f"{order} kernel on the pool's (slot, dim, tok) view"))
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: object
+    requires: tuple[str, ...]
+    ensures: tuple[str, ...]
+
+
+PASSES = [
+    Pass("capture", _capture, ("Dynamo's graph",), ("an aten graph, inputs named after their sources",)),
+    Pass("identify", _identify, ("inputs",), ("known pools", "candidates")),
+    Pass("discover", _discover, ("candidates",), ("new pools, their axes and evidence",)),
+    Pass("prove", _prove, ("pools",), ("the same values in the model's order and the pools' orders",)),
+    Pass("canonicalize", _canonicalize, ("pools",), ("conv pools read through their (slot, dim, tok) views",
+                                                     "the rewrite proven equal to the captured graph")),
+    Pass("lower", _lower, ("kernel views",), ("pure-torch conv updates replaced by kernel calls",)),
+    Pass("report", _report_kernels, ("the final graph",), ("every conv op's kernel order in the report",)),
+]
+
+
+def compile_graph(b: Build) -> Build:
+    """Run every pass on one capture; raises LayoutPassError before anything moved."""
+    for p in PASSES:
+        start = time.perf_counter()
+        p.run(b)
+        b.seconds[p.name] = time.perf_counter() - start
+    b.gm.recompile()
+    return b
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A graph to rewrite (the captured one stays as it was: the reference the check reads);
+    node metadata is shared, not copied."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _refresh_meta(gm: torch.fx.GraphModule) -> None:
+    """Fake values for the nodes a rewrite made (they have none) and for what reads them."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    mode = detect_fake_mode([n.meta["val"] for n in placeholders if "val" in n.meta])
+    changed = set()
+    with mode, torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or ("val" in node.meta and not changed.intersection(node.all_input_nodes)):
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+            value = node.target(*args, **kwargs)
+            old = node.meta.get("val")
+            if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and _same_meta(old, value) and \
+                    not any(isinstance(a, torch.Tensor) and torch._C._is_alias_of(value, a)
+                            for a in pytree.tree_leaves((args, kwargs))):
+                continue
+            node.meta["val"] = value
+            changed.add(node)
+
+
+def _same_meta(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.shape, a.stride(), a.dtype, a.storage_offset()) == (b.shape, b.stride(), b.dtype, b.storage_offset())

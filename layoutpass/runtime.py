@@ -1,0 +1,506 @@
+"""The runtime: what a user holds after `optimize()`.
+
+The optimized model is the model itself (a subclass of its class: same methods, attributes and
+names; parameters shared, state copied unless `inplace`), whose pool-holding layers (or, when
+the model holds pools itself, whose forward) run through torch Dynamo with layoutpass's
+compiler as the backend. Dynamo guards every Python value the code read and replays every
+Python side effect, so flags, counters, caches in lists and hooks behave as in the model;
+the compiler (layoutpass/compiler.py) proves and rewrites each graph Dynamo captures. Pools
+move like a tensor going channels_last: same shape, new strides, so code outside the graphs
+(other methods, hooks, state_dict, pickle) still computes what it was written for."""
+
+import copy
+import dataclasses
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .capture import configure_dynamo
+from .compiler import Build, compile_graph
+from .discover import PoolNotFound
+from .errors import ArgumentError, LayoutPassError
+from .layout import KINDS, Layout, parse_layout
+from .report import Pool, Report
+from .state import aliases, move, own_state, place_key, refuse_overlaps, resolve, state_tensors
+
+log = logging.getLogger("layoutpass")
+ROOT = ""
+
+
+@dataclass(frozen=True)
+class Options:
+    layouts: dict[str, Layout]  # pool kind -> the layout asked for
+    named: dict[str, Layout | None]  # state_buffers: pool name -> its axes, if given
+    lower: bool | str
+    dynamic: bool | None
+    inplace: bool
+    allow_missing: bool
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One captured graph: its code before and after, and the rewritten GraphModule."""
+
+    before: str
+    after: str
+    module: torch.fx.GraphModule
+    seconds: dict[str, float]  # what each pass took
+
+    def svg(self, path: str) -> None:
+        """Draw the rewritten graph (needs pydot)."""
+        try:
+            from torch.fx.passes.graph_drawer import FxGraphDrawer
+            drawer = FxGraphDrawer(self.module, "layoutpass")
+        except (ImportError, RuntimeError) as err:  # torch raises RuntimeError when pydot is missing
+            raise ArgumentError("path", f"drawing needs pydot: {err}") from err
+        drawer.get_dot_graph().write_svg(path)
+
+
+@dataclass(eq=False)
+class Entry:
+    name: str
+    graph: Graph
+    orders: dict[str, Layout]  # pool name -> the memory order it was compiled for
+
+
+@dataclass(eq=False)
+class Unit:
+    """A module whose forward is captured: a kind of pool-holding layer (its instances share
+    every graph), or the whole model (paths == [ROOT])."""
+
+    label: str
+    paths: list[str]
+    forward: object  # the function captured: forward(module, *args, **kwargs)
+    compiled: object = None
+    pools: dict[str, Pool] = field(default_factory=dict)  # local name (path under the instance) -> pool
+    entries: list[Entry] = field(default_factory=list)
+    count: int = 0  # graphs captured so far (names them)
+    eager: str | None = None  # why it runs as written, when Dynamo cannot capture it
+
+
+class Session:
+    """The compiler state behind one optimized model: units, pools, report, pending moves."""
+
+    def __init__(self, model: nn.Module, options: Options, units: list[Unit], root: Unit | None):
+        self.model_class = type(model)
+        self.options, self.units, self.root = options, units, root
+        self.pools: dict[str, Pool] = {}  # qualified name -> pool
+        self.report = Report()
+        self.trees: list = []  # weak references to the optimized module (and its warm-up twins)
+        self.running: list[tuple[Unit, str, nn.Module]] = []  # the unit calls in progress
+        self.pending: list[tuple[str, Pool]] = []  # (qualified path, pool) to move once the call returns
+        self.calls = 0
+        self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
+        for unit in units:
+            unit.compiled = torch.compile(unit.forward, backend=functools.partial(_backend, self, unit),
+                                          fullgraph=True, dynamic=options.dynamic)
+
+    # -- what the compiler asks ----------------------------------------------------------------
+
+    def qualified(self, instance: str, local: str) -> str:
+        return f"{instance}.{local}" if instance else local
+
+    def named_for(self, unit: Unit) -> dict[str, Layout | None]:
+        """state_buffers, by the names they have under an instance of the unit."""
+        out = {}
+        for name, axes in self.options.named.items():
+            for path in unit.paths:
+                prefix = f"{path}." if path else ""
+                if name.startswith(prefix):
+                    out[name[len(prefix):]] = axes
+        return out
+
+    def pool_of(self, tensor: torch.Tensor) -> Pool | None:
+        return self._places.get(place_key(tensor))
+
+    def lowering(self, gm: torch.fx.GraphModule) -> bool:
+        if self.options.lower != "auto":
+            return bool(self.options.lower)
+        return any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_cuda
+                   for n in gm.graph.find_nodes(op="placeholder"))
+
+    # -- a captured graph, accepted --------------------------------------------------------------
+
+    def record(self, b: Build) -> None:
+        """Take the build's new pools (for every instance of the unit) and its graph; queue the
+        moves for after the call. Raises, moving nothing, when a new pool cannot move."""
+        trees = self._live_trees()
+        moves = []
+        for local, pool in b.found.items():
+            for path in b.unit.paths:
+                name = pool.name if pool.argument else self.qualified(path, local)
+                instance = dataclasses.replace(pool, name=name)
+                if pool.moves and not pool.argument:
+                    for tree in trees:
+                        _check_movable(tree, name)
+                    moves.append((name, instance))
+        for local, pool in b.found.items():
+            b.unit.pools[local] = pool
+            for path in b.unit.paths:
+                name = pool.name if pool.argument else self.qualified(path, local)
+                self.pools[name] = dataclasses.replace(pool, name=name)
+                for tree in trees:
+                    if not pool.argument:
+                        self._remember(resolve(tree, name), self.pools[name])
+        self.report.pools = self.pools
+        for name, c in b.considered.items():
+            qualified = self.qualified(b.instance, name) if not name.startswith("argument ") else name
+            if qualified not in self.report.considered or c.taken:
+                self.report.considered[qualified] = dataclasses.replace(c, name=qualified)
+        orders = {pool.name: _order_now(b, ph, pool) for ph, pool in b.pools.items()}
+        graph = Graph(b.captured.code, b.gm.code, b.gm, dict(b.seconds))
+        b.unit.entries.append(Entry(b.name, graph, orders))
+        self.report.entry_uses[b.name] = b.uses
+        self.pending += moves
+        log.info("captured %s in %.2f s: %d pool(s) found, %d to move", b.name, sum(b.seconds.values()),
+                 len(b.found), len(moves))
+
+    def _remember(self, tensor: torch.Tensor, pool: Pool) -> None:
+        self._places[place_key(tensor)] = pool
+
+    def _live_trees(self) -> list[nn.Module]:
+        return [t for t in (ref() for ref in self.trees) if t is not None]
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def call(self, unit: Unit, path: str, module: nn.Module, args: tuple, kwargs: dict):
+        if torch.compiler.is_compiling() or unit.eager is not None:
+            return unit.forward(module, *args, **kwargs)
+        self.running.append((unit, path, module))
+        try:
+            out = unit.compiled(module, *args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            self.pending.clear()
+            inner = getattr(err, "inner_exception", None)
+            if isinstance(inner, LayoutPassError):
+                raise inner.with_traceback(None) from None
+            raise
+        except LayoutPassError:
+            self.pending.clear()
+            raise
+        except torch._dynamo.exc.TorchDynamoException as err:
+            self.pending.clear()
+            out = self._run_as_written(unit, module, args, kwargs, err)
+        finally:
+            self.running.pop()
+        if self.pending:
+            self._move_pending()
+        return out
+
+    def _run_as_written(self, unit: Unit, module: nn.Module, args: tuple, kwargs: dict, err: Exception):
+        """Dynamo cannot capture this unit: it runs as the model wrote it (correct whatever its
+        pools' strides), and the report says so."""
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        unit.eager = f"{unit.label} is not captured and runs as written: {type(err).__name__}: {reason}"
+        self.report.notes.append(unit.eager)
+        log.warning("%s", unit.eager)
+        return unit.forward(module, *args, **kwargs)
+
+    def _move_pending(self) -> None:
+        pending, self.pending = self.pending, []
+        for name, pool in pending:
+            for tree in self._live_trees():
+                move(tree, name, pool.axes, pool.target)
+        moved = {name: pool.target for name, pool in pending}
+        for unit in self.units:
+            unit.entries = [e for e in unit.entries if all(moved.get(n, o) == o for n, o in e.orders.items())]
+        live = {e.name for u in self.units for e in u.entries}
+        self.report.entry_uses = {k: v for k, v in self.report.entry_uses.items() if k in live}
+        log.info("moved %d pool(s): %s", len(pending), ", ".join(f"{n} -> {p.target}" for n, p in pending))
+
+    def check_found(self) -> None:
+        """After the first call: a model in which no pool was found is refused (unless
+        allow_missing), as is a state_buffers name no graph took."""
+        missing = [name for name in self.options.named if name not in self.pools]
+        if missing:
+            raise ArgumentError("state_buffers", f"{missing} were not found as pools in the captured calls")
+        if not self.pools and not self.options.allow_missing:
+            eager = [u.eager for u in self.units if u.eager]
+            why = f" ({'; '.join(eager)})" if eager else ""
+            raise PoolNotFound("no state pool found in the first call: no rank-3 state tensor reaches a conv op or is "
+                               f"written back shifted along one axis{why}; the call ran as written and nothing moved "
+                               "(pass state_buffers=, or allow_missing=True)")
+
+
+def _order_now(b: Build, placeholder: str, pool: Pool) -> Layout:
+    from .layout import order_of
+
+    val = next(n for n in b.captured.graph.find_nodes(op="placeholder") if n.name == placeholder).meta["val"]
+    return order_of(pool.axes, tuple(val.shape), tuple(val.stride())) or pool.source
+
+
+def _check_movable(tree: nn.Module, name: str) -> None:
+    refuse_overlaps(name, aliases(tree, resolve(tree, name)))
+
+
+def _backend(session: Session, unit: Unit, gm: torch.fx.GraphModule, example_inputs: list):
+    _, path, _ = session.running[-1] if session.running else (unit, unit.paths[0], None)
+    b = compile_graph(Build(session, unit, path, gm, example_inputs))
+    session.record(b)
+    return b.gm
+
+
+class _LayerCall:
+    """A pool-holding layer's forward in the optimized model (hooks still run around it)."""
+
+    def __init__(self, session: Session, unit: Unit, path: str, module: nn.Module):
+        self.session, self.unit, self.path, self.module = session, unit, path, module
+
+    def __call__(self, *args, **kwargs):
+        return self.session.call(self.unit, self.path, self.module, args, kwargs)
+
+    def __reduce__(self):  # pickled or copied with its model: optimize() binds a new one
+        return _stale, ()
+
+
+class _Stale:
+    """Where a layer's bound forward was when its model was pickled or copied."""
+
+
+_STALE = _Stale()
+
+
+def _stale() -> _Stale:
+    return _STALE
+
+
+def _restore(plain: nn.Module, layouts: dict, options: dict) -> "OptimizedModule":
+    """An optimized model unpickled or copied: the model (its state as the optimized one kept it,
+    pools in their new order) optimized again, in place; graphs are captured anew."""
+    for module in plain.modules():
+        if vars(module).get("forward") is _STALE:
+            del module.forward
+    return optimize(plain, layouts, inplace=True, **options)
+
+
+class OptimizedModule(nn.Module):
+    """The model with its pools in the layout asked for and its captured graphs proven and
+    rewritten. report: what was found, rewritten, refused (with source lines). graphs: graph
+    name -> Graph (code before and after)."""
+
+    def forward(self, *args, **kwargs):
+        session: Session = self.__dict__["_lp"]
+        if session.root is not None:
+            out = session.call(session.root, ROOT, self, args, kwargs)
+        else:
+            out = session.model_class.forward(self, *args, **kwargs)
+        if not session.calls:
+            session.calls += 1
+            session.check_found()
+        return out
+
+    @property
+    def report(self) -> Report:
+        return self.__dict__["_lp"].report
+
+    def __reduce_ex__(self, protocol):
+        """pickle and copy.deepcopy: the model as it stands (its class, state and attributes),
+        optimized again where it is loaded."""
+        session: Session = self.__dict__["_lp"]
+        plain = session.model_class.__new__(session.model_class)
+        plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_lp"})
+        o = session.options
+        options = dict(state_buffers=o.named or None, allow_missing=o.allow_missing, lower=o.lower, dynamic=o.dynamic)
+        return _restore, (plain, dict(o.layouts), options)
+
+    @property
+    def graphs(self) -> dict[str, Graph]:
+        return {e.name: e.graph for u in self.__dict__["_lp"].units for e in u.entries}
+
+    @property
+    def layout(self) -> dict[str, Layout]:
+        return dict(self.__dict__["_lp"].options.layouts)
+
+    @property
+    def input_layouts(self) -> dict[str, tuple[Layout, tuple]]:
+        """Pool arguments of forward -> (memory order, strides) to allocate them with."""
+        from .layout import dense_strides
+
+        return {p.name: (p.target, dense_strides(p.axes, p.target, p.shape))
+                for p in self.report.pools.values() if p.argument}
+
+
+@functools.cache
+def _optimized_class(cls: type) -> type:
+    if issubclass(cls, OptimizedModule):
+        return cls
+    return type(f"Optimized{cls.__name__}", (OptimizedModule, cls), {"__module__": cls.__module__})
+
+
+def _holds_state(module: nn.Module) -> bool:
+    """Whether the module itself (not its submodules) keeps a tensor of rank >= 3 as state."""
+    return any(t.dim() >= 3 for _, t in own_state(module))
+
+
+def _kind(module: nn.Module) -> tuple:
+    """What decides a layer's graphs: class and code, tensors' names and shapes, plain attributes."""
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in
+                    list(module.named_parameters()) + list(module.named_buffers()))
+    forward = vars(module).get("forward") or type(module).forward
+    return type(module), getattr(forward, "__code__", id(forward)), tensors
+
+
+def _units(model: nn.Module, model_class: type) -> tuple[list[Unit], Unit | None]:
+    """The layers that hold pools, grouped by kind; or the whole model when it holds state itself
+    (or no layer does)."""
+    holders = [p for p, m in model.named_modules() if _holds_state(m)]
+    if not holders or ROOT in holders:
+        root = Unit("model", [ROOT], model_class.forward)
+        return [root], root
+    outermost = [p for p in holders if not any(p.startswith(q + ".") for q in holders if q != p)]
+    kinds: dict[tuple, Unit] = {}
+    for path in outermost:
+        module = model.get_submodule(path)
+        key = _kind(module)
+        if key not in kinds:
+            name = type(module).__name__
+            taken = sum(u.label.split("#")[0] == name for u in kinds.values())
+            forward = vars(module).get("forward")
+            kinds[key] = Unit(name if not taken else f"{name}#{taken + 1}", [],
+                              (lambda m, *a, _f=forward, **k: _f(*a, **k)) if forward else type(module).forward)
+        kinds[key].paths.append(path)
+    return list(kinds.values()), None
+
+
+def _copy(model: nn.Module, inplace: bool) -> nn.Module:
+    """The model's structure copied, its parameters shared; its state copied too, unless
+    inplace (then shared: its pools move in the model's own memory)."""
+    shared = list(model.parameters()) + ([t for _, t in state_tensors(model)] if inplace else [])
+    fast = copy.deepcopy(model, memo={id(t): t for t in shared})
+    fast.__dict__.pop("forward", None)  # a forward patched onto the instance would run the model as written
+    return fast
+
+
+def _layouts(layout) -> dict[str, Layout]:
+    """layout= : a conv layout ("DS", "SD"), a recurrent one ("KV", "VK"), or a mapping kind -> layout."""
+    if isinstance(layout, Mapping):
+        unknown = [k for k in layout if k not in KINDS]
+        if unknown:
+            raise ArgumentError("layout", f"unknown pool kinds {unknown}; expected some of {list(KINDS)}")
+        return {kind: parse_layout(v, f"layout[{kind!r}]", kind) for kind, v in layout.items()}
+    parsed = parse_layout(layout)
+    kind = next(k for k, names in KINDS.items() if str(parsed) in names or parsed.axes[-2:] in (
+        parse_layout(n).axes[-2:] for n in names))
+    return {kind: parsed}
+
+
+def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None = None,
+             state_buffers: Sequence[str] | Mapping[str, str] | None = None, allow_missing: bool = False,
+             lower: "bool | str" = "auto", dynamic: bool | None = None, inplace: bool = False) -> OptimizedModule:
+    """The model with its state pools stored in `layout` and every use of them rewritten.
+
+    layout: "DS" or "SD" for conv-state pools, "KV" or "VK" for recurrent-state pools, or a
+    mapping {"conv": ..., "recurrent": ...}; a kind not named keeps the model's order.
+    Graphs are captured on the first call of each call structure (Dynamo's guards decide what
+    a new structure is). example_inputs: calls (dicts of keyword arguments, tuples of positional
+    ones, or (args, kwargs)) to capture now, run on a throwaway copy of the optimized model's
+    state. state_buffers: pool names (or name -> axes layout) for pools no conv op reaches.
+    allow_missing: do not refuse a model in which no pool is found. lower: replace pure-torch
+    conv updates on DS pools by the conv kernels (True, False, or "auto": when the inputs are
+    on CUDA). dynamic: Dynamo's dynamic-shape mode (None: sizes that change become symbolic).
+    inplace: the pools move in the model's own memory instead of a copy (the model then sees
+    the new strides; its values are unchanged). A refused rewrite raises LayoutPassError."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
+    if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        from .hf import raw_transformers_hint  # a cache object passed to forward cannot be captured
+
+        hint = raw_transformers_hint(model)
+        if hint:
+            raise ArgumentError("model", hint)
+    layouts = _layouts(layout)
+    if lower not in (True, False, "auto"):
+        raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
+    dynamic = getattr(model, "layoutpass_dynamic", None) if dynamic is None else dynamic
+    for name, value in (("inplace", inplace), ("allow_missing", allow_missing)):
+        if not isinstance(value, bool):
+            raise ArgumentError(name, f"expected True or False, got {value!r}")
+    if dynamic not in (None, True, False):
+        raise ArgumentError("dynamic", f"expected None, True or False, got {dynamic!r}")
+    named = _explicit_pools(state_buffers, dict(state_tensors(model)))
+    calls = [_split(call) for call in example_inputs or ()]
+    configure_dynamo()
+    fast = _copy(model, inplace)
+    units, root = _units(fast, type(model))
+    session = Session(model, Options(layouts, named, lower, dynamic, inplace, allow_missing), units, root)
+    _bind(session, fast)
+    start = time.perf_counter()
+    for args, kwargs in calls:
+        _warm_up(fast, args, kwargs)
+    if calls:
+        log.info("captured %d example call(s) in %.2f s", len(calls), time.perf_counter() - start)
+    return fast
+
+
+def _bind(session: Session, module: nn.Module) -> None:
+    """Make `module` (the model's copy, or a twin of it) run through `session`."""
+    module.__class__ = _optimized_class(session.model_class)
+    module.__dict__["_lp"] = session
+    session.trees.append(weakref.ref(module))
+    if session.root is None:
+        for unit in session.units:
+            for path in unit.paths:
+                layer = module.get_submodule(path)
+                layer.forward = _LayerCall(session, unit, path, layer)
+
+
+def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict) -> None:
+    """Run one example call on a twin of `fast` (its state fresh tensors of the same shapes and
+    strides, its parameters shared): graphs are captured, pools found and moved in `fast` too,
+    refusals raised, and `fast`'s own state is not touched."""
+    session: Session = fast.__dict__["_lp"]
+    memo = {id(p): p for p in fast.parameters()}
+    storages = {}
+    for _, t in state_tensors(fast):
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in storages:
+            storages[key] = torch.empty(t.untyped_storage().nbytes(), dtype=torch.uint8, device=t.device)
+        twin = torch.empty(0, dtype=t.dtype, device=t.device).set_(storages[key].untyped_storage(),
+                                                                    t.storage_offset(), t.shape, t.stride())
+        memo[id(t)] = twin
+    plain = session.model_class.__new__(session.model_class)
+    plain.__dict__.update({k: v for k, v in fast.__dict__.items() if k != "_lp"})
+    twin = copy.deepcopy(plain, memo)
+    for module in twin.modules():
+        if vars(module).get("forward") is _STALE:
+            del module.forward
+    _bind(session, twin)
+    try:
+        with torch.no_grad():
+            twin(*args, **kwargs)
+    finally:
+        session.trees = [r for r in session.trees if r() is not twin and r() is not None]
+
+
+def _explicit_pools(state_buffers, tensors) -> dict[str, Layout | None]:
+    if state_buffers is None:
+        return {}
+    if isinstance(state_buffers, Mapping):
+        named = {k: parse_layout(v, "state_buffers") for k, v in state_buffers.items()}
+    elif isinstance(state_buffers, Sequence) and not isinstance(state_buffers, str):
+        named = dict.fromkeys(state_buffers)
+    else:
+        raise ArgumentError("state_buffers", "expected buffer names, or a mapping of names to layouts")
+    unknown = [n for n in named if n not in tensors]
+    if unknown:
+        raise ArgumentError("state_buffers", f"no state tensors named {unknown}")
+    bad = [n for n in named if tensors[n].dim() != 3]
+    if bad:
+        raise ArgumentError("state_buffers", f"{bad} are not rank-3 (slot, tok, dim) pools")
+    return named
+
+
+def _split(call) -> tuple[tuple, dict]:
+    if isinstance(call, Mapping):
+        return (), dict(call)
+    if isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple) and isinstance(call[1], Mapping):
+        return call[0], dict(call[1])
+    if isinstance(call, tuple):
+        return call, {}
+    raise ArgumentError("example_inputs", f"each call must be a dict, a tuple or (args, kwargs); got {type(call).__name__}")

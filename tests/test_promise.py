@@ -1,0 +1,234 @@
+"""The promise for the whole program: the optimized model against the untouched original, step
+after step, in both layouts, on code around the graph -- Python flags and counters, hooks,
+caches in lists, shared storage, other methods, custom ops -- or a clear refusal before
+anything changes. One test per defect class."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import promise_models as pm
+from layoutpass import LayoutPassError, optimize
+from layoutpass.equivalence import logical_buffers
+from layoutpass.state import state_tensors
+
+LAYOUTS = ["DS", "SD"]
+
+
+def same_state(a, b):
+    """All state of the reference `a` and the optimized `b`, element by element (a raw
+    allocation holding moved pools read back in the model's order)."""
+    sa, sb = logical_buffers(a), logical_buffers(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0, msg=lambda m, k=k: f"state {k}: {m}")
+
+
+def run_both(model, steps, layout, between=None, **options):
+    """The untouched original (a copy, run eagerly) and the optimized model: every output and
+    all state after every call, exactly; `between(m, i)` runs on both before call i."""
+    reference, fast = copy.deepcopy(model), optimize(model, layout, **options)
+    for i, call in enumerate(steps):
+        if between is not None:
+            between(reference, i)
+            between(fast, i)
+        expected, got = reference(**call), fast(**call)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=lambda m: f"call {i}: {m}")
+        same_state(reference, fast)
+    return reference, fast
+
+
+def steps(n=5, batch=3):
+    return [pm.step(batch if i % 2 else batch - 1, seed=i) for i in range(n)]
+
+
+# 1. plain attributes read by the forward: guarded, not frozen
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_flag_the_forward_reads_and_sets_is_followed(layout):
+    def server(m, i):
+        m.continue_from_cache = i != 3  # the server drops the cache once
+    # the first call reads no state, so nothing shows the pool yet: it is named
+    _, fast = run_both(pm.Flagged(), steps(6), layout, server, state_buffers={"conv_state": "SD"})
+    assert fast.has_previous_state is True
+
+
+# 2. Python side effects happen once per call
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_counters_and_lists_kept_in_python_move_once_per_call(layout):
+    reference, fast = run_both(pm.Counted(), steps(6), layout)
+    assert fast.seen_tokens == reference.seen_tokens and fast.history == reference.history
+    assert len(fast.history) == 6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_pre_hook_that_frees_slots_runs_on_the_real_call(layout):
+    def schedule(m, i):
+        if i in (1, 3):
+            m.to_free = [3, 5]
+    run_both(pm.Draining(), steps(5), layout, schedule)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_snapshot_hook_and_an_undo_method(layout):
+    def undo(m, i):
+        if i == 3:
+            m.undo(torch.tensor([1, 4]))
+    model = pm.Snapshot()
+    reference, fast = run_both(model, steps(5), layout, undo)
+    assert model._ckpt is None  # the caller's model is not touched: no fake or meta tensor left in it
+    assert type(fast._ckpt) is torch.Tensor and fast._ckpt.device.type == "cpu"
+
+
+# 3. caches held in plain containers
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_cache_bound_as_a_list_of_tuples(layout):
+    model = pm.ListCache()
+    reference, fast = run_both(model, steps(4), layout)
+    assert fast.kv_cache[0][0] is not model.kv_cache[0][0]  # the optimized model owns its copies
+    assert fast.report.pools and list(fast.report.pools) == ["kv_cache[0][0]"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rebinding_the_cache_list_is_followed(layout):
+    def rebind(m, i):
+        if i == 2:
+            g = torch.Generator().manual_seed(7)
+            m.kv_cache = [(torch.randn(pm.SLOTS, pm.TOK, pm.DIM, generator=g), torch.randn(pm.SLOTS, 2, 4, generator=g))]
+    run_both(pm.ListCache(), steps(5), layout, rebind)
+
+
+# 4. storage shared between views and names
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_pool_registered_in_two_layers_moves_once(layout):
+    reference, fast = run_both(pm.Shared(), steps(4), layout)
+    assert fast.a.conv_state is fast.b.conv_state
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pools_carved_out_of_one_raw_allocation(layout):
+    def reset(m, i):
+        if i == 2:
+            m.reset(torch.tensor([1, 3]), torch.tensor([[0.0], [0.5]]))
+    run_both(pm.RawPages(), steps(5), layout, reset)
+
+
+# 5. code outside forward
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_server_methods_outside_forward(layout):
+    def server(m, i):
+        if i == 1:
+            m.free_slots(torch.tensor([2]))
+        if i == 2:
+            m.load_slots(torch.tensor([1, 4]), torch.arange(2 * pm.TOK * pm.DIM, dtype=torch.float32))
+        if i == 3:
+            m.rollback(3)
+    run_both(pm.Server(), steps(5), layout, server)
+
+
+# 6. what used to crash at run time
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_pool_reallocated_after_optimize(layout):
+    def grow(m, i):
+        if i == 2:
+            m.grow()
+    run_both(pm.Reallocates(), steps(5), layout, grow)
+
+
+def test_a_custom_op_that_needs_contiguous_memory_is_refused_before_anything_moves():
+    model = pm.CustomOp()
+    fast = optimize(model, "DS")
+    before = {k: v.clone() for k, v in state_tensors(fast)}
+    with pytest.raises(LayoutPassError, match=r"contiguous_only.*test_promise|promise_models.py:\d+"):
+        fast(**pm.step())
+    assert all(torch.equal(v, dict(state_tensors(fast))[k]) for k, v in before.items())
+    assert all(t.is_contiguous() for _, t in state_tensors(fast))
+    run_both(pm.CustomOp(), steps(3), "SD")  # no move: nothing to refuse
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_state_dict_round_trips_both_ways(layout):
+    model = pm.Conv()
+    reference, fast = run_both(model, steps(2), layout)
+    fresh = pm.Conv()
+    fresh.load_state_dict(fast.state_dict())
+    same_state(fast, fresh)
+    fast.load_state_dict(reference.state_dict())
+    run_both(fast, steps(2), layout) if False else None
+    same_state(reference, fast)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pickle_and_deepcopy(layout):
+    reference, fast = run_both(pm.Conv(), steps(2), layout)
+    for clone in (pickle.loads(pickle.dumps(fast)), copy.deepcopy(fast)):
+        same_state(reference, clone)
+        call = pm.step(seed=11)
+        torch.testing.assert_close(clone(**call), copy.deepcopy(reference)(**call), rtol=0, atol=0)
+
+
+# 7. inplace: a refusal at the first call leaves the model as it was
+
+def test_inplace_refusal_at_the_first_call_leaves_the_model_as_it_was():
+    model = pm.CustomOp()
+    before = {k: (v.clone(), v.stride()) for k, v in state_tensors(model)}
+    fast = optimize(model, "DS", inplace=True)
+    with pytest.raises(LayoutPassError):
+        fast(**pm.step())
+    for k, (v, stride) in before.items():
+        now = dict(state_tensors(model))[k]
+        assert torch.equal(now, v) and now.stride() == stride
+
+
+# 8. what used to be a silent no-op or a false refusal
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_shard_that_does_not_start_at_zero_is_found(layout):
+    _, fast = run_both(pm.Sharded(), steps(3), layout)
+    assert list(fast.report.pools) == ["conv_state"]
+    assert fast.report.pools["conv_state"].target.axes[-1] == ("tok" if layout == "DS" else "dim")
+
+
+@pytest.mark.parametrize("model_class", [pm.StackWrite, pm.SelectWrite, pm.Gathered])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_write_backs_through_other_ops_are_found(model_class, layout):
+    _, fast = run_both(model_class(), steps(3), layout)
+    assert list(fast.report.pools) == ["conv_state"]
+
+
+def test_a_model_without_a_pool_is_refused_at_its_first_call():
+    class NoPool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(pm.DIM, pm.DIM)
+
+        def forward(self, x, slots):
+            return self.lin(x)
+    fast = optimize(NoPool())
+    with pytest.raises(LayoutPassError, match="no state pool found"):
+        fast(**pm.step())
+    assert not optimize(NoPool(), allow_missing=True)(**pm.step()).isnan().any()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_converting_the_optimized_model_to_another_dtype(layout):
+    model = pm.Conv()
+    reference, fast = run_both(model, steps(2), layout)
+    reference, fast = reference.to(torch.bfloat16), fast.to(torch.bfloat16)
+    for call in steps(3):
+        call = {k: v.bfloat16() if v.is_floating_point() else v for k, v in call.items()}
+        torch.testing.assert_close(fast(**call), reference(**call), rtol=0, atol=0)
+        same_state(reference, fast)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_optional_argument_given_as_none(layout):
+    calls = [dict(pm.step(seed=0)), dict(pm.step(seed=1), qsl=None), dict(pm.step(seed=2), qsl=torch.ones(2))]
+    run_both(pm.OptionalArg(), calls, layout)
