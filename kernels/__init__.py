@@ -7,6 +7,8 @@ no usable package) instead of registering the ops a second time."""
 
 if __name__ != "kernels":
     from .ops import conv_prefill, conv_update
+    from .recurrent import delta_rule_update, selective_state_update
     from .state import relayout, relayout_, shard_gather, shard_scatter, tail_copy
 
-    __all__ = ["conv_prefill", "conv_update", "relayout", "relayout_", "shard_gather", "shard_scatter", "tail_copy"]
+    __all__ = ["conv_prefill", "conv_update", "delta_rule_update", "relayout", "relayout_", "selective_state_update",
+               "shard_gather", "shard_scatter", "tail_copy"]
