@@ -84,7 +84,8 @@ def _check_delta(state, q, k, v, g, beta, state_indices, num_accepted_tokens, ou
     check_float("v", v, 4)
     batch, tokens, heads, V = v.shape
     if state.shape[2] != heads or state.shape[4] != V:
-        raise ArgumentError("state", f"expected (num_slots, num_snaps, heads={heads}, K, V={V}), got {tuple(state.shape)}")
+        raise ArgumentError("state", f"expected (num_slots, num_snaps, heads={heads}, K, V={V}), "
+                                     f"got {tuple(state.shape)}")
     K = state.shape[3]
     check_float("q", q, 4)
     qk_heads = q.shape[2]

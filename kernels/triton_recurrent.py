@@ -230,21 +230,18 @@ def _delta_kernel(
             tl.store(s_base + (snaps - TOKENS + t64) * ss_snap + tile, h.to(state_ptr.dtype.element_ty), mask=mask)
 
 
-# Block shapes, as data: BLOCKS[(op, order, state element bytes)] is a list of
-# (largest batch * heads, BLOCK_V, num_warps); the first row that fits wins. BLOCK_V is cut to
-# the value axis' power of two. Aim: a state tile of 2-8 KB, 16-32 elements per thread, so
-# that many small programs keep enough bytes in flight on every SM; in the KV order rows of
-# BLOCK_V values are at least 64 bytes. Not yet tuned on a GPU: benchmarks/recurrent.py --sweep
-# times the alternatives on the target card and prints the table it would ship.
+# Block shapes, as data: BLOCKS[(op, order, state element bytes)], op "ssu", "gdn" or "kda",
+# is a list of (largest batch * heads, BLOCK_V, num_warps); the first row that fits wins.
+# BLOCK_V is cut to the value axis' power of two. Aim: a state tile of 2-8 KB and 16-32
+# elements per thread, so that many small programs keep enough bytes in flight on every SM;
+# in the KV order, rows of BLOCK_V values of at least 64 bytes. Chosen from the compiled code
+# (16-byte state loads and stores, 58-96 registers, no spills, for the shapes of
+# benchmarks/recurrent.py), not yet timed on a GPU: benchmarks/recurrent.py --sweep times the
+# alternatives on the card and prints the table to ship.
 BLOCKS = {
-    ("ssu", VK, 4): [(1 << 62, 4, 1)],
-    ("ssu", VK, 2): [(1 << 62, 16, 2)],
-    ("ssu", KV, 4): [(1 << 62, 16, 2)],
-    ("ssu", KV, 2): [(1 << 62, 32, 4)],
-    ("delta", VK, 4): [(1 << 62, 4, 1)],
-    ("delta", VK, 2): [(1 << 62, 16, 2)],
-    ("delta", KV, 4): [(1 << 62, 16, 2)],
-    ("delta", KV, 2): [(1 << 62, 32, 4)],
+    (op, order, elem): [(1 << 62, *block)]
+    for op in ("ssu", "gdn", "kda")
+    for (order, elem), block in {(VK, 4): (4, 1), (VK, 2): (16, 2), (KV, 4): (16, 2), (KV, 2): (32, 4)}.items()
 }
 ANY_BLOCK = (16, 4)  # the any-strides path: correct, not tuned
 PDL = True
@@ -311,9 +308,9 @@ def delta_rule(state, q, k, v, g, beta, scale, state_indices, num_accepted_token
     if batch == 0 or T == 0:
         return
     order = order_of(state.stride(4), state.stride(3))
-    block_v, warps = config("delta", order, state.element_size(), batch * heads, V)
-    nvb = triton.cdiv(V, block_v)
     kda = g.dim() == 4
+    block_v, warps = config("kda" if kda else "gdn", order, state.element_size(), batch * heads, V)
+    nvb = triton.cdiv(V, block_v)
     gs = g.stride() if kda else (*g.stride(), 0)
     wide = _wide(((K, state.stride(3)), (V, state.stride(4))), ((K, q.stride(3)),), ((K, k.stride(3)),),
                  ((V, v.stride(3)),), ((V, out.stride(3)),), ((K if kda else 1, gs[3]),))
