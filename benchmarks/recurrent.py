@@ -36,6 +36,8 @@ delta rule: q/k l2norm in the kernel, scale K^-0.5.
 
     python benchmarks/recurrent.py                         # checks, timings; recurrent.json/.md under $OUT
     python benchmarks/recurrent.py --sweep                 # first time block shapes, then use the winners
+    python benchmarks/recurrent.py --sweep-only            # only that: writes recurrent_blocks.json
+    python benchmarks/recurrent.py --blocks recurrent_blocks.json   # a run with a swept table
     python benchmarks/recurrent.py --profile               # one launch per case, for ncu
     TRITON_INTERPRET=1 python benchmarks/recurrent.py --tiny   # CPU dry run at tiny shapes, no timing
     (peers: see benchmarks/peers/fetch.py for the wheels and PYTHONPATH)
@@ -581,12 +583,23 @@ def sweep(args, gen, log) -> dict:
                 table[-1] = (1 << 62, *table[-1][1:])
                 merged = [row for i, row in enumerate(table) if i + 1 == len(table) or row[1:] != table[i + 1][1:]]
                 triton_recurrent.BLOCKS[key] = merged
-                chosen[str(key)] = dict(shipped=shipped, swept=merged)
+                chosen[",".join(map(str, key))] = dict(shipped=shipped, swept=merged)
                 log(f"BLOCKS[{key}] = {merged}  (shipped {shipped})")
                 del pools
                 if S.device == "cuda":
                     torch.cuda.empty_cache()
+    (args.out / "recurrent_blocks.json").write_text(json.dumps({k: v["swept"] for k, v in chosen.items()}, indent=1))
+    log(f"wrote {args.out / 'recurrent_blocks.json'} (--blocks FILE applies it to a later run)")
     return chosen
+
+
+def load_blocks(path: Path) -> dict:
+    """Apply a table written by --sweep: {"op,order,elem bytes": [[largest batch*heads, BLOCK_V, warps], ...]}."""
+    table = json.loads(path.read_text())
+    for key, rows in table.items():
+        op, order, elem = key.split(",")
+        triton_recurrent.BLOCKS[(op, int(order), int(elem))] = [tuple(row) for row in rows]
+    return table
 
 
 def profile(args, gen) -> None:
@@ -642,7 +655,8 @@ def report(args, card, bw, rows, checks, compiled, swept, log_lines) -> list[str
     meta = dict(card=card, versions=versions(args), copy_bw_gbs=round(bw),
                 shapes=dict(ssm=S.ssm, gdn=S.gdn, kda=S.kda),
                 slots=S.slots, layers=S.layers, replay_bytes=S.replay_bytes, activations=str(S.act), rounds=ROUNDS,
-                blocks={str(k): v for k, v in triton_recurrent.BLOCKS.items()}, pdl=triton_recurrent.PDL, swept=swept,
+                blocks={",".join(map(str, k)): v for k, v in triton_recurrent.BLOCKS.items()}, pdl=triton_recurrent.PDL,
+                swept=swept, blocks_file=str(args.blocks) if args.blocks else None,
                 peers=dict(fla=args.fla, ssm=args.peer_ssm, gdn=args.peer_gdn, kda=args.peer_kda))
     if args.peer_ssm:
         module = importlib.import_module(args.peer_ssm.split(":")[0])
@@ -690,7 +704,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="default: $OUT, else benchmarks/results "
                                                                "(the dry run: a temporary folder)")
-    parser.add_argument("--sweep", action="store_true", help="time block shapes first and use the winners")
+    parser.add_argument("--sweep", action="store_true", help="time block shapes first and use the winners "
+                                                             "(also written to recurrent_blocks.json)")
+    parser.add_argument("--sweep-only", action="store_true", help="--sweep, then stop")
+    parser.add_argument("--blocks", type=Path, help="a recurrent_blocks.json from an earlier --sweep: use its table")
     parser.add_argument("--profile", action="store_true", help="one launch per case, for ncu; no timing, no files")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")
     parser.add_argument("--fla", action="store_true", help="FLA 0.6's fused recurrent kernels (fla-core installed)")
@@ -723,6 +740,8 @@ def main():
     os.environ.setdefault("FLA_CACHE_RESULTS", "0")  # read when fla is imported (see retune_fla)
     gen = random.Random(0)
     torch.manual_seed(0)
+    if args.blocks:
+        load_blocks(args.blocks)
     if args.profile:
         return profile(args, gen)
     card = torch.cuda.get_device_name() if S.device == "cuda" else "CPU, Triton interpreter (dry run: no timing)"
@@ -735,7 +754,10 @@ def main():
         print(line, flush=True)
 
     log(f"{card}, torch {torch.__version__}, triton {triton.__version__}: copy bandwidth {bw:.0f} GB/s")
-    swept = sweep(args, gen, log) if args.sweep else None
+    swept = sweep(args, gen, log) if args.sweep or args.sweep_only else None
+    if args.sweep_only:
+        (args.out / "recurrent.log").write_text("\n".join(log_lines) + "\n")
+        return
     rows, checks, failed = [], [], set()
     compiled = None
     if S.device == "cuda" and not args.no_compile_check:

@@ -229,33 +229,28 @@ def test_wide_index_math(order, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(runs[False], runs[True]))
 
 
-def _logical(t):
-    return t.contiguous()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_orders_agree(dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_orders_agree(device, dtype):
     """The same step on one pool stored VK, KV and in strides of neither. The reference gathers
     the states first, so it gives the same bits in every order. Triton: the SSM state update
     is elementwise, written the same for every tile orientation, so the SSM states agree bit
     for bit; a sum over k (the SSM outputs, everything of the delta rule) is reduced in an
-    order that follows the tile's layout, so those only agree to rounding on a GPU (the
-    interpreter's numpy sums may or may not differ)."""
-    for op, make, runs in (("ssu", ssu_case, (public_ssu, triton_ssu)), ("delta", delta_case, (public_delta,
-                                                                                              triton_delta))):
-        for run in runs:
-            results = []
-            for order in ORDERS:
-                kw = dict(order=order, dtype=dtype, tokens=3, spec=True)
-                kw.update(dict(gates=True, groups=2) if op == "ssu" else dict(kda=True, l2norm=True))
-                case = make(77, **kw)
-                state, out = case.check(run)
-                results.append((_logical(state), out))
+    order that follows the tile's layout, so those agree to rounding only (on a GPU they
+    differ; the interpreter's numpy sums may or may not)."""
+    cuda = device == "cuda"
+    size = dict(heads=80, head_dim=64, d_state=128, batch=9, num_slots=20) if cuda else {}
+    delta_size = dict(heads=32, K=128, V=128, batch=9, num_slots=20) if cuda else {}
+    runs = [(public_ssu, public_delta, not cuda)] + ([] if cuda else [(triton_ssu, triton_delta, False)])
+    for run_ssu, run_delta, reference in runs:
+        for op, make, run, kw in (("ssu", ssu_case, run_ssu, dict(gates=True, groups=2, **size)),
+                                  ("delta", delta_case, run_delta, dict(kda=True, l2norm=True, **delta_size))):
+            results = [make(77, order=order, dtype=dtype, tokens=3, spec=True, device=device, **kw).check(run)
+                       for order in ORDERS]
             for state, out in results[1:]:
-                exact = run in (public_ssu, public_delta) or op == "ssu"
-                if exact:
+                if reference or op == "ssu":
                     assert torch.equal(state, results[0][0]), f"{op} {run.__name__}: states differ between orders"
-                if run in (public_ssu, public_delta):
+                if reference:
                     assert torch.equal(out, results[0][1]), f"{op} {run.__name__}: outputs differ between orders"
 
 
