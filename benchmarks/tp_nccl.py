@@ -1,20 +1,31 @@
-"""Heterogeneous TP transfers of Mamba2-2.7B-shaped conv state over NCCL, one process per GPU
-(issue 14): TP1 -> TP2 and TP2 -> TP1 on 3 GPUs, TP2 -> TP2 on 4, one layer and a whole
-64-layer model, SD and DS pools (and TP2 -> TP2 from SD to DS, relayouted on receipt). A pool
-per layer: channels [x 5120 | B 128 | C 128], state_len 3, bf16, 4096 slots; 1024 random slots
-move to 1024 random slots. Groups "even": B and C split across ranks as the issue states them;
-"replicated": n_groups = 1, as vLLM shards Mamba2-2.7B (every rank holds all of B and C).
+"""The whole disaggregated hand-off over NCCL (issue 21): every pool of every layer of a request,
+conv and SSM state, from TP prefill ranks to TP decode ranks of other sizes and layouts, one
+process per GPU on 4 GPUs: TP1->TP2, TP2->TP1, TP2->TP2 (3 or 4 GPUs, prefill and decode on
+separate GPUs), TP1->TP4 and TP4->TP1 (4 GPUs: the TP1 rank shares GPU 0 with TP4 rank 0, whose
+pair is copied on the GPU).
 
-Each row is first checked (every layer's moved slots against the logically sliced source,
-untouched slots unchanged), then timed: the ranks meet at a barrier, a host clock runs until
-the transfer has finished on every rank, the row's time is the median over iterations of the
-slowest rank. The ceiling is one batch_isend_irecv of the same bytes per (src, dst) pair,
-already packed. Beside it, on one GPU: the sender's pack and the receiver's unpack alone (one
-launch over all slots and layers; CUDA events around ten back-to-back launches). Two whole-model
-rows are also timed at several chunk counts.
+Mamba2-2.7B shapes, bf16: per layer a conv pool (channels [x 5120 | B 128 | C 128], n_groups 1
+so every TP2/TP4 rank holds all of B and C, state_len 3) and an SSM pool (80 heads, head_dim 64
+(v), d_state 128 (k): 1.31 MB per slot). Pools of 1056 slots; a request of 1024 random slots
+moves to 1024 random slots (all 64 layers: ~86 GB of SSM state leave a TP1 rank). Layouts:
+"same" keeps conv DS and SSM VK on both sides, "cross" sends conv SD / SSM KV into DS / VK
+(relayouted on receipt).
 
-    python benchmarks/tp_nccl.py --out DIR      # 4 GPUs: tp_nccl.json + tp_nccl.md
-    python benchmarks/tp_nccl.py --smoke        # 4 CPU processes over gloo, tiny shapes: the checks only"""
+Each configuration is first checked: every source element holds a hash of (pool, layer, slot,
+logical index); after a hand-off every destination element of every moved slot of every layer is
+compared with the hash of its logical index at the source slot, and unmoved slots must keep
+their fill. Then timed, each scope (the 64-layer model; one layer, conv + SSM; one layer's conv
+alone, where the fixed cost shows) against its ceiling measured in the same run: one
+batch_isend_irecv of the same bytes per (src, dst) pair, already contiguous (sent from and into
+the pools' own memory; the co-located pair as one device copy). Rows: ranks meet at a barrier,
+a host clock runs until the transfer has finished on every rank; the median over iterations of
+the slowest rank. `host` is the time until tp.Transfer's call returns (its host work: the
+rest is the GPU's and NCCL's). The links' own bandwidth is measured at the start of the run (1 GiB
+per peer: one pair, one GPU to three, three to one).
+
+    python benchmarks/tp_nccl.py --out benchmarks/results      # 4 GPUs: tp_nccl.json + tp_nccl.md
+    python benchmarks/tp_nccl.py --smoke                       # 4 CPU processes over gloo, tiny shapes
+    python benchmarks/tp_nccl.py --out DIR --profile DIR2      # + torch.profiler traces of one-layer rows"""
 
 import os
 
@@ -26,6 +37,7 @@ import datetime  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -33,56 +45,21 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from layoutpass.kernels import state  # noqa: E402
-from layoutpass.layout import DS, SD  # noqa: E402
-from layoutpass.tp import _side, execute, plan  # noqa: E402
+from layoutpass import tp  # noqa: E402
+from layoutpass.layout import LAYOUTS, Layout, arrange  # noqa: E402
 
-LAYOUTS = {"SD": SD, "DS": DS}
-FULL = dict(groups={"even": [5120, 128, 128], "replicated": [5120, (128, 1), (128, 1)]}, state_len=3, slots=4096,
-            moved=1024, layers=(1, 64), iters={1: 30, 64: 8}, dtype=torch.bfloat16)
-SMOKE = dict(groups={"even": [40, 8, 8], "replicated": [40, (8, 1), (8, 1)]}, state_len=3, slots=256, moved=64,
-             layers=(1, 3), iters={1: 2, 3: 2}, dtype=torch.float32)
-PAIRS = [("TP1->TP2", 1, 2, [("SD", "SD"), ("DS", "DS")]),
-         ("TP2->TP1", 2, 1, [("SD", "SD"), ("DS", "DS")]),
-         ("TP2->TP2", 2, 2, [("SD", "SD"), ("DS", "DS"), ("SD", "DS")])]
-FILL = -7.0
-SWEEP = {("TP1->TP2", "DSDS", "even"), ("TP2->TP2", "SDDS", "even")}  # whole-model rows timed at several chunk counts
-
-
-def rows(cfg):
-    """(pair, tp_src, tp_dst, layouts, layers, groups): every scope for even groups, the whole
-    model for replicated ones."""
-    for name, tp_src, tp_dst, layouts in PAIRS:
-        for groups in cfg["groups"]:
-            for layers in cfg["layers"] if groups == "even" else cfg["layers"][-1:]:
-                for lay in layouts:
-                    yield name, tp_src, tp_dst, lay, layers, groups
-
-
-def held_channels(groups, tp, rank):
-    """A rank's logical channels, by vLLM's Mamba2 rule (written apart from the plan's own)."""
-    out, start = [], 0
-    for spec in groups:
-        width, n = (spec, None) if isinstance(spec, int) else spec
-        if n is None or n % tp == 0:
-            out += range(start + rank * width // tp, start + (rank + 1) * width // tp)
-        else:
-            g = rank * n // tp
-            out += range(start + g * width // n, start + (g + 1) * width // n)
-        start += width
-    return torch.tensor(out)
-
-
-def source_layer(cfg, groups, layer, device):
-    """The whole logical (slot, tok, dim) pool of one layer, the same on every process."""
-    width = sum(g if isinstance(g, int) else g[0] for g in cfg["groups"][groups])
-    gen = torch.Generator(device=device).manual_seed(1000 + layer)
-    return torch.randn(cfg["slots"], cfg["state_len"], width, generator=gen, device=device).to(cfg["dtype"])
-
-
-def local(logical, cfg, groups, tp, rank, layout):
-    return SD.convert(logical[:, :, held_channels(cfg["groups"][groups], tp, rank).to(logical.device)],
-                      LAYOUTS[layout])
+FULL = dict(heads=80, head_dim=64, d_state=128, n_groups=1, conv_width=4, slots=1056, moved=1024, layers=64,
+            iters={"model": 3, "layer": 20, "conv layer": 30}, link_bytes=1 << 30, sweep=(64 << 20, 256 << 20, 1 << 30))
+SMOKE = dict(heads=8, head_dim=4, d_state=8, n_groups=1, conv_width=4, slots=40, moved=32, layers=3,
+             iters={"model": 2, "layer": 2, "conv layer": 2}, link_bytes=1 << 20, sweep=(4 << 10, 64 << 10))
+# (name, tp_src, tp_dst, src processes, dst processes)
+PAIRS = [("TP1->TP2", 1, 2, [0], [1, 2]), ("TP2->TP1", 2, 1, [0, 1], [2]), ("TP2->TP2", 2, 2, [0, 1], [2, 3]),
+         ("TP1->TP4", 1, 4, [0], [0, 1, 2, 3]), ("TP4->TP1", 4, 1, [0, 1, 2, 3], [0])]
+LAYOUT_SETS = {"same": (("DS", "DS"), ("VK", "VK")), "cross": (("SD", "DS"), ("KV", "VK"))}
+CONFIGS = [(pair, "same") for pair in PAIRS] + [(pair, "cross") for pair in PAIRS[:3]]
+SWEEP = [("TP1->TP2", "same"), ("TP2->TP2", "cross")]  # model rows also timed at other chunk sizes
+FILL = -12345
+DTYPE = torch.bfloat16
 
 
 def sync(device):
@@ -90,25 +67,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, group, device, iters, warmup=2):
-    """Median over iterations of the slowest rank's time (us), each from a barrier to the end
-    of the transfer on this rank."""
-    times = []
+def timed(fn, group, device, iters, warmup=1):
+    """(median of the slowest rank's time, median of the slowest rank's host time until fn
+    returned), us: each iteration from a barrier to the end of the transfer on this rank."""
+    times, host = [], []
     for _ in range(warmup + iters):
         sync(device)
         dist.barrier(group=group)
         start = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - start) * 1e6)
         sync(device)
         times.append((time.perf_counter() - start) * 1e6)
-    slowest = torch.tensor(times[warmup:], dtype=torch.float64, device=device)
-    dist.all_reduce(slowest, dist.ReduceOp.MAX, group=group)
-    return statistics.median(slowest.tolist())
+    both = torch.tensor([times[warmup:], host[warmup:]], dtype=torch.float64, device=device)
+    dist.all_reduce(both, dist.ReduceOp.MAX, group=group)
+    return statistics.median(both[0].tolist()), statistics.median(both[1].tolist())
 
 
-def local_time(fn, device, reps=10):
-    """One GPU's time per call (us): CUDA events around `reps` back-to-back calls (the GPU's
-    time when it is the slower side, else the host's launch time); None on the CPU."""
+def gpu_time(fn, device, reps=5):
+    """One GPU's time per call (us), CUDA events around back-to-back calls; None on the CPU."""
     if device.type != "cuda":
         return None
     fn()
@@ -121,95 +98,279 @@ def local_time(fn, device, reps=10):
     return a.elapsed_time(b) * 1e3 / reps
 
 
-def run_row(row, cfg, rank, device, groups_by_world):
-    name, tp_src, tp_dst, (src_layout, dst_layout), layers, groups = row
-    world = tp_src + tp_dst
-    group = groups_by_world[world]
-    src_ranks, dst_ranks = list(range(tp_src)), list(range(tp_src, world))
-    p = plan(src_layout, {"tok": cfg["state_len"]}, cfg["groups"][groups], tp_src, tp_dst, dst_layout=dst_layout)
+# ---- the state: hashes of logical indices, each rank's shard in its memory order (vLLM's rules,
+# written apart from layoutpass.tp's)
+
+def held_channels(cfg, t, rank):
+    """A rank's global conv channels: its heads' x, and B and C of its heads' group."""
+    x = cfg["heads"] * cfg["head_dim"]
+    n, width = cfg["n_groups"], cfg["n_groups"] * cfg["d_state"]
+    out = list(range(rank * x // t, (rank + 1) * x // t))
+    for start in (x, x + width):
+        if n % t == 0:
+            out += range(start + rank * width // t, start + (rank + 1) * width // t)
+        else:
+            g = rank * n // t
+            out += range(start + g * width // n, start + (g + 1) * width // n)
+    return out
+
+
+def logical_index(cfg, kind, t, rank, layout, device):
+    """The global logical index of every element of one slot's block of a rank's pool, in its
+    memory order (int64, flat)."""
+    if kind == "conv":
+        total = cfg["heads"] * cfg["head_dim"] + 2 * cfg["n_groups"] * cfg["d_state"]
+        chans = torch.tensor(held_channels(cfg, t, rank), device=device)
+        g = torch.arange(cfg["conv_width"] - 1, device=device)[:, None] * total + chans  # (tok, dim)
+        axes = Layout(("slot", "tok", "dim"))
+    else:
+        h, k, v = cfg["heads"], cfg["d_state"], cfg["head_dim"]
+        heads = torch.arange(rank * h // t, (rank + 1) * h // t, device=device)
+        g = (heads[:, None, None] * k + torch.arange(k, device=device)[:, None]) * v + torch.arange(v, device=device)
+        axes = Layout(("slot", "head", "k", "v"))
+    return axes.convert(g[None], arrange(axes, LAYOUTS[layout]))[0].flatten()
+
+
+def hashed(seed, slots, index):
+    """16 bits per (seed, slot, logical index): int64 arithmetic, the same on every GPU."""
+    x = index[None, :] * 0x9E3779B1 + slots[:, None].long() * 0x85EBCA77 + seed * 0xC2B2AE3D
+    x = x ^ (x >> 15)
+    return (x * 0x2C1B3C6D ^ (x >> 13)).to(torch.int16)
+
+
+def fill_source(pool, seed, index, step=64):
+    bits = pool.view(torch.int16).view(pool.shape[0], -1)
+    for lo in range(0, pool.shape[0], step):
+        rows = torch.arange(lo, min(lo + step, pool.shape[0]), device=pool.device)
+        bits[lo:lo + rows.shape[0]] = hashed(seed, rows, index)
+
+
+def check_dest(pool, seed, index, src_slots, dst_slots, untouched, step=64):
+    bits = pool.view(torch.int16).view(pool.shape[0], -1)
+    ok = True
+    for lo in range(0, src_slots.shape[0], step):
+        want = hashed(seed, src_slots[lo:lo + step], index)
+        ok &= torch.equal(bits[dst_slots[lo:lo + step].long()], want)
+    return ok and bool((bits[untouched] == FILL).all())
+
+
+# ---- one configuration
+
+class Rank:
+    """This process's pools for one configuration: per role and kind, one buffer of every
+    layer's pool ((layers, slots, ...) in the memory order), and the logical indices."""
+
+    def __init__(self, cfg, plans, layouts, role, index, tp_size, device):
+        self.role, self.index, self.pools, self.buffers, self.index_of = role, index, [], [], []
+        for kind, p, layout in zip(("conv", "ssm"), plans, layouts):
+            sizes = {a: int(v) for a, v in p.local_sizes(role).items()}
+            order = p.src_layout if role == "src" else p.dst_layout
+            shape = (cfg["layers"], cfg["slots"], *[sizes[a] for a in order.axes[1:]])
+            buffer = torch.empty(shape, dtype=DTYPE, device=device)
+            self.buffers.append(buffer)
+            self.pools.append([buffer[layer] for layer in range(cfg["layers"])])
+            self.index_of.append(logical_index(cfg, kind, tp_size, index, layout[0 if role == "src" else 1], device))
+
+    def fill(self):
+        for c, pools in enumerate(self.pools):
+            for layer, pool in enumerate(pools):
+                if self.role == "src":
+                    fill_source(pool, 1000 * c + layer, self.index_of[c])
+                else:
+                    pool.view(torch.int16).fill_(FILL)
+
+
+def check_scope(move, dst, kinds, layers, src_slots, dst_slots, untouched, device, group):
+    """Reset the dst pools, move once, check every moved element; True on every rank or False."""
+    if dst:
+        for c in kinds:
+            for pool in dst.pools[c][:layers]:
+                pool.view(torch.int16).fill_(FILL)
+    move()
+    sync(device)
+    ok = True
+    if dst:
+        for c in kinds:
+            for layer, pool in enumerate(dst.pools[c][:layers]):
+                ok &= check_dest(pool, 1000 * c + layer, dst.index_of[c], src_slots, dst_slots, untouched)
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def pair_bytes(plans, kinds, moved, layers):
+    """(src rank, dst rank) -> bytes per kind (unpadded) that the pair moves."""
+    out = {}
+    for c in kinds:
+        p = plans[c]
+        for q in p.pieces:
+            entry = out.setdefault((q.src_rank, q.dst_rank), [0, 0])
+            entry[c] += int(p.piece_elements(q)) * moved * layers * torch.finfo(DTYPE).bits // 8
+    return out
+
+
+def ceiling_fn(plans, kinds, moved, layers, src, dst, src_procs, dst_procs, rank, group):
+    """One batch of the same bytes per pair, already contiguous: from the src pools' memory into
+    the dst pools' memory (each dst's peers side by side); the co-located pair a device copy."""
+    sizes = pair_bytes(plans, kinds, moved, layers)
+    ops, copies = [], []
+    flat = {role.role: [b.view(-1).view(torch.uint8) for b in role.buffers] for role in (src, dst) if role}
+    at = [0, 0]
+    for (a, b), per_kind in sorted(sizes.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for c in kinds:
+            nbytes = per_kind[c]
+            if not nbytes:
+                continue
+            if src is not None and a == src.index and dst_procs[b] == rank:  # co-located
+                copies.append((flat["dst"][c][at[c]:at[c] + nbytes], flat["src"][c][:nbytes]))
+            elif src is not None and a == src.index:
+                ops.append(dist.P2POp(dist.isend, flat["src"][c][:nbytes], dst_procs[b], group))
+            elif dst is not None and b == dst.index:
+                ops.append(dist.P2POp(dist.irecv, flat["dst"][c][at[c]:at[c] + nbytes], src_procs[a], group))
+            if dst is not None and b == dst.index:
+                at[c] += nbytes
+
+    def run():
+        for out, inp in copies:
+            out.copy_(inp)
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+    busiest = max([sum(sum(v) for (a, b), v in sizes.items() if src_procs[a] == r and dst_procs[b] != r)
+                   for r in set(src_procs) | set(dst_procs)]
+                  + [sum(sum(v) for (a, b), v in sizes.items() if dst_procs[b] == r and src_procs[a] != r)
+                     for r in set(src_procs) | set(dst_procs)])
+    return run, sum(sum(v) for v in sizes.values()), busiest
+
+
+def run_config(config, cfg, rank, device, groups_by_world, profile):
+    (name, tp_src, tp_dst, src_procs, dst_procs), layout_set = config
+    conv_layouts, ssm_layouts = LAYOUT_SETS[layout_set]
+    procs = sorted(set(src_procs) | set(dst_procs))
+    group = groups_by_world[len(procs)]
+    plans = tp.mamba2(heads=cfg["heads"], head_dim=cfg["head_dim"], d_state=cfg["d_state"], n_groups=cfg["n_groups"],
+                      conv_width=cfg["conv_width"], tp_src=tp_src, tp_dst=tp_dst, conv=conv_layouts, ssm=ssm_layouts)
+    layouts = (conv_layouts, ssm_layouts)
+    src = Rank(cfg, plans, layouts, "src", src_procs.index(rank), tp_src, device) if rank in src_procs else None
+    dst = Rank(cfg, plans, layouts, "dst", dst_procs.index(rank), tp_dst, device) if rank in dst_procs else None
+    for role in (src, dst):
+        if role:
+            role.fill()
     gen = random.Random(0)
     src_slots = torch.tensor(gen.sample(range(cfg["slots"]), cfg["moved"]), dtype=torch.int32, device=device)
     dst_slots = torch.tensor(gen.sample(range(cfg["slots"]), cfg["moved"]), dtype=torch.int32, device=device)
-    role, index = ("src", rank) if rank < tp_src else ("dst", rank - tp_src)
-    tp = tp_src if role == "src" else tp_dst
-    layout = src_layout if role == "src" else dst_layout
-    shape = LAYOUTS[layout].shape(dict(slot=cfg["slots"], tok=cfg["state_len"], dim=p.local_dim(role)))
-    pools = [torch.full(shape, FILL, dtype=cfg["dtype"], device=device) for _ in range(layers)]
-    if role == "src":
-        for layer, pool in enumerate(pools):
-            pool.copy_(local(source_layer(cfg, groups, layer, device), cfg, groups, tp, index, layout))
-    slots = src_slots if role == "src" else dst_slots
-    move = lambda chunks=None: execute(p, pools, slots, role, index, src_ranks, dst_ranks,  # noqa: E731
-                                       group=group, chunks=chunks)
-    move()
-    ok = True
-    if role == "dst":
-        untouched = torch.tensor(sorted(set(range(cfg["slots"])) - set(dst_slots.tolist()))[:64], device=device)
-        for layer, pool in enumerate(pools):
-            whole = source_layer(cfg, groups, layer, device)
-            expected = local(whole[src_slots.long()], cfg, groups, tp, index, layout)
-            ok &= torch.equal(pool[dst_slots.long()], expected) and bool((pool[untouched] == FILL).all())
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, dist.ReduceOp.MIN, group=group)
-    side = _side(p, role, index)  # this process's peers and records, as the executor lays them out
-    pair_elems = {peer: r * len(slots) * layers for peer, r in zip(side.peers, side.records)}
-    pairs = sorted({(q.src_rank, q.dst_rank) for q in p.pieces})
-    size = torch.tensor([], dtype=cfg["dtype"]).element_size()
-    result = dict(pair=name, layouts=f"{src_layout}->{dst_layout}", layers=layers, groups=groups,
-                  checked=bool(flag.item()),
-                  runs_per_slot={f"{a}->{b}": int(p.runs_per_slot(a, b)) for a, b in pairs},
-                  bytes_per_pair={f"{a}->{b}": sum(q.dst_dim[1] - q.dst_dim[0] for q in p.pieces
-                                                   if (q.src_rank, q.dst_rank) == (a, b))
-                                  * cfg["state_len"] * cfg["moved"] * layers * size for a, b in pairs})
-    if not result["checked"]:
-        return result
-    iters = cfg["iters"][layers]
-    buffers = {peer: torch.randn(n, device=device).to(cfg["dtype"]) for peer, n in pair_elems.items()}
-    op = dist.isend if role == "src" else dist.irecv
-    peers = dst_ranks if role == "src" else src_ranks
-
-    def ceiling():
-        for work in dist.batch_isend_irecv([dist.P2POp(op, buf, peers[peer], group) for peer, buf in buffers.items()]):
-            work.wait()
-
-    result["ceiling_us"] = timed(ceiling, group, device, iters)
-    result["ours_us"] = timed(move, group, device, iters)
-    result["one_batch_us"] = timed(lambda: move(1), group, device, iters)
-    if (name, src_layout + dst_layout, groups) in SWEEP and layers == max(cfg["layers"]):
-        result["chunks_us"] = {c: timed(lambda: move(c), group, device, iters) for c in (2, 4, 8, 16, 32)}
-    message = torch.empty(sum(pair_elems.values()), dtype=cfg["dtype"], device=device)
-    if role == "src":
-        pack = local_time(lambda: state.copy_runs(pools, slots, side.runs, message, True), device)
-    elif side.boxes is None:
-        pack = local_time(lambda: state.copy_runs(pools, slots, side.runs, message, False), device)
-    else:
-        pack = local_time(lambda: state.unpack_boxes(pools, dst_layout, slots, side.boxes, message, src_layout), device)
-    kernel = torch.tensor([pack or 0.0], dtype=torch.float64, device=device)
-    parts = [torch.zeros_like(kernel) for _ in range(world)]
-    dist.all_gather(parts, kernel, group=group)
-    result["pack_us"] = [float(t) for t in parts[:tp_src]]  # per src rank: all its peers' messages
-    result["unpack_us"] = [float(t) for t in parts[tp_src:]]  # per dst rank
-    return result
+    untouched = torch.tensor(sorted(set(range(cfg["slots"])) - set(dst_slots.tolist())), device=device)
+    results = []
+    scopes = [("model", [0, 1], cfg["layers"]), ("layer", [0, 1], 1), ("conv layer", [0], 1)]
+    for scope, kinds, layers in scopes:
+        def transfer_for(chunk_bytes=tp.CHUNK_BYTES):
+            return tp.Transfer([plans[c] for c in kinds],
+                               src=(src.index, [src.pools[c][:layers] for c in kinds]) if src else None,
+                               dst=(dst.index, [dst.pools[c][:layers] for c in kinds]) if dst else None,
+                               src_ranks=src_procs, dst_ranks=dst_procs, group=group, chunk_bytes=chunk_bytes)
+        t = transfer_for()
+        move = lambda t=t: t(src_slots if src else None, dst_slots if dst else None)  # noqa: E731
+        checked = check_scope(move, dst, kinds, layers, src_slots, dst_slots, untouched, device, group)
+        chunks = -(-cfg["moved"] // t.chunk_slots)
+        row = dict(pair=name, layouts=layout_set, conv=f"{conv_layouts[0]}->{conv_layouts[1]}",
+                   ssm=f"{ssm_layouts[0]}->{ssm_layouts[1]}", scope=scope, layers=layers, checked=checked,
+                   chunks=chunks, runs_per_slot={f"{q.src_rank}->{q.dst_rank}": int(sum(plans[c].runs_per_slot(
+                       q.src_rank, q.dst_rank) for c in kinds)) for q in plans[0].pieces})
+        if not row["checked"]:
+            results.append(row)
+            continue
+        ceiling, total, busiest = ceiling_fn(plans, kinds, cfg["moved"], layers, src, dst, src_procs, dst_procs, rank,
+                                             group)
+        iters = cfg["iters"][scope]
+        row["bytes"], row["busiest_gpu_bytes"] = total, busiest
+        row["ceiling_us"], _ = timed(ceiling, group, device, iters)
+        row["ours_us"], row["host_us"] = timed(move, group, device, iters)
+        if scope == "model" and (name, layout_set) in SWEEP:
+            sweep = {}
+            for chunk_bytes in cfg["sweep"]:
+                t2 = transfer_for(chunk_bytes)
+                move2 = lambda t2=t2: t2(src_slots if src else None, dst_slots if dst else None)  # noqa: E731
+                ok = check_scope(move2, dst, kinds, layers, src_slots, dst_slots, untouched, device, group)
+                sweep[chunk_bytes] = timed(move2, group, device, iters)[0] if ok else None
+                del t2, move2
+            row["chunk_bytes_us"] = sweep
+        # one GPU alone: a chunk's pack / unpack (this process's kernels, back to back)
+        n = min(cfg["moved"], t.chunk_slots)
+        t._reserve(n)
+        pack = gpu_time(lambda: t._pack(0, 0, n, src_slots, dst_slots), device) if src else None
+        unpack = gpu_time(lambda: t._unpack(0, [(0, n)], dst_slots, 1), device) if dst and t.remote_in else None
+        times = torch.tensor([pack or 0.0, unpack or 0.0], dtype=torch.float64, device=device)
+        parts = [torch.zeros_like(times) for _ in procs]
+        dist.all_gather(parts, times, group=group)
+        row["chunk_slots"] = n
+        row["pack_us"] = [float(parts[procs.index(p)][0]) for p in src_procs]
+        row["unpack_us"] = [float(parts[procs.index(p)][1]) for p in dst_procs]
+        if profile is not None and scope != "model" and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile as prof
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    sync(device)
+                    dist.barrier(group=group)
+                    move()
+                    sync(device)
+            profile.mkdir(parents=True, exist_ok=True)
+            p.export_chrome_trace(str(profile / f"{name}_{layout_set}_{scope.replace(' ', '_')}_rank{rank}.json"))
+        results.append(row)
+    return results
 
 
-def worker(rank, world, cfg, out, backend):
+def links(cfg, rank, device, world):
+    """GB/s of the links, measured here: GPU 0 to GPU 1; GPU 0 to the three others at once; the
+    three others to GPU 0 at once (1 GiB per peer, one batch, median of 5)."""
+    n = cfg["link_bytes"]
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty(n * (world - 1), dtype=torch.uint8, device=device)
+    out = {}
+    for name, sends in (("one pair", [(0, 1)]), ("one to three", [(0, r) for r in range(1, world)]),
+                        ("three to one", [(r, 0) for r in range(1, world)])):
+        ops = []
+        for s, d in sends:
+            if rank == s:
+                ops.append(dist.P2POp(dist.isend, a, d))
+            elif rank == d:
+                k = [x for x, _ in sends].index(s) if d == 0 else 0
+                ops.append(dist.P2POp(dist.irecv, b[k * n:(k + 1) * n], s))
+
+        def run(ops=ops):
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+        us, _ = timed(run, None, device, 5)
+        out[name] = len(sends) * n / us / 1e3
+    return out
+
+
+def worker(rank, world, cfg, out, backend, profile, only):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("TP_NCCL_PORT", "29517"))
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180),
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600),
                             device_id=device if device.type == "cuda" else None)
     groups_by_world = {3: dist.new_group([0, 1, 2]), 4: dist.group.WORLD}
-    results = []
-    for row in rows(cfg):
-        if rank < row[1] + row[2]:
-            result = run_row(row, cfg, rank, device, groups_by_world)
-            results.append(result)
-            if rank == 0:
-                print(json.dumps(result), flush=True)
+    if rank < 3:
+        dist.barrier(group=groups_by_world[3])  # every rank of a group in its first collective
     dist.barrier()
+    link = links(cfg, rank, device, world)
+    results = []
+    for config in CONFIGS:
+        if only and config[0][0] not in only:
+            continue
+        if rank in set(config[0][3]) | set(config[0][4]):
+            for row in run_config(config, cfg, rank, device, groups_by_world, profile):
+                results.append(row)
+                if rank == 0:
+                    print(json.dumps(row), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # this configuration's pools, before the next one's
+        dist.barrier()
     if rank == 0 and out is not None:
-        write(results, out, device)
+        write(results, link, out, device, cfg)
     dist.destroy_process_group()
 
 
@@ -217,40 +378,61 @@ def copy_bandwidth(device):
     """One GPU's device-to-device copy, GB/s counting bytes read and written."""
     a = torch.empty(1 << 29, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    us = local_time(lambda: b.copy_(a), device)
-    return 2 * a.numel() / us / 1e3
+    return 2 * a.numel() / gpu_time(lambda: b.copy_(a), device) / 1e3
 
 
-def write(results, out, device):
+def write(results, link, out, device, cfg):
     import triton
-    cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    cuda = device.type == "cuda"
+    cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else ["cpu (gloo)"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
     meta = dict(cards=cards, torch=torch.__version__, triton=triton.__version__,
-                nccl=str(torch.cuda.nccl.version()), copy_gbps=copy_bandwidth(device))
-    lines = [f"Cards: {', '.join(sorted(set(cards)))} x {len(cards)}; torch {meta['torch']}; triton {meta['triton']}; "
-             f"NCCL {meta['nccl']}; one GPU's device copy {meta['copy_gbps']:.0f} GB/s (read + write). "
-             f"Mamba2-2.7B conv pools (bf16, state_len 3, 4096 slots), 1024 random slots to 1024 random slots; "
-             "3 GPUs for TP1<->TP2, 4 for TP2->TP2. Every row checked against the sliced source before timing.", "",
-             "| pair | pools | layers | groups | runs/slot (src->dst) | largest message per pair | ceiling (us) | ours (us) | "
-             "ours / ceiling | one batch (us) | pack, per src (us) | unpack, per dst (us) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                nccl=str(torch.cuda.nccl.version()) if cuda else None,
+                copy_gbps=copy_bandwidth(device) if cuda else None,
+                links_gbps=link, commit=commit, chunk_bytes=tp.CHUNK_BYTES, ring=tp.RING)
+    lines = [f"Commit {commit}. Cards: {', '.join(sorted(set(cards)))} x {len(cards)}; torch {meta['torch']}; "
+             f"triton {meta['triton']}; NCCL {meta['nccl']}; one GPU's device copy "
+             + (f"{meta['copy_gbps']:.0f} GB/s (read + write)" if cuda else "n/a")
+             + f"; links measured in this run ({cfg['link_bytes'] / 2**20:g} MiB per peer): "
+             + ", ".join(f"{k} {v:.0f} GB/s" for k, v in link.items()) + ".", "",
+             f"Mamba2-shaped pools (bf16; conv [x {cfg['heads'] * cfg['head_dim']} | "
+             f"B {cfg['n_groups'] * cfg['d_state']}"
+             f" | C {cfg['n_groups'] * cfg['d_state']}] n_groups {cfg['n_groups']}, state_len {cfg['conv_width'] - 1}; "
+             f"SSM {cfg['heads']} heads x {cfg['d_state']} (k) x {cfg['head_dim']} (v)), {cfg['layers']} layers, "
+             f"{cfg['moved']} random slots of {cfg['slots']} to {cfg['moved']} random slots; layouts 'same' = conv DS, "
+             "SSM VK on both "
+             "sides, 'cross' = conv SD -> DS, SSM KV -> VK. TP1<->TP2 on 3 GPUs, TP2->TP2 on 4, TP1<->TP4 on 4 "
+             "(the TP1 rank shares GPU 0 with TP4 rank 0). Every row checked element by element before timing. "
+             "GB/s: the busiest GPU's bytes over the link per second. Goal: ours / ceiling <= 1.15 (model), "
+             "<= 1.3 (layer).", "",
+             "| pair | layouts | scope | chunks | bytes | ceiling (us) | ours (us) | ours / ceiling | ours GB/s "
+             "(busiest GPU) | ceiling GB/s | host (us) | pack per chunk, per src (us) | "
+             "unpack per chunk, per dst (us) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        runs = ", ".join(f"{k}: {v}" for k, v in r["runs_per_slot"].items())
         if not r["checked"]:
-            lines.append(f"| {r['pair']} | {r['layouts']} | {r['layers']} | {r['groups']} | {runs} | | CHECK FAILED |"
-                         " | | | | |")
+            lines.append(f"| {r['pair']} | {r['layouts']} | {r['scope']} | | | CHECK FAILED | | | | | | | |")
             continue
-        per_pair = max(r["bytes_per_pair"].values())
-        lines.append(f"| {r['pair']} | {r['layouts']} | {r['layers']} | {r['groups']} | {runs} | "
-                     f"{per_pair / 1e6:.1f} MB | {r['ceiling_us']:.0f} | {r['ours_us']:.0f} | "
-                     f"{r['ours_us'] / r['ceiling_us']:.2f} | {r['one_batch_us']:.0f} | "
-                     f"{' / '.join(f'{t:.0f}' for t in r['pack_us'])} | {' / '.join(f'{t:.0f}' for t in r['unpack_us'])} |")
-    sweeps = [r for r in results if "chunks_us" in r]
+        fmt = lambda ts: " / ".join(f"{t:.0f}" for t in ts)  # noqa: E731
+        lines.append(
+            f"| {r['pair']} | {r['layouts']} | {r['scope']} | {r['chunks']} | {r['bytes'] / 1e9:.2f} GB | "
+            f"{r['ceiling_us']:.0f} | {r['ours_us']:.0f} | {r['ours_us'] / r['ceiling_us']:.2f} | "
+            f"{r['busiest_gpu_bytes'] / r['ours_us'] / 1e3:.0f} | "
+            f"{r['busiest_gpu_bytes'] / r['ceiling_us'] / 1e3:.0f} | "
+            f"{r['host_us']:.0f} | {fmt(r['pack_us'])} | {fmt(r['unpack_us'])} |")
+    sweeps = [r for r in results if "chunk_bytes_us" in r]
     if sweeps:
-        counts = list(sweeps[0]["chunks_us"])
-        lines += ["", "Chunks (batches per transfer) against time (us), whole model:", "", "| pair | pools | " + " | ".join(map(str, counts)) + " |",
-                  "|---|---|" + "---|" * len(counts)]
-        lines += [f"| {r['pair']} | {r['layouts']} | " + " | ".join(f"{r['chunks_us'][c]:.0f}" for c in counts) + " |"
-                  for r in sweeps]
+        sizes = list(sweeps[0]["chunk_bytes_us"])
+        lines += ["", f"Chunk size per pair (MiB) against time (us), whole model (default {tp.CHUNK_BYTES >> 20} MiB, "
+                      f"a ring of {tp.RING} buffers per side); each size checked before it was timed:", "",
+                  "| pair | layouts | ceiling | " + " | ".join(f"{b / 2**20:g}" for b in sizes) + " |",
+                  "|---|---|---|" + "---|" * len(sizes)]
+        lines += [f"| {r['pair']} | {r['layouts']} | {r['ceiling_us']:.0f} | "
+                  + " | ".join("CHECK FAILED" if r['chunk_bytes_us'][b] is None else f"{r['chunk_bytes_us'][b]:.0f}"
+                               for b in sizes) + " |" for r in sweeps]
     out.mkdir(parents=True, exist_ok=True)
     (out / "tp_nccl.json").write_text(json.dumps(dict(meta, rows=results), indent=1))
     (out / "tp_nccl.md").write_text("\n".join(lines) + "\n")
@@ -260,12 +442,14 @@ def write(results, out, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--smoke", action="store_true", help="gloo on the CPU, tiny shapes, checks only")
+    parser.add_argument("--smoke", action="store_true", help="gloo on the CPU, tiny shapes (checks; times meaningless)")
+    parser.add_argument("--profile", type=Path, default=None, help="torch.profiler traces of the one-layer rows")
+    parser.add_argument("--only", nargs="*", default=None, help="pairs to run, e.g. TP1->TP2 TP4->TP1")
     args = parser.parse_args()
     cfg, backend = (SMOKE, "gloo") if args.smoke else (FULL, "nccl")
     if backend == "nccl" and torch.cuda.device_count() < 4:
         raise SystemExit(f"needs 4 GPUs, found {torch.cuda.device_count()}")
-    mp.spawn(worker, args=(4, cfg, args.out, backend), nprocs=4)
+    mp.spawn(worker, args=(4, cfg, args.out, backend, args.profile, args.only), nprocs=4)
 
 
 if __name__ == "__main__":

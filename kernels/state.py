@@ -319,3 +319,185 @@ def launch_unpack_boxes(pools, views, slots, entries, message, message_layout) -
                                slots.shape[0], len(pools), *views[0].stride(), state_len,
                                MESSAGE_DS=message_layout == DS, ALIGN=align, BLOCK_D=BOX_BLOCK,
                                TOK_P2=triton.next_power_of_2(state_len), num_warps=8)
+
+
+# The message of layoutpass.tp.Transfer: one byte buffer per chunk of slots, holding for each
+# peer (in peer order) its bytes for every pool kind (in kind order); a kind's part for a peer is
+# `n * layers` records of `record` elements ([slot][layer][record], the chunk's slots in order).
+# A row (pool offset, record offset, run length, record size, prefix) names a run of every
+# record; `prefix` counts the elements (of the kind's dtype) per slot of the chunk before the
+# kind's part for that peer, so a record sits at n * prefix + (i * layers + layer) * record.
+# Pools are flat (slots, block) views: each slot's state one dense block in its memory order, the
+# run and box offsets given within it. The launchers are prepared once per pool set (tables on
+# the device, alignment proven on the host) and then cost one plain Triton launch per call.
+
+@triton.jit
+def _move_runs_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, slot_stride,
+                      TO_MESSAGE: tl.constexpr, ALIGN: tl.constexpr, SLOTS: tl.constexpr, BLOCK: tl.constexpr):
+    """A (SLOTS x BLOCK) tile of a run (pool offset, record offset, length, record, prefix) between
+    the slots' blocks of one layer's pool (at `ref + deltas[layer]`) and their records; ALIGN
+    (elements) divides every offset and length, as the host checked, so accesses vectorize."""
+    i = tl.program_id(0) * SLOTS + tl.arange(0, SLOTS)
+    tile = tiles + 5 * tl.program_id(1)
+    layer = tl.program_id(2)
+    k = tl.arange(0, BLOCK)[None, :]
+    pool_off, length = tl.load(tile), tl.multiple_of(tl.load(tile + 2), ALIGN)
+    slot = tl.load(slots + i, mask=i < n_slots, other=0).to(tl.int64)
+    pool = tl.multiple_of(tl.load(deltas + layer) + slot * slot_stride + pool_off, ALIGN)
+    record = tl.load(tile + 4) * n_slots + (i * n_layers + layer) * tl.load(tile + 3) + tl.load(tile + 1)
+    record = tl.multiple_of(record, ALIGN)
+    mask = (i < n_slots)[:, None] & (k < length)
+    if TO_MESSAGE:
+        tl.store(message + record[:, None] + k, tl.load(ref + pool[:, None] + k, mask=mask), mask=mask)
+    else:
+        tl.store(ref + pool[:, None] + k, tl.load(message + record[:, None] + k, mask=mask), mask=mask)
+
+
+@triton.jit
+def _unpack_tiles_kernel(ref, deltas, slots, message, tiles, n_slots, n_layers, slot_stride, sx, sy,
+                         ALIGN_REC: tl.constexpr, ALIGN_POOL: tl.constexpr, ALIGN_X: tl.constexpr,
+                         ALIGN_Y: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr):
+    """A (BX x BY) tile (pool offset, record offset, x extent, y extent, record, prefix, row) of a
+    box stored row-major in the record (y fastest, `row` elements a row), written into one slot of
+    one layer's pool at pool offset + x * sx + y * sy: a relayout between the load and the store,
+    each in its coalesced order (Triton converts between them)."""
+    i = tl.program_id(0)
+    tile = tiles + 7 * tl.program_id(1)
+    layer = tl.program_id(2)
+    x = tl.arange(0, BX)[:, None]
+    y = tl.arange(0, BY)[None, :]
+    slot = tl.load(slots + i).to(tl.int64)
+    pool = tl.multiple_of(tl.load(deltas + layer) + slot * slot_stride + tl.load(tile), ALIGN_POOL)
+    record = tl.load(tile + 5) * n_slots + (i * n_layers + layer) * tl.load(tile + 4) + tl.load(tile + 1)
+    record = tl.multiple_of(record, ALIGN_REC)
+    row = tl.multiple_of(tl.load(tile + 6), ALIGN_REC)
+    mask = (x < tl.multiple_of(tl.load(tile + 2), ALIGN_X)) & (y < tl.multiple_of(tl.load(tile + 3), ALIGN_Y))
+    v = tl.load(message + record + x * row + y, mask=mask)
+    tl.store(ref + pool + x * sx + y * sy, v, mask=mask)
+
+
+def _check_flat(pools) -> list[torch.Tensor]:
+    pools = list(pools)
+    first = pools[0] if pools else None
+    if first is None or any(p.dim() != 2 or p.stride(1) != 1 or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype
+                            or p.stride(0) != first.stride(0) or p.device != first.device for p in pools):
+        raise ArgumentError("pools", "expected flat (slots, block) views of one block size, slot stride, dtype and "
+                                     "device, each slot's block dense")
+    return pools
+
+
+def _record_views(n: int, layers: int, message: torch.Tensor, rec: int, prefix: int) -> torch.Tensor:
+    return message[n * prefix:n * (prefix + layers * rec)].view(n, layers, rec)
+
+
+def move_runs(pools: list[torch.Tensor], slots: torch.Tensor, entries, message: torch.Tensor, to_message: bool) -> None:
+    """Copy each row's run (pool offset, record offset, length, record, prefix) of the given
+    slots' blocks of every flat pool to (`to_message`) or from its records in the message (see
+    above). Plain torch indexing (the CPU path; prepare_move_runs launches the kernel)."""
+    pools, n, index = _check_flat(pools), slots.shape[0], slots.long()
+    for pool_off, rec_off, length, rec, prefix in _rows(entries):
+        view = _record_views(n, len(pools), message, rec, prefix)
+        for layer, pool in enumerate(pools):
+            if to_message:
+                view[:, layer, rec_off:rec_off + length] = pool[index, pool_off:pool_off + length]
+            else:
+                pool[index, pool_off:pool_off + length] = view[:, layer, rec_off:rec_off + length]
+
+
+def unpack_tiles(pools: list[torch.Tensor], slots: torch.Tensor, entries, message: torch.Tensor, sx: int,
+                 sy: int) -> None:
+    """Write each row's box (pool offset, record offset, x extent, y extent, record, prefix),
+    stored row-major in the message's records (y fastest), into the given slots of every flat pool
+    at pool offset + x * sx + y * sy. Plain torch indexing (prepare_unpack_tiles launches the kernel)."""
+    pools, n, index = _check_flat(pools), slots.shape[0], slots.long()
+    for pool_off, rec_off, nx, ny, rec, prefix in _rows(entries):
+        view = _record_views(n, len(pools), message, rec, prefix)
+        grid = torch.arange(nx, device=message.device)[:, None] * sx + torch.arange(ny, device=message.device) * sy
+        offsets = (pool_off + grid).flatten()
+        for layer, pool in enumerate(pools):
+            pool[index[:, None], offsets[None, :]] = view[:, layer, rec_off:rec_off + nx * ny]
+
+
+def _flat_deltas(pools) -> tuple[int, ...]:
+    size, ref = pools[0].element_size(), pools[0].data_ptr()
+    if any((p.data_ptr() - ref) % size for p in pools):
+        raise ArgumentError("pools", "the layers' pools must lie a whole number of elements apart")
+    return tuple((p.data_ptr() - ref) // size for p in pools)
+
+
+def _launch_checks(message: torch.Tensor) -> None:
+    if message.data_ptr() % 16:
+        raise ArgumentError("message", "a prepared launch needs a 16-byte aligned message")
+
+
+def prepare_move_runs(pools: list[torch.Tensor], entries, to_message: bool, use_triton: bool | None = None):
+    """`run(slots, message)`: move_runs over these pools and rows, prepared: on CUDA (or with
+    use_triton, e.g. under TRITON_INTERPRET) one Triton launch whose tables, deltas and
+    alignment were computed here; the message must be 16-byte aligned."""
+    pools, entries = _check_flat(pools), _rows(entries)
+    if not (pools[0].is_cuda if use_triton is None else use_triton):
+        return lambda slots, message: move_runs(pools, slots, entries, message, to_message)
+    size, device = pools[0].element_size(), pools[0].device
+    tiles, align = _run_tiles(entries, size)
+    if not tiles:
+        return lambda slots, message: None
+    deltas = _flat_deltas(pools)
+    align = min(align, _alignment(size, [*deltas, pools[0].stride(0), pools[0].data_ptr() // size]))
+    ref, stride, layers = pools[0], pools[0].stride(0), len(pools)
+    deltas_t, tiles_t = _table(deltas, device), _table(tiles, device)
+
+    def run(slots: torch.Tensor, message: torch.Tensor) -> None:
+        n = slots.shape[0]
+        if n:
+            _launch_checks(message)
+            _move_runs_kernel[(triton.cdiv(n, RUN_SLOTS), len(tiles), layers)](
+                ref, deltas_t, slots, message, tiles_t, n, layers, stride, TO_MESSAGE=to_message, ALIGN=align,
+                SLOTS=RUN_SLOTS, BLOCK=RUN_BLOCK, num_warps=4)
+    return run
+
+
+TILE_ELEMENTS = 4096
+
+
+def _box_tiles(entries, sx: int, sy: int) -> tuple[tuple, int, int]:
+    """The boxes cut into (BX x BY) tiles of at most TILE_ELEMENTS, the widest along y (the
+    record's contiguous axis): rows (pool offset, record offset, x extent, y extent, record,
+    prefix, row)."""
+    by = min(triton.next_power_of_2(max(row[3] for row in entries)), 1024)
+    bx = min(triton.next_power_of_2(max(row[2] for row in entries)), max(1, TILE_ELEMENTS // by))
+    tiles = tuple((pool_off + x0 * sx + y0 * sy, rec_off + x0 * ny + y0, min(bx, nx - x0), min(by, ny - y0), rec,
+                   prefix, ny)
+                  for pool_off, rec_off, nx, ny, rec, prefix in entries
+                  for x0 in range(0, nx, bx) for y0 in range(0, ny, by))
+    return tiles, bx, by
+
+
+def prepare_unpack_tiles(pools: list[torch.Tensor], entries, sx: int, sy: int, use_triton: bool | None = None):
+    """`run(slots, message)`: unpack_tiles over these pools and rows, prepared (one Triton
+    launch on CUDA or with use_triton); the message must be 16-byte aligned."""
+    pools, entries = _check_flat(pools), _rows(entries)
+    if not (pools[0].is_cuda if use_triton is None else use_triton):
+        return lambda slots, message: unpack_tiles(pools, slots, entries, message, sx, sy)
+    if not entries:
+        return lambda slots, message: None
+    size, device = pools[0].element_size(), pools[0].device
+    tiles, bx, by = _box_tiles(entries, sx, sy)
+    deltas = _flat_deltas(pools)
+    # what the hints claim: the record side's start and row stride, the pool side's start (and its
+    # non-unit stride: each row or column of the tile starts aligned), each tile's extents
+    align_rec = _alignment(size, [v for t in tiles for v in (t[1], t[4], t[5], t[6])])
+    pool_values = [t[0] for t in tiles] + [*deltas, pools[0].stride(0), pools[0].data_ptr() // size]
+    pool_values += [s for s in (sx, sy) if s != 1] if 1 in (sx, sy) else [1]
+    align_pool = _alignment(size, pool_values)
+    align_x, align_y = _alignment(size, [t[2] for t in tiles]), _alignment(size, [t[3] for t in tiles])
+    ref, stride, layers = pools[0], pools[0].stride(0), len(pools)
+    deltas_t, tiles_t = _table(deltas, device), _table(tiles, device)
+
+    def run(slots: torch.Tensor, message: torch.Tensor) -> None:
+        n = slots.shape[0]
+        if n:
+            _launch_checks(message)
+            _unpack_tiles_kernel[(n, len(tiles), layers)](
+                ref, deltas_t, slots, message, tiles_t, n, layers, stride, sx, sy, ALIGN_REC=align_rec,
+                ALIGN_POOL=align_pool, ALIGN_X=align_x, ALIGN_Y=align_y, BX=bx, BY=by, num_warps=4)
+    return run
