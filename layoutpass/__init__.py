@@ -1,10 +1,14 @@
 """layoutpass: choose the physical layout of Mamba conv-state pools as a compiler pass."""
 
+import logging
+
 from .equivalence import EquivalenceResult, check_equivalence
 from .errors import ArgumentError, LayoutPassError
 from .layout import DS, SD, Layout, Runs
 from .runtime import OptimizedModule, optimize
 from .verify import UnprovenRewrite
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # the application decides what is shown
 
 __all__ = ["ArgumentError", "DS", "EquivalenceResult", "Layout", "LayoutPassError", "OptimizedModule", "Runs", "SD",
            "UnprovenRewrite", "check_equivalence", "optimize"]

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 from torch.utils import _pytree as pytree
 
 from layoutpass.rewrites.lowering import lower_updates
-from layoutpass.rewrites.permutes import PERMUTATIONS, inverse
+from layoutpass.rewrites.permutes import MAYBE_COPIES, MEMORY_ORDER, PERMUTATIONS, RULES, inverse, permutation_of
 
 from .capture import Input, describe_inputs, stride_reads, to_aten, traced_code
 from .discover import STATE_ARGUMENT, Found, PoolNotFound, discover
+from .errors import LayoutPassError
 from .layout import DS, Layout, arrange, dense_strides, order_of
-from .prove import StrideDependent, prove
+from .prove import StrideDependent, check_slotwise, fake_mode_of, prove, refuse_returned_views
 from .report import Action, Considered, Kind, Pool, Use, library, use
 from .rewrite import relayout_graph
 from .verify import UnprovenRewrite, verify
@@ -47,11 +47,13 @@ class Build:
     found: dict[str, Pool] = field(default_factory=dict)  # local name -> pool found by this graph
     considered: dict[str, Considered] = field(default_factory=dict)
     kernel_views: dict[torch.fx.Node, str] = field(default_factory=dict)  # (slot, dim, tok) view -> pool name
+    stride_reads: list[str] = field(default_factory=list)  # the model's Python reads of memory order while traced
     uses: list[Use] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _capture(b: Build) -> None:
+    b.stride_reads = stride_reads(traced_code(), library())
     b.inputs = describe_inputs(b.dynamo)
     b.captured = to_aten(b.dynamo, b.example_inputs, b.inputs)
     b.gm = _copy(b.captured)
@@ -63,8 +65,10 @@ def _capture(b: Build) -> None:
 def _identify(b: Build) -> None:
     """Each state tensor or argument of rank >= 3: a pool already known (by its name in the
     unit, or as the same view of a pool's memory), else a candidate for discovery."""
+    whole = b.unit.paths == [""]  # a layer's arguments are activations; a model's may be engine-owned pools
     for i in b.inputs:
-        if i.kind not in ("state", "argument") or not isinstance(i.tensor, torch.Tensor) or i.tensor.dim() < 3:
+        if i.kind not in ("state", "argument") or not isinstance(i.tensor, torch.Tensor) or i.tensor.dim() < 3 or \
+                (i.kind == "argument" and not whole):
             continue
         local = i.path if i.kind == "state" else f"argument {i.path}"
         known = b.unit.pools.get(local) or b.session.pool_of(i.tensor)
@@ -114,28 +118,45 @@ def _prove(b: Build) -> None:
             changed.append(pool)
     if not other:
         return
+    prove_build(b, other, changed)
+
+
+def _prove_containers(b: Build) -> None:
+    """Raw allocations the graph takes that hold a pool that moves (or moved) are used slot by
+    slot only."""
+    containers = b.session.containers_among(b.inputs, b.found)
+    if containers:
+        check_slotwise(b.captured, containers, b.name)
+
+
+def prove_build(b: Build, other: dict[str, tuple], changed: list[Pool]) -> None:
+    """b's captured graph, with the placeholders of `other` in those strides: the same values,
+    and no Python read of memory order while it was traced."""
     names = {p: pool.name for p, pool in b.pools.items()}
     layouts = ", ".join(sorted({f"{p.source} and {p.target}" for p in changed}))
     prove(b.captured, other, names, b.name, layouts)
-    reads = stride_reads(traced_code(), library())
-    if reads:
-        raise StrideDependent(f"{b.name}: the model's Python reads memory order ({'; '.join(reads[:3])}); with "
-                              f"{', '.join(p.name for p in changed)} stored {layouts} it could branch differently, "
-                              f"which no graph shows")
+    refuse_returned_views(b.captured, {p: names[p] for p in other}, b.name)
+    if b.stride_reads:
+        raise StrideDependent(f"{b.name}: the model's Python reads memory order ({'; '.join(b.stride_reads[:3])}); "
+                              f"with {', '.join(p.name for p in changed)} stored {layouts} it could branch "
+                              f"differently, which no graph shows")
 
 
 def _canonicalize(b: Build) -> None:
-    """Where conv updates may be lowered: every use of a DS-bound conv pool is rewritten onto its
-    (slot, dim, tok) view (the model's own transposes cancel against it), proven by the
-    formulas of layoutpass.semantics."""
+    """Where conv updates may be lowered: every use of a conv pool stored DS is rewritten onto
+    its (slot, dim, tok) view (the model's own transposes cancel against it) and proven by the
+    formulas of layoutpass.semantics. The captured graph is already proven for any order, so a
+    rewrite that cannot be proven is dropped (the graph runs as captured, unlowered) and the
+    report says why. Done once the pool is stored DS (the graph the later calls run)."""
     if not b.session.lowering(b.gm):
         return
     kernel = Layout(KERNEL_ORDER)
-    chosen = {ph: pool for ph, pool in b.pools.items() if pool.kind == "conv" and pool.target.axes[-2:] == DS.axes[-2:]}
+    placeholders = {n.name: n for n in b.gm.graph.find_nodes(op="placeholder")}
+    chosen = {ph: pool for ph, pool in b.pools.items() if pool.kind == "conv" and pool.target.axes[-2:] == DS.axes[-2:]
+              and _order_now(placeholders[ph], pool) == pool.target}
     if not chosen:
         return
-    graph = b.gm.graph
-    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    graph, uses = b.gm.graph, []
     anchor = list(placeholders.values())[-1].next
     views = {}
     for ph, pool in chosen.items():
@@ -144,17 +165,78 @@ def _canonicalize(b: Build) -> None:
         with graph.inserting_before(anchor):
             view = graph.call_function(aten.permute.default, (node, list(perm)))
         view.meta["val"] = node.meta["val"].permute(perm)
-        view.meta["stack_trace"] = None
         node.replace_all_uses_with(view, delete_user_cb=lambda u, v=view: u is not v)
         views[view] = (pool.name, inverse(perm))
-        b.kernel_views[view] = pool.name
-    b.uses += relayout_graph(b.gm, views, b.name)
     try:
-        _refresh_meta(b.gm)
-    except Exception as err:  # a rule built a graph torch cannot even run on fake tensors
-        raise UnprovenRewrite(f"the rewrite of {b.name} does not typecheck: {str(err).splitlines()[0]}") from err
-    pools = {ph: (pool.name, pool.axes) for ph, pool in b.pools.items()}
-    verify(b.captured.graph, b.gm.graph, pools, pools, b.name)
+        uses = relayout_graph(b.gm, views, b.name)
+        try:
+            _refresh_meta(b.gm, set(views))
+        except Exception as err:  # a rule built a graph torch cannot even run on fake tensors
+            raise UnprovenRewrite(f"the rewrite of {b.name} does not typecheck: {str(err).splitlines()[0]}") from err
+        pools = {ph: (pool.name, pool.axes) for ph, pool in b.pools.items()}
+        verify(b.captured.graph, b.gm.graph, pools, pools, b.name)
+    except LayoutPassError as err:
+        b.gm = _copy(b.captured)
+        for pool in chosen.values():
+            b.uses.append(Use(b.name, pool.name, "(the graph)", Kind.KERNEL, Action.NOT_LOWERED,
+                              f"the rewrite onto the kernel order could not be proven, so the graph runs as captured: "
+                              f"{str(err).splitlines()[0][:300]}", "<the graph>"))
+        return
+    b.uses += uses
+    b.kernel_views.update({view: name for view, (name, _) in views.items()})
+
+
+def _order_now(node: torch.fx.Node, pool: Pool) -> Layout | None:
+    val = node.meta["val"]
+    return order_of(pool.axes, tuple(val.shape), tuple(val.stride()))
+
+
+def _classify(b: Build) -> None:
+    """Every use of a pool in the captured graph, by class (what the pass knows about its op),
+    with what the pool's memory order means for it; the rewritten graph reports its own."""
+    if b.kernel_views:
+        return
+    for placeholder, pool in b.pools.items():
+        node = next(n for n in b.captured.graph.find_nodes(op="placeholder") if n.name == placeholder)
+        for user in _pool_users(node):
+            if user.target in STATE_ARGUMENT or user.op != "call_function":
+                continue  # conv ops are reported from the final graph
+            kind = RULES[user.target][0] if user.target in RULES else \
+                Kind.MEMORY if user.target in MEMORY_ORDER else Kind.AGNOSTIC
+            if kind is Kind.PERMUTATION:
+                action, detail = (Action.FOLDED, f"a free view that walks the pool's {pool.target} order densely") \
+                    if _dense_in(user, pool) else (Action.KEPT, "a free view")
+            elif kind is Kind.MEMORY or user.target in MAYBE_COPIES:
+                kind, action, detail = Kind.MEMORY, Action.PROVEN, "same values in either order"
+            else:
+                action, detail = Action.LOGICAL, ""
+            b.uses.append(use(b.name, pool.name, user, kind, action, detail))
+
+
+def _pool_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes reading `node` or a view of it (through chains of views)."""
+    found, stack, seen = [], [node], {node}
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            found.append(u)
+            val, src = u.meta.get("val"), n.meta.get("val")
+            if isinstance(val, torch.Tensor) and isinstance(src, torch.Tensor) and torch._C._is_alias_of(val, src):
+                stack.append(u)
+    return found
+
+
+def _dense_in(user: torch.fx.Node, pool: Pool) -> bool:
+    """Whether a permutation of the pool itself walks memory in order once the pool is stored
+    in its target order (the model's transpose then only undid the storage order)."""
+    if user.args[0].op != "placeholder":
+        return False
+    strides = dense_strides(pool.axes, pool.target, pool.shape)
+    permuted = [strides[p] for p in permutation_of(user)]
+    return permuted == sorted(permuted, reverse=True)
 
 
 def _lower(b: Build) -> None:
@@ -192,9 +274,11 @@ PASSES = [
     Pass("identify", _identify, ("inputs",), ("known pools", "candidates")),
     Pass("discover", _discover, ("candidates",), ("new pools, their axes and evidence",)),
     Pass("prove", _prove, ("pools",), ("the same values in the model's order and the pools' orders",)),
+    Pass("containers", _prove_containers, ("pools", "inputs"), ("raw allocations holding moved pools used slot-wise",)),
     Pass("canonicalize", _canonicalize, ("pools",), ("conv pools read through their (slot, dim, tok) views",
                                                      "the rewrite proven equal to the captured graph")),
     Pass("lower", _lower, ("kernel views",), ("pure-torch conv updates replaced by kernel calls",)),
+    Pass("classify", _classify, ("pools",), ("every use of a pool in the report, by class",)),
     Pass("report", _report_kernels, ("the final graph",), ("every conv op's kernel order in the report",)),
 ]
 
@@ -209,6 +293,19 @@ def compile_graph(b: Build) -> Build:
     return b
 
 
+REWRITES = ("canonicalize", "lower", "classify", "report")  # the passes that build the graph that runs
+
+
+def rebuild(b: Build) -> None:
+    """The graph that runs, built again from the captured one: pools a later graph found are
+    now among b.pools (a captured graph is rewritten for every pool it takes)."""
+    b.gm, b.uses, b.kernel_views = _copy(b.captured), [], {}
+    for p in PASSES:
+        if p.name in REWRITES:
+            p.run(b)
+    b.gm.recompile()
+
+
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A graph to rewrite (the captured one stays as it was: the reference the check reads);
     node metadata is shared, not copied."""
@@ -218,14 +315,15 @@ def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def _refresh_meta(gm: torch.fx.GraphModule) -> None:
-    """Fake values for the nodes a rewrite made (they have none) and for what reads them."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    mode = detect_fake_mode([n.meta["val"] for n in placeholders if "val" in n.meta])
-    changed = set()
+def _refresh_meta(gm: torch.fx.GraphModule, changed: set = frozenset()) -> None:
+    """Fake values for the nodes a rewrite made (they have none) and for what reads them or the
+    `changed` nodes (whose values were replaced)."""
+    mode = fake_mode_of(gm)
+    forced, changed = set(changed), set(changed)
     with mode, torch.no_grad():
         for node in gm.graph.nodes:
-            if node.op != "call_function" or ("val" in node.meta and not changed.intersection(node.all_input_nodes)):
+            if node.op != "call_function" or node in forced or \
+                    ("val" in node.meta and not changed.intersection(node.all_input_nodes)):
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
             value = node.target(*args, **kwargs)

@@ -17,6 +17,7 @@ still round differently in the last bit (a sum follows memory order); everything
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils import _pytree as pytree
 
 from .errors import LayoutPassError
@@ -82,6 +83,22 @@ def prove(gm: torch.fx.GraphModule, other: dict[str, tuple], pools: dict[str, st
                                   f"through afterwards ({pool} stored {layout}): the write would be lost or leak")
 
 
+def refuse_returned_views(gm: torch.fx.GraphModule, pools: dict[str, str], where: str) -> None:
+    """A view of a pool handed to the caller keeps the strides it was made with: once the pool
+    moves (in its own memory) the caller's view would read the bytes in the new order. The pool
+    itself may be returned (it moves with its object)."""
+    placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder") if n.name in pools}
+    (output,) = gm.graph.find_nodes(op="output")
+    for leaf in pytree.tree_leaves(output.args):
+        if not isinstance(leaf, torch.fx.Node) or leaf.op == "placeholder":
+            continue
+        val = leaf.meta.get("val")
+        for name, ph in placeholders.items():
+            if isinstance(val, torch.Tensor) and torch._C._is_alias_of(val, ph.meta["val"]):
+                raise StrideDependent(f"{where} returns a view of {pools[name]} ({leaf.target} at {source_line(leaf)}): "
+                                      f"the caller's view would read {pools[name]} in its old order after it moves")
+
+
 def _touched(env: dict, errors: dict) -> set:
     return set(env) | set(errors)
 
@@ -90,9 +107,9 @@ def _second_run(gm: torch.fx.GraphModule, changed: dict[torch.fx.Node, tuple]) -
     """The graph run again on fake tensors with the `changed` placeholders in their other
     strides: (node -> value, node -> error) for the nodes that read them, directly or not (the
     others keep their traced values)."""
-    mode = detect_fake_mode([n.meta["val"] for n in gm.graph.find_nodes(op="placeholder") if "val" in n.meta])
+    mode = fake_mode_of(gm)
     env, errors, values = {}, {}, {}
-    with mode, torch.no_grad():
+    with unset_fake_temporarily(), mode, torch.no_grad():  # the graph's own mode, not the capture running now
         for node in gm.graph.nodes:
             if node in changed:
                 val = node.meta["val"]
@@ -106,6 +123,15 @@ def _second_run(gm: torch.fx.GraphModule, changed: dict[torch.fx.Node, tuple]) -
                 except Exception as err:  # a view this order cannot give, and the like
                     errors[node] = str(err).strip().splitlines()[0][:200]
     return env, errors
+
+
+def fake_mode_of(gm: torch.fx.GraphModule):
+    """The fake mode a graph's metadata lives in (not the tracing context's, which may be
+    another capture's)."""
+    for n in gm.graph.find_nodes(op="placeholder"):
+        if isinstance(n.meta.get("val"), FakeTensor):
+            return n.meta["val"].fake_mode
+    return detect_fake_mode()
 
 
 def _tensors(value) -> list:
@@ -182,3 +208,68 @@ def _mutated_args(node: torch.fx.Node) -> list:
             value = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
             out += [v for v in pytree.tree_leaves(value) if isinstance(v, torch.fx.Node)]
     return out
+
+
+# Ops that keep a container's slot rows whole: they index, slice or select the slot axis only.
+_ROW_INDEXING = frozenset({aten.index.Tensor, aten.select.int, aten.slice.Tensor, aten.index_select.default})
+_ROW_COPIES = frozenset({aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default,
+                         aten.alias.default, aten.detach.default,  # and reshapes of the leading dims only:
+                         aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
+                         aten.expand.default})
+_ROW_WRITES = frozenset({aten.copy_.default, aten.index_put_.default, aten.index_put.default, aten.index_copy_.default,
+                         aten.index_copy.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
+
+
+def check_slotwise(gm: torch.fx.GraphModule, containers: dict[str, str], where: str) -> None:
+    """A container (a raw allocation whose slot rows hold a moved pool) may only be used slot
+    by slot: its rows indexed, copied, reset or scaled whole (elementwise with per-slot or scalar
+    operands). Anything that reads its bytes as some layout would see the pool's new order:
+    refused, naming the op and line."""
+    from .semantics import _is_pointwise
+
+    for name, pool in containers.items():
+        node = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == name)
+        row = tuple(node.meta["val"].shape[1:])
+        rows, stack = {node}, [node]  # every value with the container's rows (reached through any op)
+        while stack:
+            for user in stack.pop().users:
+                if user not in rows and user.op == "call_function" and isinstance(user.meta.get("val"), torch.Tensor):
+                    rows.add(user)
+                    stack.append(user)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for n in sorted(rows, key=order.get):  # the first offending use in the graph's order
+            for user in sorted(n.users, key=order.get):
+                if not _keeps_rows(user, n, rows, row, _is_pointwise):
+                    what = "returned" if user.op == "output" else f"{user.target} at {source_line(user)}"
+                    raise StrideDependent(f"{name} holds {pool}, which moves: {what} in {where} reads its bytes other "
+                                          f"than as whole slot rows, and would see them in the pool's new order")
+
+
+def _keeps_rows(user: torch.fx.Node, n: torch.fx.Node, rows: set, row: tuple, pointwise) -> bool:
+    """Whether `user`, reading the row-structured value `n`, keeps every slot row whole."""
+    val = user.meta.get("val")
+    if user.op != "call_function":
+        return False
+    whole = isinstance(val, torch.Tensor) and tuple(val.shape[max(val.dim() - len(row), 0):]) == row
+    if user.target in _ROW_INDEXING:
+        indexed = user.args[1] if user.target is aten.index.Tensor else None
+        dim0 = user.args[1] % n.meta["val"].dim() == 0 if user.target is not aten.index.Tensor else \
+            all(i is None for i in indexed[1:])
+        return user.args[0] is n and dim0 and whole
+    if user.target in _ROW_COPIES:
+        return whole
+    if user.target in _ROW_WRITES or pointwise(user.target):
+        return whole and all(a in rows or _per_slot(a, row) for a in _tensor_args(user))
+    return False
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)
+            and isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def _per_slot(a: torch.fx.Node, row: tuple) -> bool:
+    """An operand that is the same for every element of a slot's row (a scalar, or size 1 over the row)."""
+    val = a.meta["val"]
+    trailing = tuple(val.shape[max(val.dim() - len(row), 0):])
+    return all(s == 1 for s in trailing) or val.dtype in (torch.int32, torch.int64, torch.bool) and val.dim() <= 1

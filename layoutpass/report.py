@@ -23,11 +23,12 @@ class Kind(StrEnum):
 
 
 class Action(StrEnum):
-    FOLDED = "permutation folded"  # a permutation cancelled against the storage layout
-    REMAPPED = "remapped"  # the use's axis arguments now name the new storage's dims
-    KEPT = "kept"  # the use reads a permuted view of the new storage (correct, not free)
-    MATERIALIZED = "materialized"  # a memory-order read now reads a copy in the old order
-    REFUSED = "refused"  # cannot be rewritten: optimize raised, nothing moved
+    FOLDED = "permutation folded"  # a permutation that is the pool's own memory order: a free dense view
+    REMAPPED = "remapped"  # rewritten onto the kernel-order view (canonicalized for lowering)
+    KEPT = "kept"  # a permuted view the rest of the graph reads as it is (correct, not free)
+    LOGICAL = "logical"  # computes on logical indices: the same values in any memory order
+    PROVEN = "proven"  # may copy or alias depending on strides: shown to give the same values
+    REFUSED = "refused"  # cannot be proven: optimize raised, nothing moved
     KERNEL_DIRECT = "kernel-direct"  # a conv op that now takes the pool as stored
     LOWERED = "lowered"  # a pure-torch conv update replaced by a conv kernel
     NOT_LOWERED = "not lowered"  # almost a conv update: the detail says what differed

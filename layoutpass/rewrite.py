@@ -71,14 +71,15 @@ def graph_rewrite(graph: torch.fx.Graph, nodes, step) -> None:
 
 def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[str, tuple[int, ...]]],
                    entry: str) -> list[Use]:
-    """pools: placeholder -> (pool name, p) where permute(new storage, p) has the old order.
-    Each pool enters as that pending permutation; RULES sink it below every use. Returns what was
-    done to each use; raises RefusedRewrite before the caller moves anything."""
+    """pools: storage node (a placeholder, or a view of one) -> (pool name, p) where
+    permute(storage, p) has the order the graph reads. Each pool enters as that pending
+    permutation; RULES sink it below every use. Returns what was done to each use; raises
+    RefusedRewrite before the caller moves anything."""
     graph, uses = gm.graph, []
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
     for placeholder, (name, perm) in pools.items():
         rewriter = Rewriter(graph, name)
-        rewriter.anchor = last_placeholder.next
+        rewriter.anchor = (last_placeholder if placeholder.op == "placeholder" else placeholder).next
         view = rewriter.pending(placeholder, perm)
         view.meta["val"] = placeholder.meta["val"]
         placeholder.replace_all_uses_with(view, delete_user_cb=lambda user: user is not view)

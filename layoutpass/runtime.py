@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import time
+import types
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +23,13 @@ import torch
 from torch import nn
 
 from .capture import configure_dynamo
-from .compiler import Build, compile_graph
+from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
 from .errors import ArgumentError, LayoutPassError
-from .layout import KINDS, Layout, parse_layout
-from .report import Pool, Report
-from .state import aliases, move, own_state, place_key, refuse_overlaps, resolve, state_tensors
+from .layout import KINDS, Layout, dense_strides, parse_layout
+from .report import Considered, Pool, Report
+from .state import (aliases, move, own_state, place_key, refuse_overlaps, relation, resolve, state_tensors,
+                    storage_key)
 
 log = logging.getLogger("layoutpass")
 ROOT = ""
@@ -62,11 +64,24 @@ class Graph:
         drawer.get_dot_graph().write_svg(path)
 
 
+class Runner:
+    """What Dynamo calls for a captured graph: the graph can be rebuilt in place when a later
+    graph finds a pool it takes."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+
+    def __call__(self, *args):
+        return self.gm(*args)
+
+
 @dataclass(eq=False)
 class Entry:
     name: str
     graph: Graph
-    orders: dict[str, Layout]  # pool name -> the memory order it was compiled for
+    reads: frozenset[str]  # the state it takes, by path (every instance of its unit)
+    build: Build  # kept to rewrite it for pools found later
+    runner: Runner
 
 
 @dataclass(eq=False)
@@ -94,11 +109,14 @@ class Session:
         self.report = Report()
         self.trees: list = []  # weak references to the optimized module (and its warm-up twins)
         self.running: list[tuple[Unit, str, nn.Module]] = []  # the unit calls in progress
+        self.calling: list[nn.Module] = []  # the top-level calls in progress (the optimized model or a twin)
         self.pending: list[tuple[str, Pool]] = []  # (qualified path, pool) to move once the call returns
         self.calls = 0
+        self.moves = 0  # pools moved so far
+        self.warming = False  # example calls running on a twin
         self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
         for unit in units:
-            unit.compiled = torch.compile(unit.forward, backend=functools.partial(_backend, self, unit),
+            unit.compiled = torch.compile(_own_code(unit.forward), backend=functools.partial(_backend, self, unit),
                                           fullgraph=True, dynamic=options.dynamic)
 
     # -- what the compiler asks ----------------------------------------------------------------
@@ -119,6 +137,19 @@ class Session:
     def pool_of(self, tensor: torch.Tensor) -> Pool | None:
         return self._places.get(place_key(tensor))
 
+    def containers_among(self, inputs: list, found: dict[str, Pool]) -> dict[str, str]:
+        """Inputs (placeholder -> pool) that are containers of a pool that moved or moves now."""
+        tree = self.tree()
+        moving = [p for p in list(self.pools.values()) + list(found.values()) if p.moves and not p.argument]
+        out = {}
+        for pool in moving:
+            t = resolve(tree, pool.name)
+            for i in inputs:
+                if isinstance(i.tensor, torch.Tensor) and i.tensor.dim() >= 1 and \
+                        storage_key(i.tensor) == storage_key(t) and relation(t, i.tensor) == "container":
+                    out[i.name] = pool.name
+        return out
+
     def lowering(self, gm: torch.fx.GraphModule) -> bool:
         if self.options.lower != "auto":
             return bool(self.options.lower)
@@ -127,7 +158,7 @@ class Session:
 
     # -- a captured graph, accepted --------------------------------------------------------------
 
-    def record(self, b: Build) -> None:
+    def record(self, b: Build) -> "Runner":
         """Take the build's new pools (for every instance of the unit) and its graph; queue the
         moves for after the call. Raises, moving nothing, when a new pool cannot move."""
         trees = self._live_trees()
@@ -140,6 +171,7 @@ class Session:
                     for tree in trees:
                         _check_movable(tree, name)
                     moves.append((name, instance))
+        self._prove_earlier(moves)
         for local, pool in b.found.items():
             b.unit.pools[local] = pool
             for path in b.unit.paths:
@@ -153,19 +185,61 @@ class Session:
             qualified = self.qualified(b.instance, name) if not name.startswith("argument ") else name
             if qualified not in self.report.considered or c.taken:
                 self.report.considered[qualified] = dataclasses.replace(c, name=qualified)
-        orders = {pool.name: _order_now(b, ph, pool) for ph, pool in b.pools.items()}
+        reads = frozenset(self.qualified(path, i.path) for i in b.inputs if i.kind == "state" for path in b.unit.paths)
         graph = Graph(b.captured.code, b.gm.code, b.gm, dict(b.seconds))
-        b.unit.entries.append(Entry(b.name, graph, orders))
+        b.unit.entries.append(Entry(b.name, graph, reads, b, Runner(b.gm)))
         self.report.entry_uses[b.name] = b.uses
+        if b.found:
+            self._rewrite_earlier(b.unit.entries[:-1], {name for name, _ in moves})
         self.pending += moves
         log.info("captured %s in %.2f s: %d pool(s) found, %d to move", b.name, sum(b.seconds.values()),
                  len(b.found), len(moves))
+        return b.unit.entries[-1].runner
+
+    def _rewrite_earlier(self, entries: list[Entry], moving: set[str]) -> None:
+        """Graphs captured before a pool was found, that take it: rewritten for it now (those
+        whose pool moves are captured again by Dynamo after the move instead)."""
+        for entry in entries:
+            b = entry.build
+            new = {ph: pool for ph, (local, _) in b.candidates.items()
+                   if (pool := b.unit.pools.get(local)) is not None and ph not in b.pools}
+            if not new or any(self.qualified(entry_path, local) in moving for ph, (local, _) in b.candidates.items()
+                              for entry_path in b.unit.paths):
+                continue
+            b.pools.update(new)
+            rebuild(b)
+            entry.runner.gm = b.gm
+            entry.graph = Graph(b.captured.code, b.gm.code, b.gm, dict(b.seconds))
+            self.report.entry_uses[entry.name] = b.uses
+
+    def _prove_earlier(self, moves: list[tuple[str, Pool]]) -> None:
+        """Every graph captured earlier that takes a pool about to move is proven for its new
+        order too (Dynamo would capture it again after the move; a refusal must come now,
+        before anything moves)."""
+        moving = dict(moves)
+        for unit in self.units:
+            for entry in unit.entries:
+                other, changed = {}, []
+                for i in entry.build.inputs:
+                    for path in unit.paths:
+                        pool = moving.get(self.qualified(path, i.path)) if i.kind == "state" else None
+                        if pool is not None:
+                            val = i.tensor
+                            other[i.name] = dense_strides(pool.axes, pool.target, tuple(val.shape), val.stride(0))
+                            changed.append(pool)
+                            entry.build.pools.setdefault(i.name, pool)
+                if other:
+                    prove_build(entry.build, other, changed)
 
     def _remember(self, tensor: torch.Tensor, pool: Pool) -> None:
         self._places[place_key(tensor)] = pool
 
     def _live_trees(self) -> list[nn.Module]:
         return [t for t in (ref() for ref in self.trees) if t is not None]
+
+    def tree(self) -> nn.Module:
+        """The optimized model (or warm-up twin) whose call is running."""
+        return self.calling[-1] if self.calling else self._live_trees()[0]
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -179,10 +253,12 @@ class Session:
             self.pending.clear()
             inner = getattr(err, "inner_exception", None)
             if isinstance(inner, LayoutPassError):
+                self._refused()
                 raise inner.with_traceback(None) from None
             raise
         except LayoutPassError:
             self.pending.clear()
+            self._refused()
             raise
         except torch._dynamo.exc.TorchDynamoException as err:
             self.pending.clear()
@@ -204,35 +280,64 @@ class Session:
 
     def _move_pending(self) -> None:
         pending, self.pending = self.pending, []
+        self.moves += len(pending)
         for name, pool in pending:
             for tree in self._live_trees():
                 move(tree, name, pool.axes, pool.target)
-        moved = {name: pool.target for name, pool in pending}
-        for unit in self.units:
-            unit.entries = [e for e in unit.entries if all(moved.get(n, o) == o for n, o in e.orders.items())]
+        moved = {name for name, _ in pending}
+        for unit in self.units:  # Dynamo's guards on strides keep them from running again
+            unit.entries = [e for e in unit.entries if not e.reads & moved]
         live = {e.name for u in self.units for e in u.entries}
         self.report.entry_uses = {k: v for k, v in self.report.entry_uses.items() if k in live}
         log.info("moved %d pool(s): %s", len(pending), ", ".join(f"{n} -> {p.target}" for n, p in pending))
 
-    def check_found(self) -> None:
-        """After the first call: a model in which no pool was found is refused (unless
-        allow_missing), as is a state_buffers name no graph took."""
+    def _refused(self) -> None:
+        """inplace: a refusal hands the model back as it was, its moved pools in their old order
+        (their values never changed); a copy keeps its pools where they are."""
+        if not self.options.inplace:
+            return
+        moved = [p for p in self.pools.values() if p.moves and not p.argument]
+        for tree in self._live_trees():
+            for pool in moved:
+                move(tree, pool.name, pool.axes, pool.source)
+        for unit in self.units:
+            unit.entries, unit.pools = [], {}
+        self.pools.clear()
+        self._places.clear()
+        self.report.pools, self.report.entry_uses = self.pools, {}
+
+    def check_found(self, strict: bool) -> None:
+        """A model in which no pool was found is refused (unless allow_missing): after the
+        example_inputs (strict), or after a first call whose graphs took no rank-3 state or
+        argument at all (a call that reads, stores or trims a pool leaves the verdict to later
+        calls, which may show the rest of its use)."""
+        seen = bool(self.report.considered)
+        tree = self.tree()
+        for path, t in state_tensors(tree):
+            if t.dim() >= 3 and path not in self.pools and path not in self.report.considered:
+                self.report.considered[path] = Considered(path, tuple(t.shape), False, "no captured graph uses it")
         missing = [name for name in self.options.named if name not in self.pools]
         if missing:
-            raise ArgumentError("state_buffers", f"{missing} were not found as pools in the captured calls")
-        if not self.pools and not self.options.allow_missing:
-            eager = [u.eager for u in self.units if u.eager]
-            why = f" ({'; '.join(eager)})" if eager else ""
-            raise PoolNotFound("no state pool found in the first call: no rank-3 state tensor reaches a conv op or is "
-                               f"written back shifted along one axis{why}; the call ran as written and nothing moved "
-                               "(pass state_buffers=, or allow_missing=True)")
+            self.report.notes.append(f"state_buffers {missing}: no captured graph reads or writes them yet; they keep "
+                                     f"their layout until one does")
+        if self.pools or self.options.allow_missing or self.options.named or (seen and not strict):
+            return
+        eager = [u.eager for u in self.units if u.eager]
+        why = f" ({'; '.join(eager)})" if eager else ""
+        when = "in the example calls" if strict else "in the first call"
+        raise PoolNotFound(f"no state pool found {when}: no rank-3 state tensor reaches a conv op or is written back "
+                           f"shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
 
 
-def _order_now(b: Build, placeholder: str, pool: Pool) -> Layout:
-    from .layout import order_of
-
-    val = next(n for n in b.captured.graph.find_nodes(op="placeholder") if n.name == placeholder).meta["val"]
-    return order_of(pool.axes, tuple(val.shape), tuple(val.stride())) or pool.source
+def _own_code(fn):
+    """The function with a code object of its own: Dynamo keeps its graphs on the code object,
+    so each optimized model's graphs go with it instead of piling up on the model class's
+    forward (which has a recompile limit) across optimize() calls."""
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return own
 
 
 def _check_movable(tree: nn.Module, name: str) -> None:
@@ -242,8 +347,7 @@ def _check_movable(tree: nn.Module, name: str) -> None:
 def _backend(session: Session, unit: Unit, gm: torch.fx.GraphModule, example_inputs: list):
     _, path, _ = session.running[-1] if session.running else (unit, unit.paths[0], None)
     b = compile_graph(Build(session, unit, path, gm, example_inputs))
-    session.record(b)
-    return b.gm
+    return session.record(b)
 
 
 class _LayerCall:
@@ -286,13 +390,18 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         session: Session = self.__dict__["_lp"]
-        if session.root is not None:
-            out = session.call(session.root, ROOT, self, args, kwargs)
-        else:
-            out = session.model_class.forward(self, *args, **kwargs)
+        session.calling.append(self)
+        try:
+            if session.root is not None:
+                out = session.call(session.root, ROOT, self, args, kwargs)
+            else:
+                out = session.model_class.forward(self, *args, **kwargs)
+        finally:
+            session.calling.pop()
         if not session.calls:
             session.calls += 1
-            session.check_found()
+            if not session.warming:
+                session.check_found(strict=False)
         return out
 
     @property
@@ -342,14 +451,28 @@ def _kind(module: nn.Module) -> tuple:
     """What decides a layer's graphs: class and code, tensors' names and shapes, plain attributes."""
     tensors = tuple((n, tuple(t.shape), t.dtype, t.device.type) for n, t in
                     list(module.named_parameters()) + list(module.named_buffers()))
-    forward = vars(module).get("forward") or type(module).forward
-    return type(module), getattr(forward, "__code__", id(forward)), tensors
+    return type(module), type(module).forward.__code__, tensors
+
+
+def _runs_code(module: nn.Module) -> bool:
+    """Whether the module's class defines a forward (a bare nn.Module or ModuleList holding
+    tensors for others does not)."""
+    return getattr(type(module).forward, "__code__", None) is not getattr(nn.Module.forward, "__code__", None) and \
+        not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
+def _user_of(model: nn.Module, path: str) -> str:
+    """The module whose forward uses what `path` holds: itself, or the nearest ancestor that
+    has a forward of its own."""
+    while path and not _runs_code(model.get_submodule(path)):
+        path = path.rpartition(".")[0]
+    return path
 
 
 def _units(model: nn.Module, model_class: type) -> tuple[list[Unit], Unit | None]:
     """The layers that hold pools, grouped by kind; or the whole model when it holds state itself
     (or no layer does)."""
-    holders = [p for p, m in model.named_modules() if _holds_state(m)]
+    holders = sorted({_user_of(model, p) for p, m in model.named_modules() if _holds_state(m)})
     if not holders or ROOT in holders:
         root = Unit("model", [ROOT], model_class.forward)
         return [root], root
@@ -361,9 +484,7 @@ def _units(model: nn.Module, model_class: type) -> tuple[list[Unit], Unit | None
         if key not in kinds:
             name = type(module).__name__
             taken = sum(u.label.split("#")[0] == name for u in kinds.values())
-            forward = vars(module).get("forward")
-            kinds[key] = Unit(name if not taken else f"{name}#{taken + 1}", [],
-                              (lambda m, *a, _f=forward, **k: _f(*a, **k)) if forward else type(module).forward)
+            kinds[key] = Unit(name if not taken else f"{name}#{taken + 1}", [], type(module).forward)
         kinds[key].paths.append(path)
     return list(kinds.values()), None
 
@@ -373,7 +494,6 @@ def _copy(model: nn.Module, inplace: bool) -> nn.Module:
     inplace (then shared: its pools move in the model's own memory)."""
     shared = list(model.parameters()) + ([t for _, t in state_tensors(model)] if inplace else [])
     fast = copy.deepcopy(model, memo={id(t): t for t in shared})
-    fast.__dict__.pop("forward", None)  # a forward patched onto the instance would run the model as written
     return fast
 
 
@@ -423,6 +543,11 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
             raise ArgumentError(name, f"expected True or False, got {value!r}")
     if dynamic not in (None, True, False):
         raise ArgumentError("dynamic", f"expected None, True or False, got {dynamic!r}")
+    patched = [path or "the model" for path, m in model.named_modules() if "forward" in vars(m)]
+    if patched:
+        raise ArgumentError("model", f"{patched[0]}.forward is replaced on the instance; the pass captures and copies "
+                                     f"what the class defines (a function set on the instance may close over the "
+                                     f"original): define it in a subclass instead")
     named = _explicit_pools(state_buffers, dict(state_tensors(model)))
     calls = [_split(call) for call in example_inputs or ()]
     configure_dynamo()
@@ -431,9 +556,14 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
     session = Session(model, Options(layouts, named, lower, dynamic, inplace, allow_missing), units, root)
     _bind(session, fast)
     start = time.perf_counter()
-    for args, kwargs in calls:
-        _warm_up(fast, args, kwargs)
     if calls:
+        session.warming = True
+        try:
+            for args, kwargs in calls:
+                _warm_up(fast, args, kwargs)
+        finally:
+            session.warming, session.calls = False, 0
+        session.check_found(strict=True)
         log.info("captured %d example call(s) in %.2f s", len(calls), time.perf_counter() - start)
     return fast
 
@@ -473,7 +603,11 @@ def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict) -> None:
     _bind(session, twin)
     try:
         with torch.no_grad():
-            twin(*args, **kwargs)
+            for _ in range(1 + len(session.units)):  # again while a call moved pools: its graphs for the new order
+                moves = session.moves
+                twin(*args, **kwargs)
+                if session.moves == moves:
+                    break
     finally:
         session.trees = [r for r in session.trees if r() is not twin and r() is not None]
 

@@ -18,6 +18,7 @@ by the op its idiom starts from; a matcher returns an Update, None when the node
 idiom, or a NearMiss saying which part of an almost-match differed (for the report). The rewrite
 driver (layoutpass/rewrite.py) runs the table."""
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -73,13 +74,21 @@ class _Conv:
 
 def _n(size):
     """A size (an int, a SymInt, or a graph node computing one) as an int, or as its sympy
-    expression when it is symbolic (a dynamic token count)."""
+    expression when it is symbolic (a dynamic token count), its symbols positive: a size left
+    symbolic is at least 2 (0 and 1 are specialized), which decides the sign of -L."""
     if isinstance(size, torch.fx.Node):
         size = size.meta.get("val")
     if isinstance(size, torch.SymInt):
         expr = size.node.expr
-        return int(expr) if expr.is_number else expr
+        if expr.is_number:
+            return int(expr)
+        return expr.xreplace({s: _positive(s.name) for s in expr.free_symbols})
     return size
+
+
+@functools.cache
+def _positive(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, integer=True, positive=True)
 
 
 def _same(a, b) -> bool:
@@ -200,6 +209,8 @@ def _tail(node):
 
 def _clamp(v, n):
     """Python's slice bound v on an axis of n (either may be symbolic), or None if undecided."""
+    if isinstance(v, int) and v >= END:  # "to the end", as Dynamo writes an omitted end
+        return n
     negative = sympy.sympify(v).is_negative
     if negative is None:
         return None

@@ -70,10 +70,12 @@ def raises_in_forward():
 
 
 class ToNumpy(pm.OneConv):
-    """Runs eagerly, but export's fake tensors have no numpy()."""
+    """Runs eagerly, but branches in Python on its data (sign of a numpy sum): not one graph."""
 
     def forward(self, x, slots):
-        return super().forward(x, slots) * float(x.numpy().sum() != 0)
+        if x.numpy().sum() > 0:
+            return super().forward(x, slots) * 2
+        return super().forward(x, slots)
 
 
 def not_capturable():

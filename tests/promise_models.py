@@ -244,3 +244,21 @@ class OptionalArg(Conv):
     def forward(self, x, slots, qsl=None):
         y = self.conv(x, slots)
         return y if qsl is None else y * qsl.sum()
+
+
+class RawInForward(RawPages):
+    """The pages reset and read inside forward: slot-wise uses (allowed) and a read of the raw
+    bytes as if they were the conv state's SD layout (refused when the conv state moves)."""
+
+    def __init__(self, peek=False):
+        super().__init__()
+        self.peek = peek
+
+    def forward(self, x, slots, keep=None):
+        if keep is not None:
+            self.raw[slots] *= keep  # whole rows
+            self.raw[slots[:1]] = self.raw[slots[1:2]]  # a whole row copied onto another
+        y = super().forward(x, slots)
+        if self.peek:  # the newest input, read off the page as SD bytes
+            y = y + self.raw[slots, (TOK - 1) * DIM:TOK * DIM]
+        return y

@@ -77,16 +77,20 @@ def test_optimized_models_generate_what_transformers_generates(name, layout, low
 
 
 def test_one_prompt_graph_serves_every_length_that_takes_its_branches():
-    """Lfm2's prompt path branches on the length only below its conv width: one graph serves
-    every longer prompt (export's guards decide, checked against transformers each time), its
-    conv lowered with the length symbolic."""
+    """Lfm2's prompt path branches on the length only below its conv width: once the length is
+    symbolic, one graph serves every longer prompt (Dynamo's guards decide, checked against
+    transformers each time), its conv lowered with the length symbolic."""
     model = tiny_model("Lfm2")
     fast = optimize(CacheAsBuffers(model, 2, 64), "DS", lower=True)
     for length in (9, 5, 17, 12):
         ids = prompt(length=length, seed=length)
         assert torch.equal(generate(fast, ids, 3), reference(model, ids, 3)[0])
-    assert len(fast.graphs) == 2  # the prompts, the decode step
-    prompts = [u for u in fast.report.uses if u.entry.startswith("entry0")]
+    captured = fast.__dict__["_lp"].root.count
+    for length in (21, 13, 30):
+        ids = prompt(length=length, seed=length)
+        assert torch.equal(generate(fast, ids, 3), reference(model, ids, 3)[0])
+    assert fast.__dict__["_lp"].root.count == captured  # no new graph for longer prompts
+    prompts = [u for u in fast.report.uses if ", 1]" not in u.entry]
     assert prompts and all(u.detail == "pure-torch conv1d update -> conv_prefill" for u in prompts
                            if u.action == "lowered") and any(u.action == "lowered" for u in prompts)
 

@@ -18,11 +18,9 @@ from layoutpass.rewrites.permutes import PERMUTATIONS
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def pool_permutations(fast) -> int:
-    """Permutation nodes applied to a pool placeholder, in every rewritten graph."""
-    pools = {name.replace(".", "_") for name in fast.report.pools} | {name.rsplit(".")[-1] for name in fast.report.pools}
-    return sum(1 for g in fast.graphs.values() for n in g.module.graph.nodes
-               if n.target in PERMUTATIONS and n.args[0].op == "placeholder" and n.args[0].name[2:] in pools)
+def kernel_orders(fast) -> set[str]:
+    """The memory order each conv op's kernel reads its pool in, over every graph."""
+    return {u.detail.split()[0] for u in fast.report.uses if u.action == Action.KERNEL_DIRECT}
 
 
 def calls(n=4, batch=3):
@@ -42,8 +40,9 @@ def test_zoo_models_stay_equivalent(name, layout):
     assert sorted(fast.report.pools) == sorted(pools)
     assert all(p.source == SD and p.target.axes == (DS if layout == "DS" else SD).axes
                for p in fast.report.pools.values())
-    if layout == "DS":
-        assert pool_permutations(fast) == 0
+    assert kernel_orders(fast) == {layout}  # every conv kernel reads the pool in the order it is stored
+    for name in pools:  # same shape, the new order in memory
+        assert fast.get_buffer(name).shape == model.get_buffer(name).shape
     assert all(use.source != "<no source line>" and ".py:" in use.source for use in fast.report.uses)
     kernels = [u for u in fast.report.uses if u.kind == Kind.KERNEL]
     assert len(kernels) == sum(g.after.count("layoutpass.conv_") for g in fast.graphs.values()) > 0
@@ -52,41 +51,40 @@ def test_zoo_models_stay_equivalent(name, layout):
 @pytest.mark.parametrize("name", ["mamba2", "short_conv"])
 def test_golden_code(name):
     """Before/after code of the decode entry, compared with the committed golden files
-    (LAYOUTPASS_REGOLD=1 rewrites them)."""
+    (LAYOUTPASS_REGOLD=1 rewrites them). Dynamo remembers which sizes changed in earlier
+    captures of the same function: reset it, so the graph does not depend on the tests before."""
+    torch._dynamo.reset()
     model = build(name)
     step = next(s for s in make_scenario(model.cfg) if s.kind == "decode")
-    fast = optimize(model, "DS", example_inputs=[step.inputs])
-    graphs = next(iter(fast.graphs.values()))
+    fast = optimize(model, "DS", lower=True, example_inputs=[step.inputs])
+    graphs = fast.graphs[max(fast.graphs)]  # the graph captured once the pool is stored DS
     for which, code in (("before", graphs.before), ("after", graphs.after)):
         path = GOLDEN / f"{name}_decode_{which}.txt"
         if os.environ.get("LAYOUTPASS_REGOLD"):
             path.write_text(code)
         assert code == path.read_text(), f"{path.name} changed"
-    assert graphs.before.count("conv_state, 1, 2)") + graphs.before.count("m_t") > 0
-    assert "aten.transpose.int(b_mixers" not in graphs.after and "mT.default(b_mixers" not in graphs.after
+    assert re.search(r"aten\.(transpose\.int|mT\.default)\(conv_state", graphs.before)
+    # the model's transpose cancels against the kernel-order view: one permute of the pool is left
+    assert not re.search(r"aten\.(transpose\.int|mT\.default)\(conv_state", graphs.after)
+    assert len(re.findall(r"aten\.permute\.default\(conv_state, \[0, 2, 1\]\)", graphs.after)) == 1
 
 
 def test_op_counts_and_what_is_left_alone():
-    """The hybrid's Mamba2 and GDN layers are captured once per kind (its attention layer keeps
-    no pool and runs as written): one conv op and one pool transpose each, which goes."""
+    """The hybrid's Mamba2, attention and GDN layers are captured once per kind; only the conv
+    pools move (same shape, DS strides); the graphs keep every op."""
     model = build("hybrid")
     fast = optimize(model, "DS", example_inputs=[s.inputs for s in make_scenario(model.cfg)[:2]])
-    assert sorted(name.split(".")[0] for name in fast.graphs) == ["GatedDeltaNetMixer"] * 2 + ["Mamba2Mixer"] * 2
+    assert {name.split(".")[0] for name in fast.graphs} == {"GatedDeltaNetMixer", "Mamba2Mixer", "Attention"}
     for graphs in fast.graphs.values():
-        before, after = graphs.before, graphs.after
-        assert after.count("layoutpass.conv_") == before.count("layoutpass.conv_") == 1
-        on_pools = r"aten\.(transpose\.int|swapaxes\.default)\(b_conv_state"
-        assert len(re.findall(on_pools, before)) == 1 and not re.findall(on_pools, after)
-        # the transposes of activations are not pool uses: they stay
-        pool_transposes = len(re.findall(r"aten\.transpose\.int\(b_conv_state", before))
-        assert after.count("aten.transpose.int") == before.count("aten.transpose.int") - pool_transposes
-        assert after.count("lp_examples.recurrence") == before.count("lp_examples.recurrence")
+        assert graphs.after.count("layoutpass.conv_") == graphs.before.count("layoutpass.conv_")
+        assert graphs.after.count("lp_examples.recurrence") == graphs.before.count("lp_examples.recurrence")
     for name, buf in fast.named_buffers():
         original = model.get_buffer(name)
+        assert buf.shape == original.shape
         if name in fast.report.pools:
-            assert buf.shape == SD.convert(original, DS).shape and buf.is_contiguous()
+            assert buf.stride() == SD.convert(original, DS).stride()[:1] + (1, original.shape[1])
         else:
-            assert buf.shape == original.shape  # ssm states and KV caches keep their layout
+            assert buf.stride() == original.stride()  # ssm states and KV caches keep their layout
 
 
 def test_already_in_target_layout_is_unchanged():
@@ -95,7 +93,8 @@ def test_already_in_target_layout_is_unchanged():
     fast = optimize(model, "SD", example_inputs=[step.inputs])
     graphs = next(iter(fast.graphs.values()))
     assert graphs.after == graphs.before
-    assert {u.action for u in fast.report.uses} == {Action.KEPT}
+    assert not any(p.moves for p in fast.report.pools.values())
+    assert kernel_orders(fast) == {"SD"}
 
 
 @pytest.mark.parametrize("spelling", sorted(pm.OneConv.SPELLINGS))
@@ -103,19 +102,18 @@ def test_every_permutation_spelling(spelling):
     model = pm.OneConv(spelling)
     fast = optimize(model, "DS")
     assert check_equivalence(model, fast, calls()).ok
-    assert fast.report.pools["pool"].source == SD
-    assert pool_permutations(fast) == 0
+    assert fast.report.pools["pool"].source == SD and kernel_orders(fast) == {"DS"}
 
 
 @pytest.mark.parametrize("use", sorted(pm.USES))
-def test_axis_sensitive_uses_are_remapped(use):
+def test_axis_sensitive_uses_stay_right(use):
     model = pm.OneConv(extra=pm.USES[use])
     fast = optimize(model, "DS")
     result = check_equivalence(model, fast, calls())
     assert result.ok, str(result)
-    assert pool_permutations(fast) == 0
+    assert kernel_orders(fast) == {"DS"}
     kinds = {u.kind for u in fast.report.uses}
-    assert "kernel" in kinds and kinds <= {"kernel", "permutation", "axis-sensitive", "layout-agnostic"}
+    assert "kernel" in kinds and kinds <= {"kernel", "permutation", "axis-sensitive", "layout-agnostic", "memory-order"}
 
 
 def test_axis_sensitive_use_changes_state():
@@ -133,47 +131,46 @@ def test_ds_idiom_to_sd_keeps_one_permutation_and_says_so():
     fast = optimize(model, "SD")
     assert check_equivalence(model, fast, calls()).ok
     assert fast.report.pools["pool"].source.axes == DS.axes and fast.report.pools["pool"].target == SD
-    kept = [u for u in fast.report.uses if u.action == Action.KEPT]
-    assert kept and "permutation" in kept[0].detail
-    assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.TOK, pm.DIM)
+    assert kernel_orders(fast) == {"SD"}
+    assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.DIM, pm.TOK)  # its shape is the model's
 
 
-def test_memory_order_read_reads_a_copy_in_the_old_order():
-    model = pm.OneConv(extra=pm._flattened)
-    fast = optimize(model, "DS")
-    assert check_equivalence(model, fast, calls()).ok
-    assert [u.op for u in fast.report.uses if u.action == Action.MATERIALIZED] == ["view.default"]
-
-
-def test_memory_order_write_is_refused_and_nothing_changes():
-    model = pm.OneConv(extra=pm._flattened_write)
+@pytest.mark.parametrize("extra", [pm._flattened, pm._flattened_write], ids=["read", "write"])
+def test_memory_order_use_is_refused_and_nothing_changes(extra):
+    """`pool.view(SLOTS, -1)` needs the SD order: it cannot be taken on the pool stored DS.
+    The refusal names the line, before the pool moves; the same call under SD runs."""
+    model = pm.OneConv(extra=extra)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LayoutPassError, match=r"node view .*memory order.*written through.*memory-order refusal"
-                                              r".*pass_models.py:\d+: "):
+    with pytest.raises(LayoutPassError, match=r"aten.view.default at pass_models.py:\d+: .*stored SD and DS"):
         optimize(model, "DS", example_inputs=[pm.inputs()])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    fast = optimize(model, "DS")
+    with pytest.raises(LayoutPassError):
+        fast(**pm.inputs())
+    assert all(t.is_contiguous() for t in fast.buffers())
+    assert check_equivalence(model, optimize(model, "SD"), calls()).ok
 
 
 @pytest.mark.parametrize("layout", ["DS", "SD"])
 def test_pool_passed_as_argument_is_optimized_and_declared(layout):
-    """The engine owns the pool: the optimized module says how to allocate it, checks what it
-    gets, and computes on it what the model computes on the old layout."""
+    """The engine owns the pool: the optimized module says how to allocate it (same shape, the
+    strides of the layout asked for), and computes on it, in either order, what the model
+    computes on the SD tensor."""
     model = pm.PoolArgument()
     pool = torch.randn(pm.SLOTS, pm.TOK, pm.DIM)
     fast = optimize(model, layout, example_inputs=[dict(pm.inputs(), pool=pool.clone())])
     target = DS if layout == "DS" else SD
-    assert fast.input_layouts == ({"pool": (DS, (pm.SLOTS, pm.DIM, pm.TOK))} if layout == "DS" else {})
-    assert fast.report.pools["pool"].argument and fast.report.pools["pool"].target == target
-    theirs = SD.convert(pool, target).clone()
+    order, strides = fast.input_layouts["pool"]
+    assert order == target and strides == SD.convert(pool, target).stride()[:1] + \
+        ((1, pm.TOK) if layout == "DS" else (pm.DIM, 1))
+    assert fast.report.pools["pool"].argument
+    theirs = torch.empty_strided(pool.shape, strides).copy_(pool)
     for _ in range(3):
         step = pm.inputs()
         torch.testing.assert_close(fast(**step, pool=theirs), model(**step, pool=pool), rtol=0, atol=0)
-        assert torch.equal(target.view(theirs, SD), pool)
-    if layout == "DS":
-        captured = len(fast.graphs)
-        with pytest.raises(ArgumentError, match="^pool: a pool argument: expected a contiguous DS tensor"):
-            fast(**pm.inputs(), pool=pool)
-        assert len(fast.graphs) == captured  # told at once, not captured anew for the wrong tensor
+        assert torch.equal(theirs, pool)
+    step = pm.inputs()  # the model's own order works too (another graph)
+    torch.testing.assert_close(fast(**step, pool=pool.clone()), model(**step, pool=pool.clone()), rtol=0, atol=0)
     shared = torch.randn(pm.SLOTS, pm.TOK, pm.DIM)  # one engine-owned pool across the steps
     result = check_equivalence(model, fast, [Step("decode", dict(pm.inputs(), pool=shared)) for _ in range(3)])
     assert result.ok, str(result)
@@ -192,11 +189,15 @@ def test_optimize_never_changes_the_model():
 
 
 def test_new_batch_size_does_not_recapture():
+    """Once a size has changed, Dynamo makes it symbolic: later batch sizes reuse the graph."""
     model = pm.OneConv()
     fast = optimize(model, "DS")
-    for batch in (2, 3, 4):
+    for batch in (2, 3):
         fast(**pm.inputs(batch))
-    assert len(fast.graphs) == 1
+    captured = fast.__dict__["_lp"].units[0].count
+    for batch in (4, 2, 3):
+        fast(**pm.inputs(batch))
+    assert fast.__dict__["_lp"].units[0].count == captured
 
 
 def test_bad_input():
@@ -204,12 +205,12 @@ def test_bad_input():
         optimize(pm.OneConv(), "DX")
     with pytest.raises(ArgumentError, match="^model:"):
         optimize(lambda x: x)
-    with pytest.raises(LayoutPassError, match="no conv-state pool found"):
+    with pytest.raises(LayoutPassError, match="no state pool found"):
         optimize(pm.NoPool(), example_inputs=[pm.inputs()])
     assert not optimize(pm.NoPool(), example_inputs=[pm.inputs()], allow_missing=True).report.pools
-    with pytest.raises(ArgumentError, match="^example_inputs: the model does not capture"):
+    with pytest.raises(ArgumentError, match="^weight: expected"):  # the model's own error, as it raises it
         optimize(pm.OneConv(), example_inputs=[dict(x=torch.randn(3, 5), slots=torch.tensor([1, 2, 3]))])
-    with pytest.raises(ArgumentError, match="^state_buffers: no buffers named"):
+    with pytest.raises(ArgumentError, match="^state_buffers: no state tensors named"):
         optimize(pm.OneConv(), state_buffers=["pol"], example_inputs=[pm.inputs()])
     with pytest.raises(ArgumentError, match="^example_inputs: each call"):
         optimize(pm.OneConv(), example_inputs=[[1, 2]])
@@ -223,8 +224,8 @@ def test_report_reads_well():
     model = build("kda")
     fast = optimize(model, "DS", example_inputs=[make_scenario(model.cfg)[0].inputs])
     text = str(fast.report)
-    assert "pool mixers.0.q_conv_state (8, 3, 32): SD -> DS" in text
-    assert "deltanet.py" in text and "permute(0, 2, 1)" in text
+    assert "pool mixers.0.q_conv_state (slot, tok, dim) (8, 3, 32): SD -> DS (reaches conv_prefill's state" in text
+    assert "deltanet.py" in text and "permute(0, 2, 1)" in text and "permutation folded" in text
 
 
 def test_check_equivalence_reports_a_difference():
@@ -244,25 +245,23 @@ def test_check_equivalence_restores_both_models():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert check_equivalence(model, fast, steps=3).ok
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert torch.equal(DS.view(fast.get_buffer("mixers.0.conv_state"), SD), model.get_buffer("mixers.0.conv_state"))
+    assert torch.equal(fast.get_buffer("mixers.0.conv_state"), model.get_buffer("mixers.0.conv_state"))
 
 
 @pytest.mark.parametrize("named", [False, True])
 @pytest.mark.parametrize("model_class", [pm.CatIdiom, pm.RollIdiom])
-def test_pure_torch_idioms_are_found_and_remapped(model_class, named):
+def test_pure_torch_idioms_are_found(model_class, named):
     model = model_class()
     fast = optimize(model, "DS", state_buffers={"pool": "SD"} if named else None)
     result = check_equivalence(model, fast, calls())
     assert result.ok, str(result)
-    assert pool_permutations(fast) == 0
-    assert fast.get_buffer("pool").shape == (pm.SLOTS, pm.DIM, model.pool.shape[1])
+    assert fast.get_buffer("pool").shape == model.pool.shape and fast.get_buffer("pool").stride()[2] == model.pool.shape[1]
     assert fast.report.pools["pool"].source == SD
-    ops = {u.op for u in fast.report.uses}
-    assert ops & {"cat.default", "roll.default"} and "sum.dim_IntList" in ops
+    assert {u.op for u in fast.report.uses} >= {"index.Tensor", "index_put_.default"}
 
 
 def test_a_buffer_that_is_never_written_is_not_a_pool():
-    with pytest.raises(LayoutPassError, match="no conv-state pool found"):
+    with pytest.raises(LayoutPassError, match="no state pool found"):
         optimize(pm.ReadOnlyCat(), example_inputs=[pm.inputs()])
 
 
@@ -310,7 +309,10 @@ def test_a_lowered_prefill_reads_a_dynamic_batch_from_the_graph():
     steps = [Step("prefill", dict(x=torch.randn(batch, pm.DIM, 1), slots=torch.tensor([1, 3, 4][:batch])))
              for batch in (2, 3, 2)]
     assert check_equivalence(model, fast, steps, rtol=1e-5, atol=1e-5).ok
-    assert len(fast.graphs) == 1 and "layoutpass.conv_prefill" in next(iter(fast.graphs.values())).after
+    captured = fast.__dict__["_lp"].units[0].count
+    assert check_equivalence(model, fast, steps, rtol=1e-5, atol=1e-5).ok
+    assert fast.__dict__["_lp"].units[0].count == captured  # the batch is symbolic: one graph for every size
+    assert all("layoutpass.conv_prefill" in g.after for g in fast.graphs.values())
 
 
 def test_a_stateless_conv1d_is_not_lowered():
@@ -320,9 +322,13 @@ def test_a_stateless_conv1d_is_not_lowered():
     assert not [u for u in fast.report.uses if u.kind == Kind.KERNEL]
 
 
+class ReadsWindow(pm.CatIdiom):
+    def forward(self, x, slots):
+        return torch.cat([self.pool[slots], x[:, None, :]], dim=1).sum(1)
+
+
 def test_lowering_says_why_a_near_match_is_not_lowered():
-    model = pm.CatIdiom()
-    model.forward = lambda x, slots: torch.cat([model.pool[slots], x[:, None, :]], dim=1).sum(1)
+    model = ReadsWindow()
     fast = optimize(model, "DS", lower=True, state_buffers={"pool": "SD"}, example_inputs=[pm.inputs()])
     reasons = [u.detail for u in fast.report.uses if u.action == Action.NOT_LOWERED]
     assert reasons == ["the window's tail is not written back to the same slots"]

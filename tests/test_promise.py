@@ -232,3 +232,16 @@ def test_converting_the_optimized_model_to_another_dtype(layout):
 def test_an_optional_argument_given_as_none(layout):
     calls = [dict(pm.step(seed=0)), dict(pm.step(seed=1), qsl=None), dict(pm.step(seed=2), qsl=torch.ones(2))]
     run_both(pm.OptionalArg(), calls, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_slot_rows_of_the_raw_pages_used_inside_forward(layout):
+    calls = [dict(pm.step(seed=i), keep=torch.rand(3, 1)) for i in range(4)]
+    run_both(pm.RawInForward(), calls, layout)
+
+
+def test_the_raw_pages_read_as_a_layout_inside_forward_is_refused():
+    model = pm.RawInForward(peek=True)
+    with pytest.raises(LayoutPassError, match=r"raw holds conv_state, which moves: .*slice.*promise_models.py:\d+"):
+        optimize(model, "DS", example_inputs=[pm.step()])
+    run_both(pm.RawInForward(peek=True), steps(3), "SD")

@@ -13,7 +13,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import pass_models as pm
 from layoutpass import DS, SD
-from layoutpass.pipeline import _refresh_meta
+from layoutpass.compiler import _refresh_meta
 from layoutpass.report import Action
 from layoutpass.rewrite import relayout_graph
 from layoutpass.rewrites.lowering import LOWERINGS
@@ -99,6 +99,9 @@ def run(gm, pool, x, slots):
     return gm(*inputs)
 
 
+ROUNDING = {aten.silu.default, aten.exp.default, aten.sigmoid.default}
+
+
 @pytest.mark.parametrize("target", list(CASES), ids=str)
 def test_rule(target):
     gm, placeholders = build(target)
@@ -112,12 +115,17 @@ def test_rule(target):
     relayouts = {pool_node: ("pool", DS.permutation(SD))}
     uses = relayout_graph(rewritten, relayouts, "case")
     assert any(u.op == target.__name__ and u.action in (Action.FOLDED, Action.REMAPPED) for u in uses), uses
-    _refresh_meta(rewritten, relayouts)
+    with mode:  # the pool placeholder now holds the DS storage
+        pool_node.meta["val"] = pool_node.meta["val"].permute(SD.permutation(DS)).contiguous()
+    _refresh_meta(rewritten, {pool_node})
     verify(before, rewritten.graph, {"pool": ("pool", SD)}, {"pool": ("pool", DS)}, "case")
     expected_pool, stored = pool.clone(), SD.convert(pool, DS)
     expected, got = run(gm, expected_pool, x, slots), run(rewritten, stored, x, slots)
+    # CPU transcendental kernels round the tail of their vector loop on a scalar path, and
+    # another memory order puts other elements in that tail: the last bit may differ
+    rounding = (1e-6, 1e-7) if target in ROUNDING else (0, 0)
     for a, b in zip(expected, got):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b, a, rtol=rounding[0], atol=rounding[1])
     assert torch.equal(DS.view(stored, SD), expected_pool)
 
 
