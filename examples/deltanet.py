@@ -6,8 +6,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Batch, RMSNorm, causal_conv, conv_params, conv_state_shape
-from .recurrence import l2norm, recurrence
+from layoutpass.examples.common import Batch, RMSNorm, causal_conv, conv_params, conv_state_shape
+from layoutpass.examples.recurrence import l2norm, recurrence
+from layoutpass.kernels import delta_rule_update
+
+
+def delta_rule(state, q, k, v, g, beta, batch: Batch) -> torch.Tensor:
+    """The gated delta rule over a state pool (slot, snap, head, k, v): decode updates the pool in
+    place by slot (delta_rule_update, as vLLM's fused recurrent kernel does); prefill runs the
+    chunked recurrence. g: log decay, per head (GDN) or per key channel (KDA)."""
+    if batch.query_start_loc is None:
+        return delta_rule_update(state, q, k, v, g, beta, scale=1.0, state_indices=batch.slots,
+                                 num_accepted_tokens=batch.num_accepted_tokens)
+    return recurrence("delta_rule", [v, q, k, beta, torch.exp(g)], [], state, batch.slots, batch.context_lens,
+                      batch.query_start_loc, batch.num_accepted_tokens)
 
 
 class GatedDeltaNetMixer(nn.Module):
@@ -35,11 +47,9 @@ class GatedDeltaNetMixer(nn.Module):
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], -1)
         repeat = self.v_heads // self.k_heads
         q, k = (l2norm(t.unflatten(-1, (self.k_heads, self.head_dim))).repeat_interleave(repeat, -2) for t in (q, k))
-        decay = torch.exp(-torch.exp(self.A_log) * F.softplus(a + self.dt_bias))
-        o = recurrence("delta_rule", [v.unflatten(-1, (self.v_heads, self.head_dim)), q * self.head_dim**-0.5, k,
-                                      torch.sigmoid(b), decay],
-                       [], self.ssm_state, batch.slots, batch.context_lens, batch.query_start_loc,
-                       batch.num_accepted_tokens)
+        g = -torch.exp(self.A_log) * F.softplus(a + self.dt_bias)  # log decay, one per head
+        o = delta_rule(self.ssm_state, q * self.head_dim**-0.5, k, v.unflatten(-1, (self.v_heads, self.head_dim)), g,
+                       torch.sigmoid(b), batch)
         o = self.norm(o, gate=z.unflatten(-1, (self.v_heads, self.head_dim)))
         return self.out_proj(o.flatten(-2))
 
@@ -73,9 +83,7 @@ class KDAMixer(nn.Module):
         v = causal_conv(self.v_proj(h), self.v_conv_state.permute(0, 2, 1), self.v_conv_weight, self.v_conv_bias, batch)
         heads = (self.heads, self.head_dim)
         g = -torch.exp(self.A_log)[:, None] * F.softplus(self.f_b(self.f_a(h)) + self.dt_bias).unflatten(-1, heads)
-        o = recurrence("delta_rule", [v.unflatten(-1, heads), l2norm(q.unflatten(-1, heads)) * self.head_dim**-0.5,
-                                      l2norm(k.unflatten(-1, heads)), torch.sigmoid(self.b_proj(h)), torch.exp(g)],
-                       [], self.ssm_state, batch.slots, batch.context_lens, batch.query_start_loc,
-                       batch.num_accepted_tokens)
+        o = delta_rule(self.ssm_state, l2norm(q.unflatten(-1, heads)) * self.head_dim**-0.5, l2norm(k.unflatten(-1, heads)),
+                       v.unflatten(-1, heads), g, torch.sigmoid(self.b_proj(h)), batch)
         o = self.norm(o, gate=self.g_proj(h).unflatten(-1, heads))
         return self.o_proj(o.flatten(-2))

@@ -1,12 +1,14 @@
 """Mamba1 and Mamba2 mixers in vLLM's idiom: an SD conv pool per layer, transposed before the
-conv ops (vLLM's mamba_mixer.py / mamba_mixer2.py)."""
+conv ops (vLLM's mamba_mixer.py / mamba_mixer2.py); Mamba2's decode updates its SSM state pool
+(slot, snap, head, head_dim, d_state) in place with selective_state_update, as vLLM's does."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Batch, RMSNorm, causal_conv, conv_params, conv_state_shape
-from .recurrence import recurrence
+from layoutpass.examples.common import Batch, RMSNorm, causal_conv, conv_params, conv_state_shape
+from layoutpass.examples.recurrence import recurrence
+from layoutpass.kernels import selective_state_update
 
 
 class Mamba1Mixer(nn.Module):
@@ -57,9 +59,14 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self.in_proj(h).split([self.inner, self.conv_dim, self.heads], -1)
         xbc = causal_conv(xbc, self.conv_state.transpose(1, 2), self.conv_weight, self.conv_bias, batch)
         x, b, c = xbc.split([self.inner, self.groups * self.n, self.groups * self.n], -1)
-        per_group = self.heads // self.groups
-        b, c = (t.unflatten(-1, (self.groups, self.n)).repeat_interleave(per_group, -2) for t in (b, c))
-        y = recurrence("mamba2", [x.unflatten(-1, (self.heads, self.head_dim)), F.softplus(dt + self.dt_bias), b, c],
-                       [-torch.exp(self.A_log), self.D], self.ssm_state, batch.slots, batch.context_lens,
-                       batch.query_start_loc, batch.num_accepted_tokens)
+        x, b, c = x.unflatten(-1, (self.heads, self.head_dim)), *(t.unflatten(-1, (self.groups, self.n)) for t in (b, c))
+        dt, a = F.softplus(dt + self.dt_bias), -torch.exp(self.A_log)
+        if batch.query_start_loc is None:  # decode: the SSM state updated in its pool, in place by slot
+            y = selective_state_update(self.ssm_state, x, dt, a, b, c, self.D, state_batch_indices=batch.slots,
+                                       num_accepted_tokens=batch.num_accepted_tokens)
+        else:
+            per_group = self.heads // self.groups
+            b, c = (t.repeat_interleave(per_group, -2) for t in (b, c))
+            y = recurrence("mamba2", [x, dt, b, c], [a, self.D], self.ssm_state, batch.slots, batch.context_lens,
+                           batch.query_start_loc, batch.num_accepted_tokens)
         return self.out_proj(self.norm(y.flatten(-2), gate=z))

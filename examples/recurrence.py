@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .common import Batch, pad_tokens, unpad_tokens
+from layoutpass.examples.common import Batch, pad_tokens, unpad_tokens
 
 
 def _mamba1(state, params, x, dt, b, c):
@@ -117,7 +117,7 @@ def _read(pool: torch.Tensor, batch: Batch) -> torch.Tensor:
         pos = torch.full_like(batch.slots, last)
     else:
         pos = batch.num_accepted_tokens.long() - 1
-    state = pool[batch.slots.long(), pos]
+    state = pool[batch.slots.long(), pos].contiguous()  # sums below then run in one order, whatever the pool's
     fresh = ~batch.has_initial_state
     return torch.where(fresh.view(-1, *[1] * (state.dim() - 1)), torch.zeros_like(state), state)
 

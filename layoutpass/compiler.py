@@ -82,11 +82,10 @@ def _discover(b: Build) -> None:
     """New pools, by what the graph does with them; the report's verdict on every candidate."""
     if not b.candidates:
         return
-    rank3 = {p: c for p, c in b.candidates.items() if len(c[1]) == 3}
-    found, considered = discover(b.captured.graph, rank3, b.session.named_for(b.unit))
+    found, considered = discover(b.captured.graph, b.candidates, b.session.named_for(b.unit))
     b.considered.update(considered)
     tensors = {i.name: i.tensor for i in b.inputs}
-    for placeholder, (local, shape) in rank3.items():
+    for placeholder, (local, shape) in b.candidates.items():
         if local in found:
             pool = _new_pool(b, local, found[local], tensors[placeholder])
             b.pools[placeholder], b.found[local] = pool, pool

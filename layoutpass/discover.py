@@ -1,11 +1,13 @@
-"""Discover: which rank-3 state tensors (or forward arguments) of a captured graph are
-conv-state pools, and which of their axes is which.
+"""Discover: which state tensors (or forward arguments) of a captured graph are pools, of which
+kind, and which of their axes is which.
 
 A pool is found by what it is, read off the graph's formulas (layoutpass.semantics): a tensor
-that reaches a conv op's state argument through views (whose axes are (slot, dim, tok)), or
-one written back from its own contents shifted along one axis (cat / roll / slice-and-shift,
-through any views, copies and casts) -- that axis is the token axis. The slot axis is the
-outermost, as in every serving engine's pool."""
+that reaches the state argument of a conv or recurrence op through views (STATES: the axes each
+op reads its state in), or a rank-3 tensor written back from its own contents shifted along
+one axis (cat / roll / slice-and-shift, through any views, copies and casts) -- a conv state,
+whose shifted axis is the token axis. The slot axis is the outermost, as in every serving
+engine's pool. A model may also declare its pools and their axes (state_buffers, or a
+`layoutpass_pools` attribute: what an adapter knows of a pure-torch recurrence)."""
 
 from dataclasses import dataclass
 
@@ -13,16 +15,44 @@ import sympy
 import torch
 import torch.fx
 
+import layoutpass.examples.recurrence  # noqa: F401  registers lp_examples::recurrence, whose state is a pool
 from layoutpass.kernels import ops as kernel_ops
+from layoutpass.kernels import recurrent  # noqa: F401  registers the recurrence ops
 
 from .errors import ArgumentError, LayoutPassError
 from .layout import Layout
 from .report import Considered, source_line
-from .semantics import CANONICAL, Semantics, Val, index_symbols
+from .semantics import Semantics, Val, index_symbols
 
-STATE_ARGUMENT = {kernel_ops.conv_update_op._opoverload: 1, kernel_ops.conv_prefill_op._opoverload: 3}
-OP_AXES = ("slot", "dim", "tok")
-PHYSICAL = Layout(CANONICAL)  # discovery reads a candidate's symbols in its physical order
+CONV = ("slot", "dim", "tok")
+_RECURRENCE_AXES = {"mamba2": ("slot", "snap", "head", "v", "k"), "delta_rule": ("slot", "snap", "head", "k", "v"),
+                    "mamba1": ("slot", "snap", "v", "k")}
+
+
+def _fixed(kind: str, axes: tuple[str, ...]):
+    return lambda node, rank: (kind, axes if rank == len(axes) else tuple(a for a in axes if a != "snap"))
+
+
+# The ops with a pool state argument: op -> (its index, (node, the state's rank) -> (pool kind, the
+# axes the op reads the state in)).
+STATES = {
+    kernel_ops.conv_update_op._opoverload: (1, _fixed("conv", CONV)),
+    kernel_ops.conv_prefill_op._opoverload: (3, _fixed("conv", CONV)),
+    torch.ops.layoutpass.selective_state_update.default: (0, _fixed("recurrent", _RECURRENCE_AXES["mamba2"])),
+    torch.ops.layoutpass.delta_rule_update.default: (0, _fixed("recurrent", _RECURRENCE_AXES["delta_rule"])),
+    torch.ops.lp_examples.recurrence.default: (3, lambda node, rank: ("recurrent", _RECURRENCE_AXES.get(node.args[0]))),
+}
+STATE_ARGUMENT = {op: index for op, (index, _) in STATES.items() if op in (kernel_ops.conv_update_op._opoverload,
+                                                                        kernel_ops.conv_prefill_op._opoverload)}
+
+
+def physical(rank: int) -> Layout:
+    """How discovery reads a candidate: its dims in order, unnamed."""
+    return Layout(tuple(f"d{k}" for k in range(rank)))
+
+
+def kind_of(axes: Layout) -> str:
+    return "conv" if {"tok", "dim"} <= set(axes.axes) else "recurrent"
 
 
 class PoolNotFound(LayoutPassError):
@@ -41,19 +71,21 @@ def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
     """candidates: placeholder -> (pool name, shape) of the graph's rank-3 state tensors and
     arguments. Returns name -> Found for every pool the graph shows (or `named` gives the axes
     of), and a verdict on every candidate."""
-    semantics = Semantics(graph, {p: (name, PHYSICAL) for p, (name, _) in candidates.items()}).run()
+    semantics = Semantics(graph, {p: (name, physical(len(shape))) for p, (name, shape) in candidates.items()}).run()
     by_pool = {name: shape for name, shape in candidates.values()}
     evidence: dict[str, list[tuple[Layout, str]]] = {}
     written = set()
     for node in graph.nodes:
-        if node.target in STATE_ARGUMENT:
-            state = semantics.values.get(node.args[STATE_ARGUMENT[node.target]])
-            layout = _through_views(state, by_pool)
+        if node.target in STATES:
+            index, axes_of = STATES[node.target]
+            state = semantics.values.get(node.args[index])
+            op_axes = axes_of(node, len(state.shape))[1] if isinstance(state, Val) else None
+            layout = _through_views(state, by_pool, op_axes) if op_axes else None
             if layout is not None:
                 evidence.setdefault(state.root.pool, []).append(
                     (layout, f"reaches {node.target.__name__.split('.')[0]}'s state at {source_line(node)}"))
     for node, root, contents in semantics.writes:
-        if root.pool not in by_pool:
+        if root.pool not in by_pool or len(by_pool[root.pool]) != 3:
             continue
         written.add(root.pool)
         tok = _shifted_axis(contents, root.pool)
@@ -73,9 +105,10 @@ def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
             if layouts and named[name] not in layouts:
                 raise ArgumentError("state_buffers", f"{name!r} is used as {layouts.pop()} ({seen[0][1]}), "
                                                      f"not {named[name]}")
-            found[name] = Found(named[name], "named in state_buffers")
+            found[name] = Found(named[name], "declared by the model (state_buffers / layoutpass_pools)",
+                                kind_of(named[name]))
         elif seen:
-            found[name] = Found(seen[0][0], seen[0][1])
+            found[name] = Found(seen[0][0], seen[0][1], kind_of(seen[0][0]))
         reason = found[name].evidence if name in found else (
             "written, but never from its own contents shifted along one axis, and it reaches no conv op"
             if name in written else "never written and reaches no conv op")
@@ -83,19 +116,20 @@ def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
     return found, considered
 
 
-def _through_views(state, by_pool) -> Layout | None:
-    """The axes of a pool a permutation of which is a conv op's (slot, dim, tok) state; the dim
-    axis may start past 0 (a tensor-parallel rank's shard of the channels)."""
-    if not isinstance(state, Val) or state.root.pool not in by_pool:
+def _through_views(state, by_pool, op_axes: tuple[str, ...]) -> Layout | None:
+    """The axes of a pool a permutation of which is an op's state, read in `op_axes`; the dim or
+    head axis may start past 0 (a tensor-parallel rank's shard of the channels or heads)."""
+    if not isinstance(state, Val) or state.root.pool not in by_pool or len(op_axes) != len(state.shape) or \
+            len(by_pool[state.root.pool]) != len(op_axes):
         return None
     op_index = index_symbols(len(state.shape))
     axes = []
     for c in state.coords:
         index = [k for k, i in enumerate(op_index) if i in sympy.sympify(c).free_symbols]
         if len(index) != 1 or sympy.expand(c - op_index[index[0]]).free_symbols or \
-                (OP_AXES[index[0]] != "dim" and sympy.expand(c - op_index[index[0]]) != 0):
+                (op_axes[index[0]] not in ("dim", "head") and sympy.expand(c - op_index[index[0]]) != 0):
             return None
-        axes.append(OP_AXES[index[0]])
+        axes.append(op_axes[index[0]])
     return Layout(tuple(axes)) if len(set(axes)) == len(axes) else None
 
 

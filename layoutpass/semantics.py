@@ -28,7 +28,13 @@ from layoutpass.rewrites.permutes import PERMUTATIONS, permutation_of
 from .layout import Layout
 
 aten = torch.ops.aten
-CANONICAL = ("slot", "tok", "dim")  # the argument order of every pool symbol
+CANONICAL = ("slot", "snap", "head", "tok", "dim", "k", "v")  # the argument order of every pool symbol
+
+
+def canonical(axes: tuple[str, ...]) -> list[str]:
+    """A pool's axes in the argument order of its symbol (named axes first, in CANONICAL's
+    order; others, such as discovery's d0, d1, ..., by position)."""
+    return sorted(axes, key=lambda a: (CANONICAL.index(a), 0) if a in CANONICAL else (len(CANONICAL), axes.index(a)))
 
 
 class Unmodeled(Exception):
@@ -345,7 +351,7 @@ class Semantics:
         i = index_symbols(len(shape))
         if pool is not None:
             logical = {axis: i[layout.axes.index(axis)] for axis in layout.axes}
-            formula = sympy.Function(f"P[{pool}]")(*(logical[a] for a in CANONICAL if a in logical))
+            formula = sympy.Function(f"P[{pool}]")(*(logical[a] for a in canonical(layout.axes)))
         else:
             formula = sympy.Function(f"X[{name}]")(*i) if i else sympy.Symbol(f"X[{name}]")
         return Root(name, shape, [(i, formula)], pool, tainted=pool is not None)

@@ -37,15 +37,40 @@ def test_zoo_models_stay_equivalent(name, layout):
     assert result.ok, str(result)
     assert {s.kind for s in result.steps} == {"prefill", "decode", "spec"} and len(result.steps) >= 19
     pools = [n for n, b in model.named_buffers() if n.endswith("conv_state")]
-    assert sorted(fast.report.pools) == sorted(pools)
-    assert all(p.source == SD and p.target.axes == (DS if layout == "DS" else SD).axes
-               for p in fast.report.pools.values())
+    conv = {n: p for n, p in fast.report.pools.items() if p.kind == "conv"}
+    assert sorted(conv) == sorted(pools)
+    assert all(p.source == SD and p.target.axes == (DS if layout == "DS" else SD).axes for p in conv.values())
+    assert all(not p.moves for p in fast.report.pools.values() if p.kind == "recurrent")  # not asked for
     assert kernel_orders(fast) == {layout}  # every conv kernel reads the pool in the order it is stored
     for name in pools:  # same shape, the new order in memory
         assert fast.get_buffer(name).shape == model.get_buffer(name).shape
     assert all(use.source != "<no source line>" and ".py:" in use.source for use in fast.report.uses)
     kernels = [u for u in fast.report.uses if u.kind == Kind.KERNEL]
     assert len(kernels) == sum(g.after.count("layoutpass.conv_") for g in fast.graphs.values()) > 0
+
+
+MAPPINGS = [{"conv": "DS", "recurrent": "VK"}, {"conv": "SD", "recurrent": "KV"}]
+
+
+@pytest.mark.parametrize("layouts", MAPPINGS, ids=["DS-VK", "SD-KV"])
+@pytest.mark.parametrize("name", ["mamba1", "mamba2", "gdn", "kda", "hybrid"])
+def test_recurrent_pools_move_too(name, layouts):
+    """Every recurrent state (Mamba's SSM state, the delta rule's) is a pool: found by the op that
+    reads it, its axes named (k: key / B / d_state, v: value / x / head_dim), stored in the order
+    asked for, and the model computes what the original computes, exactly."""
+    model = build(name, num_spec=1)
+    fast = optimize(model, layouts)
+    result = check_equivalence(model, fast, prefills=3, steps=12)
+    assert result.ok, str(result)
+    recurrent = {n: p for n, p in fast.report.pools.items() if p.kind == "recurrent"}
+    assert sorted(recurrent) == sorted(n for n, _ in model.named_buffers() if n.endswith("ssm_state"))
+    want = layouts["recurrent"]
+    for name_, pool in recurrent.items():
+        assert str(pool.target) == want and {"k", "v", "slot", "snap"} <= set(pool.axes.axes)
+        inner = [a for a in pool.target.axes if a in ("k", "v")]
+        strides = dict(zip(pool.axes.axes, fast.get_buffer(name_).stride()))
+        assert strides[inner[-1]] == 1  # the innermost axis of the layout asked for is contiguous
+        assert fast.get_buffer(name_).shape == model.get_buffer(name_).shape
 
 
 @pytest.mark.parametrize("name", ["mamba2", "short_conv"])
