@@ -22,9 +22,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 DYNAMO_SETTINGS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "allow_unspec_int_on_nn_module": True}
 
 # Tensor attributes whose values depend on memory order: Python code that reads them on a
-# relayouted pool could branch differently, which no graph shows.
-STRIDE_READS = frozenset({"stride", "is_contiguous", "data_ptr", "storage_offset", "untyped_storage", "storage",
-                          "_typed_storage", "is_non_overlapping_and_dense", "is_set_to"})
+# relayouted pool could branch differently, which no graph shows. (A pool moves in its own
+# memory: its data_ptr, storage and storage_offset stay as they were.)
+STRIDE_READS = frozenset({"stride", "is_contiguous", "is_non_overlapping_and_dense"})
 
 
 def configure_dynamo() -> None:
@@ -109,10 +109,19 @@ def describe_inputs(gm: torch.fx.GraphModule, owner: str = "self") -> list[Input
     return inputs
 
 
+class Unanalyzable(Exception):
+    """A graph the pass cannot read as aten ops: it runs as the model wrote it."""
+
+
 def to_aten(gm: torch.fx.GraphModule, example_inputs: list, inputs: list[Input]) -> torch.fx.GraphModule:
     """Dynamo's graph as aten ops (pre-dispatch: composite ops such as reshape and contiguous stay
     whole, in-place ops stay in place), placeholders named after `inputs`, every node carrying
-    the stack trace of the model line it came from."""
+    the stack trace of the model line it came from. A higher-order op (a scan, a cond, ...) is
+    not retraced faithfully: Unanalyzable."""
+    hops = sorted({str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+                   if isinstance(n.target, torch._ops.HigherOrderOperator) or "functorch" in str(n.target)})
+    if hops:
+        raise Unanalyzable(f"it calls {', '.join(hops)}, which the pass cannot read as aten ops")
     fake = detect_fake_mode(example_inputs)
     values = [fake.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
               for x in example_inputs]

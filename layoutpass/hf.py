@@ -52,6 +52,11 @@ class CacheAsBuffers(nn.Module):
             raise ArgumentError("max_len", f"expected an int >= 2, got {max_len!r}")
         self.model, self.max_len = model, max_len
         _check_kinds(model)
+        # transformers' Mamba scans in parallel (associative_scan) under torch.compile, sequentially in
+        # eager: the sequential scan is what its generate() computes and what the pass can read
+        for holder in (model.config, model.config.get_text_config(decoder=True), *model.modules()):
+            if getattr(holder, "use_associative_scan", False):
+                holder.use_associative_scan = False
         device = next(model.parameters()).device
         template = _new_cache(model, max_len)
         with torch.no_grad():  # a prompt then a step size every state the way transformers allocates it
@@ -68,6 +73,7 @@ class CacheAsBuffers(nn.Module):
             block.conv1d_state = block.rg_lru.recurrent_states = None
         if not list(self.buffers(recurse=False)):
             raise ArgumentError("model", f"{type(model).__name__} keeps no state between calls")
+        self.layoutpass_pools = _recurrent_axes(model, dict(self.named_buffers(recurse=False)))
 
     def _own_layer(self, i: int, layer) -> dict[str, str]:
         """Register layer i's tensors as buffers; attribute -> buffer name."""
@@ -172,6 +178,26 @@ class CacheAsBuffers(nn.Module):
     @property
     def batch_size(self) -> int:
         return next(self.buffers(recurse=False)).shape[0]
+
+
+def _recurrent_axes(model: nn.Module, buffers: dict[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
+    """The recurrent states' axes, which transformers' pure-torch recurrences do not spell in
+    any op the pass could read them from (layoutpass reads this declaration). A Mamba-style state
+    ends in d_state: (batch, channels, d_state) or (batch, heads, head_dim, d_state); a gated
+    delta rule's is (batch, heads, k_dim, v_dim). Other states (rank 2: RecurrentGemma's LRU)
+    are no k/v recurrence and are left undeclared."""
+    config = model.config.get_text_config(decoder=True)
+    d_state = next((getattr(config, a) for a in ("state_size", "mamba_d_state", "ssm_state_size")
+                    if isinstance(getattr(config, a, None), int)), None)
+    axes = {}
+    for name, t in buffers.items():
+        if not name.startswith("recurrent_state"):
+            continue
+        if d_state is not None and t.shape[-1] == d_state and t.dim() in (3, 4):
+            axes[name] = ("slot", "v", "k") if t.dim() == 3 else ("slot", "head", "v", "k")
+        elif d_state is None and t.dim() == 4:
+            axes[name] = ("slot", "head", "k", "v")
+    return axes
 
 
 def _check_kinds(model: nn.Module) -> None:

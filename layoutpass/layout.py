@@ -55,7 +55,8 @@ class Layout:
             raise ArgumentError("axes", f"repeated axis in {self.axes}")
 
     def __str__(self) -> str:
-        if self.axes in NAMES or len(self.axes) > 3 and self.axes[-2:] in INNER:
+        if self.axes in NAMES or len(self.axes) >= 3 and self.axes[-2:] in INNER and self.axes[-2:] in (
+                ("k", "v"), ("v", "k")):
             return INNER[self.axes[-2:]]
         return "(" + ", ".join(self.axes) + ")"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .capture import configure_dynamo
+from .capture import Unanalyzable, configure_dynamo
 from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
 from .errors import ArgumentError, LayoutPassError
@@ -255,7 +255,9 @@ class Session:
             if isinstance(inner, LayoutPassError):
                 self._refused()
                 raise inner.with_traceback(None) from None
-            raise
+            if not isinstance(inner, Unanalyzable):
+                raise
+            out = self._run_as_written(unit, module, args, kwargs, inner)
         except LayoutPassError:
             self.pending.clear()
             self._refused()
@@ -548,7 +550,9 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
         raise ArgumentError("model", f"{patched[0]}.forward is replaced on the instance; the pass captures and copies "
                                      f"what the class defines (a function set on the instance may close over the "
                                      f"original): define it in a subclass instead")
-    named = _explicit_pools(state_buffers, dict(state_tensors(model)))
+    tensors = dict(state_tensors(model))
+    named = {**_explicit_pools(getattr(model, "layoutpass_pools", None), tensors, "layoutpass_pools"),
+             **_explicit_pools(state_buffers, tensors)}
     calls = [_split(call) for call in example_inputs or ()]
     configure_dynamo()
     fast = _copy(model, inplace)
@@ -612,22 +616,34 @@ def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict) -> None:
         session.trees = [r for r in session.trees if r() is not twin and r() is not None]
 
 
-def _explicit_pools(state_buffers, tensors) -> dict[str, Layout | None]:
-    if state_buffers is None:
+def _explicit_pools(declared, tensors: dict, argument: str = "state_buffers") -> dict[str, Layout | None]:
+    """Pools a caller names: a list of names, or a mapping name -> the pool's axes (a conv layout
+    "SD" / "DS", a Layout, or a tuple of axis names such as ("slot", "head", "v", "k"))."""
+    if declared is None:
         return {}
-    if isinstance(state_buffers, Mapping):
-        named = {k: parse_layout(v, "state_buffers") for k, v in state_buffers.items()}
-    elif isinstance(state_buffers, Sequence) and not isinstance(state_buffers, str):
-        named = dict.fromkeys(state_buffers)
+    if isinstance(declared, Mapping):
+        named = {k: _axes(v, argument) for k, v in declared.items()}
+    elif isinstance(declared, Sequence) and not isinstance(declared, str):
+        named = dict.fromkeys(declared)
     else:
-        raise ArgumentError("state_buffers", "expected buffer names, or a mapping of names to layouts")
+        raise ArgumentError(argument, "expected pool names, or a mapping of names to their axes")
     unknown = [n for n in named if n not in tensors]
     if unknown:
-        raise ArgumentError("state_buffers", f"no state tensors named {unknown}")
-    bad = [n for n in named if tensors[n].dim() != 3]
+        raise ArgumentError(argument, f"no state tensors named {unknown}")
+    bad = [n for n, axes in named.items() if (tensors[n].dim() != 3 if axes is None else len(axes.axes) !=
+                                               tensors[n].dim()) or tensors[n].dim() < 3]
     if bad:
-        raise ArgumentError("state_buffers", f"{bad} are not rank-3 (slot, tok, dim) pools")
+        raise ArgumentError(argument, f"{bad}: the axes given do not match the tensor's rank (a pool without axes "
+                                      f"must be a rank-3 (slot, tok, dim) conv pool)")
     return named
+
+
+def _axes(value, argument: str) -> Layout:
+    if isinstance(value, (tuple, list)) and all(isinstance(a, str) for a in value):
+        if "slot" not in value or value[0] != "slot":
+            raise ArgumentError(argument, f"axes {tuple(value)} must start with the slot axis")
+        return Layout(tuple(value))
+    return parse_layout(value, argument)
 
 
 def _split(call) -> tuple[tuple, dict]:

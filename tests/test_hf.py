@@ -70,10 +70,35 @@ def test_optimized_models_generate_what_transformers_generates(name, layout, low
     got, got_logits = generate(fast, ids, NEW, output_logits=True)
     assert torch.equal(got, tokens)
     torch.testing.assert_close(got_logits, logits, **TOL)
-    pools = fast.report.pools.values()
+    pools = [p for p in fast.report.pools.values() if p.kind == "conv"]
     assert pools and all(p.target.axes == (("slot", "dim", "tok") if layout == "DS" else ("slot", "tok", "dim"))
                          for p in pools)
     assert any(u.action == "lowered" for u in fast.report.uses) == lower
+
+
+# Mamba-style states (batch, [heads,] head_dim, d_state) and gated delta rules (batch, heads, k, v)
+RECURRENT = ["Mamba", "Mamba2", "Jamba", "Qwen3Next", "KimiLinear", "OlmoHybrid"]
+
+
+@pytest.mark.parametrize("layouts", [{"conv": "DS", "recurrent": "VK"}, {"conv": "SD", "recurrent": "KV"}],
+                         ids=["DS-VK", "SD-KV"])
+@pytest.mark.parametrize("name", RECURRENT)
+def test_recurrent_states_move_and_generate_the_same(name, layouts):
+    """The adapter names each recurrent state's axes (k: key / B / d_state, v: value / x /
+    head_dim); the pass stores it in the order asked for, and generate() gives transformers'
+    own tokens."""
+    model = tiny_model(name)
+    ids = prompt()
+    tokens, logits = reference(model, ids)
+    fast = optimize(CacheAsBuffers(model, 2, 32), layouts)
+    got, got_logits = generate(fast, ids, NEW, output_logits=True)
+    assert torch.equal(got, tokens)
+    torch.testing.assert_close(got_logits, logits, **TOL)
+    states = [p for p in fast.report.pools.values() if p.kind == "recurrent"]
+    assert states and all(str(p.target) == layouts["recurrent"] for p in states)
+    for p in states:
+        strides = dict(zip(p.axes.axes, fast.get_buffer(p.name).stride()))
+        assert strides[p.target.axes[-1]] == 1
 
 
 def test_one_prompt_graph_serves_every_length_that_takes_its_branches():
