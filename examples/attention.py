@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Batch, pad_tokens, unpad_tokens
+from layoutpass.examples.common import Batch, pad_tokens, unpad_tokens
 
 
 @torch.library.custom_op("lp_examples::cached_attention", mutates_args=("k_cache", "v_cache"))

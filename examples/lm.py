@@ -6,12 +6,11 @@ import torch
 from torch import nn
 
 from layoutpass.errors import ArgumentError
-
-from .attention import Attention
-from .common import Batch, RMSNorm
-from .deltanet import GatedDeltaNetMixer, KDAMixer
-from .mamba import Mamba1Mixer, Mamba2Mixer
-from .short_conv import ShortConvMixer
+from layoutpass.examples.attention import Attention
+from layoutpass.examples.common import Batch, RMSNorm
+from layoutpass.examples.deltanet import GatedDeltaNetMixer, KDAMixer
+from layoutpass.examples.mamba import Mamba1Mixer, Mamba2Mixer
+from layoutpass.examples.short_conv import ShortConvMixer
 
 MIXERS = {"mamba1": Mamba1Mixer, "mamba2": Mamba2Mixer, "short_conv": ShortConvMixer,
           "gdn": GatedDeltaNetMixer, "kda": KDAMixer, "attention": Attention}
@@ -76,7 +75,7 @@ class LM(nn.Module):
 
     def scenario(self, **options) -> list:
         """A serving scenario for this model: examples.scenario.make_scenario's options."""
-        from .scenario import make_scenario
+        from layoutpass.examples.scenario import make_scenario
 
         return make_scenario(self.cfg, device=self.embed.weight.device, **options)
 

@@ -1,7 +1,7 @@
 """Zero-argument factories of the zoo models, for the command line
 (`layoutpass inspect layoutpass.examples.models:hybrid`)."""
 
-from .lm import ZOO, build
+from layoutpass.examples.lm import ZOO, build
 
 
 def _factory(name):

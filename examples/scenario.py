@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .lm import ModelConfig
+from layoutpass.examples.lm import ModelConfig
 
 
 @dataclass(frozen=True)

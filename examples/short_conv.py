@@ -4,7 +4,7 @@ bias, no activation; the pool is read through `.mT`."""
 import torch
 from torch import nn
 
-from .common import Batch, causal_conv, conv_params, conv_state_shape
+from layoutpass.examples.common import Batch, causal_conv, conv_params, conv_state_shape
 
 
 class ShortConvMixer(nn.Module):
