@@ -12,3 +12,4 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())  # the application
 
 __all__ = ["ArgumentError", "DS", "EquivalenceResult", "Layout", "LayoutPassError", "OptimizedModule", "Runs", "SD",
            "UnprovenRewrite", "check_equivalence", "optimize"]
+__version__ = "0.1.0"  # as pyproject.toml says (tests/test_cli.py keeps them equal)

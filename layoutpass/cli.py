@@ -1,17 +1,31 @@
-"""Command line: `layoutpass demo | inspect MODULE:FACTORY | check MODULE:FACTORY` (also
-`python -m layoutpass ...`). Every mistake is one line on stderr and exit code 2."""
+"""layoutpass's command line (also `python -m layoutpass`):
+
+  layoutpass demo [--model NAME]                  optimize an example model, show the rewrite, check it
+  layoutpass inspect MODULE:FACTORY [--draw F]    report, before/after diff and pictures of any model
+  layoutpass check MODULE:FACTORY                 equivalence over the factory's calls; exit 1 on a mismatch
+
+MODULE is looked up as `python -m` does (the current directory first): `layoutpass inspect
+mymodel:build` finds mymodel.py here. FACTORY takes no arguments and returns a model with a
+scenario() method, or (model, [dict of keyword arguments per call]). -v logs each graph
+captured (name, time, why); -vv more. Every mistake is one line on stderr and exit code 2."""
 
 import argparse
-import difflib
-import importlib
-import inspect as pyinspect
+import logging
+import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 
 from .errors import ArgumentError, LayoutPassError
-from .layout import parse_layout
+
+# Nothing here imports torch at module level: `layoutpass --help` answers at once. The example
+# models' names are listed here for --help, so that help need not import them (a test keeps
+# them equal to layoutpass.examples.ZOO).
+MODELS = ("gdn", "hybrid", "kda", "mamba1", "mamba2", "short_conv")
+LOGGER = "layoutpass"
+LOWER = {"auto": "auto", "yes": True, "no": False}
+HELP = {"inspect": "report, before/after diff of one captured graph, pictures of every graph",
+        "check": "equivalence over the factory's calls; exit 1 on a mismatch"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,10 +52,37 @@ def _user_code(argument: str, what: str):
         raise ArgumentError(argument, f"{what} raised {_one_line(err)}") from err
 
 
+@contextmanager
+def _progress(model, total: int, what: str):
+    """A progress bar on stderr counting `model`'s calls: tqdm's, where tqdm is installed and
+    stderr is a terminal; nothing otherwise."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield
+        return
+    bar = tqdm(total=total, desc=what, unit="step", disable=None, leave=False)
+    hook = model.register_forward_hook(lambda *_: bar.update())
+    try:
+        yield
+    finally:
+        hook.remove()
+        bar.close()
+
+
+def _diff(before: str, after: str, width: int | None = None) -> str:
+    import difflib
+
+    lines = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+    return "\n".join(line[:width] for line in lines if not line.startswith(("---", "+++", "@@")))
+
+
 def demo(args: argparse.Namespace) -> int:
     """Optimize an example model written in vLLM's SD idiom to DS, show what changed, and
     check that it computes the same outputs and states over a serving scenario. (lower=True:
     the graphs are also rewritten onto each conv's kernel-order view, which shows in the diff.)"""
+    import time
+
     from . import check_equivalence, optimize
     from .examples import build
 
@@ -57,29 +98,67 @@ def demo(args: argparse.Namespace) -> int:
     shape = f"({list(decode['input_ids'].shape) + [model.cfg.hidden]}"
     name, graphs = next((n, g) for n, g in fast.graphs.items() if shape in n)  # a layer's decode call
     print(f"{name}, the decode call, before -> after (changed lines):")
-    diff = difflib.unified_diff(graphs.before.splitlines(), graphs.after.splitlines(), lineterm="", n=0)
-    print("\n".join(line[:160] for line in diff if not line.startswith(("---", "+++"))), "\n")
+    print(_diff(graphs.before, graphs.after, 160), "\n")
     print(f"equivalence over {len(steps)} steps (prefill, decode, spec decode, slot reuse) ...", flush=True)
-    result = check_equivalence(model, fast, steps)
+    with _progress(model, len(steps), "equivalence"):
+        result = check_equivalence(model, fast, steps)
     print(result)
     return 0 if result.ok else 1
+
+
+def _import(module: str):
+    """The module, looked up as `python -m` looks it up: the current directory first."""
+    import importlib
+    import traceback
+
+    here = os.getcwd()
+    if not any(os.path.abspath(p or os.curdir) == here for p in sys.path):
+        sys.path.insert(0, here)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and (module == err.name or module.startswith(err.name + ".")):
+            raise ArgumentError("factory", f"no module named {err.name!r} in the current directory ({here}) or on "
+                                           f"sys.path") from err
+        failed = err
+    except Exception as err:  # the module (or one it imports) fails as it is imported
+        failed = err
+    ours = (importlib.__file__, __file__)  # the import machinery: the user's frames are the ones below it
+    frames = [f for f in traceback.extract_tb(failed.__traceback__)
+              if not f.filename.startswith("<frozen") and f.filename not in ours]
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    raise ArgumentError("factory", f"importing {module!r} failed{where}: {_one_line(failed)}") from failed
+
+
+def _factory(spec: str):
+    module, colon, name = spec.partition(":")
+    if not colon or not module or not name.isidentifier():
+        raise ArgumentError("factory", f"expected MODULE:FACTORY (e.g. mymodel:build, "
+                                       f"layoutpass.examples.models:hybrid), got {spec!r}")
+    if module.endswith(".py"):
+        raise ArgumentError("factory", f"{module!r} is a file name: give the module, "
+                                       f"{module.removesuffix('.py').replace(os.sep, '.')}:{name}")
+    loaded = _import(module)
+    if not hasattr(loaded, name):
+        import difflib
+
+        close = difflib.get_close_matches(name, [n for n in dir(loaded) if not n.startswith("_")], 1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ArgumentError("factory", f"module {module!r} ({getattr(loaded, '__file__', '?')}) has no {name!r}{hint}")
+    return getattr(loaded, name)
 
 
 def _load(spec: str):
     """MODULE:FACTORY -> (model, steps): the factory takes no arguments and returns a model with
     a scenario() method (a layoutpass.examples LM, a layoutpass.hf.CacheAsBuffers) or (model,
     [dict of keyword arguments per call])."""
+    import inspect as pyinspect
+
+    factory = _factory(spec)
     from torch import nn
 
     from .examples.scenario import Step
 
-    module, _, name = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ArgumentError("factory", f"cannot load {spec!r} (expected MODULE:FACTORY): {err}") from err
-    except Exception as err:  # the user's module fails as it is imported
-        raise ArgumentError("factory", f"importing {module!r} raised {_one_line(err)}") from err
     if not callable(factory):
         raise ArgumentError("factory", f"{spec} is not a function returning a model "
                                        f"(it is of type {type(factory).__name__})")
@@ -114,6 +193,8 @@ def _load(spec: str):
 
 def _check_calls(model, calls: list) -> None:
     """Each call a dict of keyword arguments that the model's forward takes."""
+    import inspect as pyinspect
+
     forward = pyinspect.signature(model.forward)
     named = f"{type(model).__name__}.forward{forward}"
     takes_any = any(p.kind == p.VAR_KEYWORD for p in forward.parameters.values())
@@ -140,37 +221,43 @@ def _run_calls(model, steps) -> None:
                 model(**step.inputs)
 
 
+def _default_entry(fast) -> int:
+    """The first graph whose code the pass changed, else the first that uses a pool, else 0."""
+    names = list(fast.graphs)
+    changed = [i for i, g in enumerate(fast.graphs.values()) if g.before != g.after]
+    used = [i for i, n in enumerate(names) if fast.report.entry_uses.get(n)]
+    return (changed or used or [0])[0]
+
+
 def inspect(args: argparse.Namespace) -> int:
-    """Report, before/after diff and (optionally) a drawing of one entry."""
+    """Report, before/after diff of one captured graph, and pictures of every graph."""
     from . import optimize
 
-    if args.svg:
-        try:
-            import pydot  # noqa: F401  torch's drawer needs it, and says so in a RuntimeError
-        except ImportError as err:
-            raise ArgumentError("svg", "drawing needs pydot (pip install pydot)") from err
     model, steps = _load(args.factory)
     _run_calls(model, steps)
     try:
-        fast = optimize(model, args.layout, example_inputs=[s.inputs for s in steps])
+        fast = optimize(model, args.layout, example_inputs=[s.inputs for s in steps], lower=LOWER[args.lower])
     except ArgumentError as err:  # the user gave calls, not example_inputs: name them so
         if err.argument != "example_inputs":
             raise
         raise ArgumentError("calls", str(err).removeprefix("example_inputs: ")) from err
     names = list(fast.graphs)
-    if not 0 <= args.entry < len(names):
-        raise ArgumentError("entry", f"{args.entry} is not one of the {len(names)} captured graphs")
-    graphs = fast.graphs[names[args.entry]]
+    entry = _default_entry(fast) if args.entry is None else args.entry
+    if not 0 <= entry < len(names):
+        raise ArgumentError("entry", f"{entry} is not one of the {len(names)} captured graphs")
+    graphs = fast.graphs[names[entry]]
     print(fast.report, "\n")
-    print(f"{names[args.entry]}, before -> after:")
-    diff = difflib.unified_diff(graphs.before.splitlines(), graphs.after.splitlines(), lineterm="", n=0)
-    print("\n".join(line for line in diff if not line.startswith(("---", "+++"))))
-    if args.svg:
-        try:
-            graphs.svg(args.svg)
-        except OSError as err:  # no such folder, or graphviz's `dot` not installed
-            raise ArgumentError("svg", f"cannot draw {args.svg}: {err}") from err
-        print(f"wrote {args.svg}")
+    print(f"{names[entry]} (graph {entry} of 0-{len(names) - 1}: --entry N shows another), before -> after:")
+    print(_diff(graphs.before, graphs.after) or "  no line changed (the pass changed no node of this graph; the "
+                                                "pools it reads may still be stored in a new order, see the report)")
+    if args.draw:
+        from .drawing import draw
+
+        written = draw(fast, args.draw)
+        for path, name in written:
+            print(f"wrote {path}: {name}")
+        if not written:
+            print("drew nothing: no captured graph reads a pool or was changed")
     return 0
 
 
@@ -180,40 +267,99 @@ def check(args: argparse.Namespace) -> int:
 
     model, steps = _load(args.factory)
     _run_calls(model, steps)
-    result = check_equivalence(model, optimize(model, args.layout), steps, rtol=args.rtol, atol=args.atol)
+    fast = optimize(model, args.layout, lower=LOWER[args.lower])
+    with _progress(model, len(steps), "equivalence"):
+        result = check_equivalence(model, fast, steps, rtol=args.rtol, atol=args.atol)
     print(result)
     return 0 if result.ok else 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .examples import ZOO
+def _tolerance(text: str) -> float:
+    value = float(text)  # argparse turns a ValueError into "invalid _tolerance value"
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
-    parser = _Parser(prog="layoutpass", description=__doc__)
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help="log each graph captured, with its time and why (-vv: more)")
+    parser = _Parser(prog="layoutpass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     parents=[verbose])
+    parser.add_argument("--version", action="version", version=f"layoutpass {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="optimize an example model, show the rewrite, check equivalence")
-    run.add_argument("--model", default="hybrid", choices=sorted(ZOO), help="example model (default: hybrid)")
+    run = commands.add_parser("demo", parents=[verbose], help="optimize an example model, show the rewrite, "
+                                                              "check equivalence", description=demo.__doc__)
+    run.add_argument("--model", default="hybrid", choices=MODELS, help="example model (default: hybrid)")
     run.add_argument("--layout", default="DS", help="target pool layout: DS or SD (default: DS)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the serving scenario: prompt tokens and lengths, slots, accepted draft tokens "
+                          "(default: 0)")
     run.set_defaults(func=demo)
     for name, func in (("inspect", inspect), ("check", check)):
-        sub = commands.add_parser(name, help=func.__doc__.splitlines()[0])
-        sub.add_argument("factory", help="MODULE:FACTORY, e.g. layoutpass.examples.models:hybrid")
+        sub = commands.add_parser(name, parents=[verbose], help=HELP[name], description=func.__doc__)
+        sub.add_argument("factory", help="MODULE:FACTORY, e.g. mymodel:build (mymodel.py in the current directory) "
+                                         "or layoutpass.examples.models:hybrid")
         sub.add_argument("--layout", default="DS", help="target pool layout: DS or SD (default: DS)")
+        sub.add_argument("--lower", choices=("auto", "yes", "no"), default="auto",
+                         help="put pure-torch conv updates and the conv ops' pool views on the conv kernels: auto "
+                              "(on CUDA inputs), yes, no (default: auto)")
         sub.set_defaults(func=func)
         if name == "inspect":
-            sub.add_argument("--entry", type=int, default=1, help="which captured entry to diff (default: 1)")
-            sub.add_argument("--svg", help="draw the rewritten entry to this file (needs pydot)")
+            sub.add_argument("--entry", type=int, default=None,
+                             help="which captured graph to diff, by its place in the report's list (default: the "
+                                  "first the pass changed)")
+            sub.add_argument("--draw", "--svg", "--png", metavar="FILE", dest="draw",
+                             help="draw every captured graph that reads a pool: the nodes around each pool, before "
+                                  "and after side by side, changed nodes and folded permutations in colour; one "
+                                  "picture per graph, FILE with the graph's number added (pic.svg -> pic-0.svg, "
+                                  "pic-1.svg, ...). The format is FILE's suffix: .svg or .png (needs graphviz's "
+                                  "`dot` program) or .dot (Graphviz source, needs nothing)")
         else:
-            sub.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: exact)")
-            sub.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: exact)")
+            sub.add_argument("--rtol", type=_tolerance, default=None, help="relative tolerance (default: exact)")
+            sub.add_argument("--atol", type=_tolerance, default=None, help="absolute tolerance (default: exact)")
     return parser
+
+
+def _logging(verbose: int) -> logging.Handler | None:
+    """-v: the layoutpass logger's INFO lines on stderr (-vv: DEBUG too)."""
+    if not verbose:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s layoutpass: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger(LOGGER)
+    logger.addHandler(handler)
+    handler.previous_level = logger.level
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handler = _logging(getattr(args, "verbose", 0))
     try:
+        from .layout import parse_layout
+
         args.layout = parse_layout(args.layout)  # before anything is loaded, captured or printed
+        if getattr(args, "draw", None):
+            from .drawing import check_target
+
+            check_target(args.draw)  # a format, a `dot` program and a folder, before anything is optimized
         return args.func(args)
     except LayoutPassError as err:
         print(f"layoutpass: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("layoutpass: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `layoutpass inspect ... | head`: the reader has gone
+        sys.stdout = open(os.devnull, "w")
+        return 141
+    finally:
+        if handler is not None:
+            logger = logging.getLogger(LOGGER)
+            logger.removeHandler(handler)
+            logger.setLevel(handler.previous_level)

@@ -2,6 +2,7 @@
 outputs and all their state (buffers, tensor attributes, tensors in lists and dicts) after
 every step. A relayouted pool keeps its shape, so both sides compare element by element."""
 
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -41,8 +42,10 @@ class EquivalenceResult:
 
     def __str__(self) -> str:
         bad = [s for s in self.steps if not s.ok]
-        head = (f"equivalent over {len(self.steps)} steps (rtol={self.rtol}, atol={self.atol})" if not bad else
-                f"NOT equivalent: {len(bad)} of {len(self.steps)} steps differ (rtol={self.rtol}, atol={self.atol})")
+        steps = f"{len(self.steps)} step{'s' if len(self.steps) != 1 else ''}"
+        head = (f"equivalent over {steps} (rtol={self.rtol}, atol={self.atol})" if not bad else
+                f"NOT equivalent: {len(bad)} of {steps} differ{'s' if len(bad) == 1 else ''} "
+                f"(rtol={self.rtol}, atol={self.atol})")
         rows = [f"  step {s.step:3d} {s.kind:8s} output {s.output_error:.3g}  state {s.state_error:.3g}"
                 f"{'' if s.ok else '  <- ' + str(s.worst_buffer)}" for s in self.steps]
         return "\n".join([head, *rows])
@@ -102,17 +105,25 @@ def _restored(model: nn.Module):
 def check_equivalence(reference: nn.Module, candidate: nn.Module, scenario=None, *, steps: int = 16,
                       prefills: int = 3, seed: int = 0, rtol: float | None = None,
                       atol: float | None = None) -> EquivalenceResult:
-    """Run `scenario` (a list of examples.scenario.Step; by default the reference's own,
-    `reference.scenario(prefills=, decode_steps=, seed=)`, as layoutpass.examples LMs and
-    layoutpass.hf.CacheAsBuffers give) through both models from the same random logical state,
-    comparing outputs and every buffer after every step. Both models' buffers are restored
-    afterwards."""
+    """Run `scenario` through both models from the same random logical state, comparing outputs
+    and every buffer after every step; both models' buffers are restored afterwards. scenario:
+    a list of calls, each a dict of keyword arguments of forward (or a
+    layoutpass.examples.scenario.Step, which names its kind); by default the reference's own,
+    `reference.scenario(prefills=, decode_steps=steps, seed=)`, as layoutpass.examples LMs and
+    layoutpass.hf.CacheAsBuffers give. rtol, atol: tolerances (default: exact)."""
     from layoutpass.examples.scenario import fill_state
 
+    _count("steps", steps, 0)
+    _count("prefills", prefills, 1)
+    _count("seed", seed, None)
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+            raise ArgumentError(name, f"expected a number >= 0, got {value!r}")
     if scenario is None:
         if not callable(getattr(reference, "scenario", None)):
             raise ArgumentError("scenario", "give a scenario for a model without a scenario() method")
         scenario = reference.scenario(prefills=prefills, decode_steps=steps, seed=seed)
+    scenario = _steps(scenario)
     rtol, atol = (EXACT[0] if rtol is None else rtol), (EXACT[1] if atol is None else atol)
     results = []
     with ExitStack() as stack:
@@ -139,6 +150,33 @@ def check_equivalence(reference: nn.Module, candidate: nn.Module, scenario=None,
                 state_err = max(state_err, err)
             results.append(StepResult(i, step.kind, out_err, state_err, worst, ok))
     return EquivalenceResult(tuple(results), rtol, atol)
+
+
+def _count(name: str, value, least: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        raise ArgumentError(name, f"expected an int{f' >= {least}' if least is not None else ''}, got {value!r}")
+
+
+def _steps(scenario) -> list:
+    """The scenario as a list of Steps: a plain dict is one call of kind "call"."""
+    from layoutpass.examples.scenario import Step
+
+    if isinstance(scenario, (str, bytes, Mapping)) or not isinstance(scenario, Iterable):
+        hint = " (one call? put it in a list: [{...}])" if isinstance(scenario, Mapping) else ""
+        raise ArgumentError("scenario", f"expected a list of steps, got a {type(scenario).__name__}{hint}")
+    steps = []
+    for i, step in enumerate(scenario):
+        inputs = step if isinstance(step, Mapping) else getattr(step, "inputs", None)
+        if not isinstance(inputs, Mapping):
+            raise ArgumentError(f"scenario[{i}]", f"expected a dict of keyword arguments or a Step, "
+                                                  f"got a {type(step).__name__}")
+        bad = [key for key in inputs if not isinstance(key, str)]
+        if bad:
+            raise ArgumentError(f"scenario[{i}]", f"keyword arguments are named by strings, got {bad[0]!r}")
+        steps.append(Step("call" if isinstance(step, Mapping) else getattr(step, "kind", "call"), dict(inputs)))
+    if not steps:
+        raise ArgumentError("scenario", "no steps: nothing to compare")
+    return steps
 
 
 def _pool_arguments(candidate: nn.Module) -> dict:

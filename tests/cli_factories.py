@@ -80,3 +80,8 @@ class ToNumpy(pm.OneConv):
 
 def not_capturable():
     return ToNumpy("mT"), [pm.inputs(3), pm.inputs(2)]
+
+
+def one_call():
+    """One call, so one captured graph: `inspect` must not ask for --entry."""
+    return pm.OneConv("mT"), [pm.inputs(3)]
