@@ -234,14 +234,19 @@ def _delta_kernel(
 # is a list of (largest batch * heads, BLOCK_V, num_warps); the first row that fits wins.
 # BLOCK_V is cut to the value axis' power of two. Aim: a state tile of 2-8 KB and 16-32
 # elements per thread, so that many small programs keep enough bytes in flight on every SM;
-# in the KV order, rows of BLOCK_V values of at least 64 bytes. Chosen from the compiled code
-# (16-byte state loads and stores, 58-96 registers, no spills, for the shapes of
-# benchmarks/recurrent.py), not yet timed on a GPU: benchmarks/recurrent.py --sweep times the
-# alternatives on the card and prints the table to ship.
-BLOCKS = {
-    (op, order, elem): [(1 << 62, *block)]
-    for op in ("ssu", "gdn", "kda")
-    for (order, elem), block in {(VK, 4): (4, 1), (VK, 2): (16, 2), (KV, 4): (16, 2), (KV, 2): (32, 4)}.items()
+# in the KV order, rows of BLOCK_V values of at least 64 bytes. The winners of a sweep on an
+# H200 (benchmarks/recurrent.py --sweep-only times the alternatives on the card and writes the
+# table to ship: results/recurrent_blocks.json, recurrent_sweep.log).
+_DELTA = {  # swept on an H200 (benchmarks/recurrent.py --sweep-only, B=64/256/1024, results/recurrent_blocks.json)
+    (VK, 4): [(1 << 62, 32, 8)], (KV, 4): [(1 << 62, 64, 4)], (VK, 2): [(1 << 62, 16, 1)], (KV, 2): [(1 << 62, 32, 4)],
+}
+BLOCKS = {  # (op, order, state element bytes) -> [(most batch * heads, BLOCK_V, num_warps), ...]
+    ("ssu", VK, 4): [(5120, 8, 1), (1 << 62, 16, 1)],
+    ("ssu", KV, 4): [(1 << 62, 64, 4)],
+    ("ssu", VK, 2): [(20480, 16, 2), (1 << 62, 32, 2)],
+    ("ssu", KV, 2): [(1 << 62, 64, 8)],
+    **{("gdn", order, elem): rows for (order, elem), rows in _DELTA.items()},
+    **{("kda", order, elem): rows for (order, elem), rows in _DELTA.items()},  # the same kernel: GDN's sweep
 }
 ANY_BLOCK = (16, 4)  # the any-strides path: correct, not tuned
 PDL = True
