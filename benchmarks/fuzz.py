@@ -1,14 +1,20 @@
 """The fuzzer's long run: >= 2000 generated programs (tests/fuzz_models.py), each optimized to DS
-and to SD and called in its order against its untouched copy. Writes the tally (outcomes, refusal
-reasons, failure classes, outcomes per use kind) and a minimal repro of each failure class to
-benchmarks/results/fuzz.json and fuzz.md.
+and to SD and called in its order against its untouched copy. Half the programs also have the
+second axis (issue 20): Python around the graph -- flags, counters, hooks, caches in lists and
+dicts, raw per-slot pages, second names -- and a harness acting between calls like a server
+(slot frees, rollbacks, connector loads, re-allocation, state_dict round trips, pickle and
+deepcopy). Writes the tally (outcomes, per axis, refusal reasons, failure classes, outcomes per
+use kind) and a minimal repro of each failure class to benchmarks/results/fuzz.json and fuzz.md;
+the tally so far is written every 100 programs. Progress with tqdm when it is installed.
 
-    python benchmarks/fuzz.py [--programs 2000] [--seed 0] [--minimize-s 240]
+    python benchmarks/fuzz.py [--programs 2000] [--seed 0] [--minimize-s 120]
 """
 
 import argparse
 import collections
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -23,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import fuzz_models as fm  # noqa: E402
 
-FAILURES = ("mismatch", "crash", "late-refusal", "other")
+FAILURES = ("mismatch", "crash", "late-refusal", "caller-changed", "other")
 ACCEPTED = ("equivalent", "rounding", "refused", "refused-partial")
 MEANING = {
     "equivalent": "every step's outputs and logical state equal the original's (exactly; 1e-5 where a lowering ran)",
@@ -33,7 +39,10 @@ MEANING = {
                        "captured earlier in the same call already moved",
     "mismatch": "an output or the logical state differs",
     "crash": "an exception raised inside a captured graph's code (a run-time failure)",
-    "late-refusal": "a LayoutPassError (outside a graph's code) after the logical state changed",
+    "late-refusal": "a LayoutPassError (outside a graph's code) after the call changed the logical state or "
+                    "Python attributes (beyond what its forward pre-hooks, eager code, did)",
+    "caller-changed": "the model passed to optimize() changed (its state, Python attributes or hooks), or holds a "
+                      "meta or fake tensor",
     "other": "any other exception outside a graph's code (the pass failing at capture, not with a LayoutPassError)",
 }
 
@@ -45,15 +54,40 @@ def _commit() -> str:
     return git("rev-parse", "--short", "HEAD") + (" (pass files modified in the working tree)" if dirty else "")
 
 
-def run(programs: int, seed_: int) -> tuple[dict, dict, list]:
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else \
+        platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, " \
+        f"Python {platform.python_version()}"
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="program", mininterval=30, smoothing=0.05)
+
+
+def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
     """Check `programs` generated programs in both layouts; the tally and the first example of
-    each failure class."""
+    each failure class. checkpoint(tally) is called every 100 programs."""
     outcomes, reasons = collections.Counter(), collections.Counter()
+    per_axis = collections.defaultdict(collections.Counter)
     per_kind = collections.defaultdict(collections.Counter)
     first: dict[str, tuple] = {}
     generator_errors = []
     done = [0]
     start = time.monotonic()
+    bar = _progress(programs)
+
+    def tally_now():
+        return {"programs": done[0], "checks": sum(outcomes.values()), "outcomes": dict(outcomes),
+                "per_axis": {k: dict(v) for k, v in sorted(per_axis.items())},
+                "reasons": dict(reasons.most_common()),
+                "per_use_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
+                "generator_errors": len(generator_errors)}
 
     @seed(seed_)
     @settings(max_examples=programs, database=None, deadline=None, phases=[Phase.generate],
@@ -67,20 +101,25 @@ def run(programs: int, seed_: int) -> tuple[dict, dict, list]:
                 generator_errors.append((program.source(), str(err)))
                 break
             outcomes[outcome.kind] += 1
+            per_axis["graph and Python" if program.around else "graph only"][outcome.kind] += 1
             reasons[outcome.reason()] += 1
             for kind in program.kinds:
                 per_kind[kind][outcome.kind] += 1
             if not outcome.ok:
                 first.setdefault(outcome.reason(), (program, layout, lower, outcome))
         done[0] += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in sorted(outcomes.items())), refresh=False)
         if done[0] % 100 == 0:
             print(f"{done[0]} programs, {time.monotonic() - start:.0f} s: {dict(outcomes)}", flush=True)
+            if checkpoint is not None:
+                checkpoint(tally_now())
 
     one()
-    tally = {"programs": done[0], "checks": sum(outcomes.values()), "outcomes": dict(outcomes),
-             "reasons": dict(reasons.most_common()), "per_use_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
-             "generator_errors": len(generator_errors)}
-    return tally, first, generator_errors
+    if bar is not None:
+        bar.close()
+    return tally_now(), first, generator_errors
 
 
 def minimal_repros(first: dict, budget_s: float) -> list[dict]:
@@ -95,14 +134,20 @@ def minimal_repros(first: dict, budget_s: float) -> list[dict]:
 
 
 def markdown(meta: dict, tally: dict, repros: list) -> str:
-    o = tally["outcomes"]
+    o, axes = tally["outcomes"], tally.get("per_axis", {})
     lines = [
         "# Fuzzing the pass (benchmarks/fuzz.py)", "",
         f"{tally['programs']} generated programs, each optimized to DS and to SD ({tally['checks']} checks), "
-        f"on commit {meta['commit']}, torch {meta['torch']}, CPU (one thread); {meta['seconds']:.0f} s; seed "
-        f"{meta['seed']}, lower= drawn per program. A check is one program in one layout.",
-        "", "| outcome | checks | meaning |", "|---|---|---|",
-        *[f"| {k} | {o.get(k, 0)} | {MEANING[k]} |" for k in (*ACCEPTED, *FAILURES)],
+        f"on commit {meta['commit']}, torch {meta['torch']}, hypothesis {meta.get('hypothesis', '?')}; "
+        f"{meta.get('machine', 'CPU')}, one torch thread; {meta.get('run_seconds', meta['seconds']):.0f} s "
+        f"checking (+ {meta['seconds'] - meta.get('run_seconds', meta['seconds']):.0f} s minimizing failures); "
+        f"seed {meta['seed']}, lower= drawn per program. A check is one program in one layout. About half the "
+        f"programs have the second axis (Python around the graph and a harness between calls: the `py:` and "
+        f"`act:` rows below).",
+        "", "| outcome | checks | " + " | ".join(f"of which {a}" for a in axes) + " | meaning |",
+        "|---|---|" + "---|" * len(axes) + "---|",
+        *[f"| {k} | {o.get(k, 0)} | " + " | ".join(str(v.get(k, 0)) for v in axes.values()) + f" | {MEANING[k]} |"
+          for k in (*ACCEPTED, *FAILURES)],
         f"| (generator errors: the original model failed) | {tally['generator_errors']} |", "",
         "## Refusals, by reason", "", "| checks | reason |", "|---|---|",
         *[f"| {n} | {r} |" for r, n in tally["reasons"].items() if r.startswith("refused")],
@@ -124,18 +169,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--programs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minimize-s", type=float, default=240.0, help="time to minimize each failure class")
+    parser.add_argument("--minimize-s", type=float, default=120.0, help="time to minimize each failure class")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz"))
     parser.add_argument("--commit", help="the pass's commit, when layoutpass is imported from an exported copy")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    meta = {"commit": args.commit or _commit(), "torch": torch.__version__, "seed": args.seed}
+    import hypothesis
+    meta = {"commit": args.commit or _commit(), "torch": torch.__version__, "hypothesis": hypothesis.__version__,
+            "machine": machine(), "seed": args.seed}
     start = time.monotonic()
-    tally, first, generator_errors = run(args.programs, args.seed)
+    out = Path(args.out)
+
+    def checkpoint(tally):  # the tally so far, in case the run is stopped
+        partial = dict(meta, seconds=time.monotonic() - start, partial=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": partial, "tally": tally}, indent=1))
+
+    tally, first, generator_errors = run(args.programs, args.seed, checkpoint)
+    meta["run_seconds"] = time.monotonic() - start
+    checkpoint(tally)
     repros = minimal_repros(first, args.minimize_s)
     meta["seconds"] = time.monotonic() - start
-    out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "tally": tally, "repros": repros,
                                                     "generator_errors": generator_errors[:5]}, indent=1))
     out.with_suffix(".md").write_text(markdown(meta, tally, repros))

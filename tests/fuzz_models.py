@@ -16,13 +16,19 @@ import copy
 import dataclasses
 import linecache
 import re
+import sys
+import time
+import types
 from dataclasses import dataclass, field
 
 import torch
 from hypothesis import strategies as st
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from layoutpass import LayoutPassError, optimize
 from layoutpass.equivalence import logical_buffers
+from layoutpass.state import state_tensors
 
 AXES = {"SD": ("slot", "tok", "dim"), "DS": ("slot", "dim", "tok")}
 DISPATCH = ("mode", "keys", "kwargs", "rank")
@@ -47,10 +53,18 @@ class Pool:
     width: int
     bias: bool
     owner: str = "self"  # the module expression that keeps it, as the code using it sees it
+    local: str = ""  # its name under the owner (default p<index>; `kv_cache[0][1]`, `q0`: see Around)
+    dense: bool = True  # its own allocation (False: a view into per-slot pages, so .view() fails)
 
     @property
     def ref(self) -> str:
-        return f"{self.owner}.p{self.index}"
+        return f"{self.owner}.{self.local or f'p{self.index}'}"
+
+    @property
+    def path(self) -> str:
+        """Its state path under the module that keeps the owner (as optimize(state_buffers=) names it)."""
+        below = self.owner.removeprefix("self").lstrip(".")
+        return f"{below}.{self.local or f'p{self.index}'}" if below else self.local or f"p{self.index}"
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -67,14 +81,19 @@ class Pool:
     def bias_ref(self) -> str:
         return f"self.b{self.index}" if self.bias else "None"
 
+    @property
+    def shape(self) -> str:
+        return ", ".join(str(self.size(a)) for a in self.axes)
+
     def init(self) -> list[str]:
         """Its buffer and parameters, created in the owner's __init__ (`gen` seeds them)."""
-        shape = ", ".join(str(self.size(a)) for a in self.axes)
-        lines = [f"{self.owner}.register_buffer('p{self.index}', torch.randn({shape}, generator=gen))"
-                 f"  # {self.layout}, width {self.width}",
-                 f"self.w{self.index} = nn.Parameter(torch.randn({self.dim}, {self.width}, generator=gen))"]
-        return lines + ([f"self.b{self.index} = nn.Parameter(torch.randn({self.dim}, generator=gen))"]
-                        if self.bias else [])
+        lines = [f"{self.owner}.register_buffer('p{self.index}', torch.randn({self.shape}, generator=gen))"
+                 f"  # {self.layout}, width {self.width}"]
+        return lines + self.parameters()
+
+    def parameters(self) -> list[str]:
+        return [f"self.w{self.index} = nn.Parameter(torch.randn({self.dim}, {self.width}, generator=gen))"] + \
+            ([f"self.b{self.index} = nn.Parameter(torch.randn({self.dim}, generator=gen))"] if self.bias else [])
 
 
 @dataclass(frozen=True)
@@ -82,9 +101,137 @@ class Entry:
     index: int
     tokens: int  # T: x is (batch, T, E) inside the body
     whole: bool  # every call passes all slots (batch = number of slots)
-    lines: tuple[str, ...]  # the model's own body for this call structure
+    lines: tuple[str, ...]  # the model's own body for this call structure (a line may be a compound statement)
     kinds: tuple[str, ...]  # the use kinds in the bodies, for the tally
     layer_lines: tuple[tuple[str, ...], ...] = ()  # layered programs: the body of each layer class
+
+
+@dataclass(frozen=True)
+class Action:
+    """What the harness does between two calls, the same on the original and the optimized model:
+    `code` runs with `m` bound to the model the harness holds (and may rebind it: a copy goes on)."""
+
+    step: int  # before this call
+    code: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Around:
+    """The second axis (issue 20): the Python around the graph, in one class that keeps pools (the
+    holder: the Model, or one layer class). How it keeps its pools -- each its own tensor or views
+    into one per-slot page tensor (`backing`), as buffers, plain attributes, a vLLM-style
+    `kv_cache` list of tuples or a dict (`binding`), perhaps under a second name (`alias`) -- and
+    the Python state its code keeps: flags, counters, hooks that touch a pool. The entries' bodies
+    carry the per-call lines (drawn by `around_lines`); `actions` are the harness's, between calls."""
+
+    holder: int | None  # None: the Model; c: class Layer<c> (every instance of it)
+    pools: tuple[Pool, ...]  # the holder's pools, named as its own code names them
+    backing: str  # "own" | "raw"
+    binding: str  # "buffer" | "attribute" | "list" | "dict"
+    alias: str  # "" | "buffer" (registered twice) | "attribute" (a plain second name q<i>)
+    raw_buffer: bool  # raw: the page tensor is a registered buffer (else a plain attribute)
+    ssm: bool  # raw: an SSM-like state is carved out of the pages too, updated by the forward
+    features: tuple[str, ...]  # of FEATURES
+    server: int  # the pool (index into pools) that hooks and server methods act on
+    hooks: tuple[str, ...] = ()  # module-level hook functions (source)
+    actions: tuple[Action, ...] = ()
+    shared: tuple[int, int] | None = None  # layer instances (k1, k2): k2 holds k1's pools (one state, two layers)
+
+    def share(self) -> list[str]:
+        """The Model's __init__ line binding layer k2's pools to layer k1's."""
+        if self.shared is None:
+            return []
+        (k1, k2), name = self.shared, {"list": "kv_cache", "dict": "cache"}.get(self.binding)
+        names = [name] if name else [f"p{p.index}" for p in self.pools] + \
+            ([f"q{p.index}" for p in self.pools] if self.alias else [])
+        return [f"self.layers[{k2}].{n} = self.layers[{k1}].{n}  # one state, two layers" for n in names]
+
+    @property
+    def served(self) -> Pool:
+        return self.pools[self.server]
+
+    def init(self) -> list[str]:
+        """The holder's __init__ after its parameters: Python state, the pools, hooks."""
+        lines = []
+        if "flag" in self.features:
+            lines += ["self.has_previous_state = False  # set by the forward, cleared by the server",
+                      "self.continue_from_cache = True"]
+        if "counter" in self.features:
+            lines += ["self.seen = 0", "self.history = []"]
+        if "drain" in self.features:
+            kwargs = any(h.startswith("def drain(module, args, kwargs)") for h in self.hooks)
+            lines += ["self.to_free = []  # slots the scheduler queued",
+                      f"self.register_forward_pre_hook(drain{', with_kwargs=True' if kwargs else ''})"]
+        if "snapshot" in self.features:
+            lines += ["self._ckpt = None", "self.register_forward_pre_hook(snapshot)"]
+        if "after" in self.features:
+            lines.append("self.register_forward_hook(after)")
+        return ["self.allocate(gen)"] + lines
+
+    def methods(self) -> list[str]:
+        """allocate() (the state, also called by a server to re-allocate it) and the server's
+        methods the actions call, all written for the model's own layout."""
+        pools, lines = self.pools, ["def allocate(self, gen):"]
+        if self.backing == "raw":
+            sizes = [p.state_len * p.dim for p in pools]
+            lines.append(f"    raw = torch.randn({pools[0].slots}, {sum(sizes) + 4 * self.ssm}, generator=gen)"
+                         f"  # one page per slot")
+            lines.append("    self.register_buffer('raw', raw)" if self.raw_buffer else "    self.raw = raw")
+            starts = [sum(sizes[:i]) for i in range(len(pools))]
+            made = [f"raw[:, {a}:{a + n}].view({p.shape})" for p, a, n in zip(pools, starts, sizes)]
+            if self.ssm:
+                lines.append(f"    self.ssm = raw[:, {sum(sizes)}:].view({pools[0].slots}, 2, 2)")
+        else:
+            made = [f"torch.randn({p.shape}, generator=gen)" for p in pools]
+        if self.binding in ("list", "dict"):
+            lines += [f"    p{p.index} = {m}  # {p.layout}, width {p.width}" for p, m in zip(pools, made)]
+            lines.append(f"    self.kv_cache = [({''.join(f'p{p.index}, ' for p in pools)})]" if self.binding == "list"
+                         else f"    self.cache = {{{', '.join(f'{_key(p)!r}: p{p.index}' for p in pools)}}}")
+        else:
+            lines += [f"    self.register_buffer('p{p.index}', {m})  # {p.layout}, width {p.width}"
+                      if self.binding == "buffer" else f"    self.p{p.index} = {m}  # {p.layout}, width {p.width}"
+                      for p, m in zip(pools, made)]
+        if self.alias:
+            lines += [f"    self.register_buffer('q{p.index}', {p.ref})" if self.alias == "buffer"
+                      else f"    self.q{p.index} = {p.ref}  # a second name" for p in pools]
+        p, used = self.served.ref, {a.kind for a in self.actions}
+        server = {
+            "free_slots": ["def free_slots(self, slots):", f"    {p}[slots] = 0.0"],
+            "rollback": ["def rollback(self, slot):  # the last token of this slot was rejected",
+                         f"    {p}[slot] = torch.roll({p}[slot], 1, 0)"],
+            "load_slots": ["def load_slots(self, slots, flat):  # a connector loads states from a flat buffer",
+                           f"    {p}[slots] = flat.view(len(slots), *{p}.shape[1:])"],
+            "undo": ["def undo(self, slots):  # back to the snapshot taken before the last call",
+                     f"    {p}[slots] = self._ckpt[slots]"]}
+        for name, method in server.items():
+            if name in used:
+                lines += ["", *method]
+        return lines
+
+    def kinds(self) -> set[str]:
+        return {f"py:backing-{self.backing}", f"py:binding-{self.binding}", "py:around",
+                *({f"py:alias-{self.alias}"} if self.alias else ()), *({"py:ssm"} if self.ssm else ()),
+                *({"py:shared by two layers"} if self.shared else ()),
+                *(f"py:{f}" for f in self.features), *(f"act:{a.kind}" for a in self.actions)}
+
+    def between(self) -> list[str]:
+        """The harness as a function of the model it holds (the check and the repro both call it)."""
+        lines = ["def between(step, m):",
+                 '    """The harness before call `step`, the same on the original and the optimized model."""']
+        for step in sorted({a.step for a in self.actions}):
+            lines.append(f"    if step == {step}:")
+            lines += [f"        {line}" for a in self.actions if a.step == step for line in a.code.split("\n")]
+        return lines + ["    return m"]
+
+
+def _key(p: Pool) -> str:
+    return f"conv{p.index}"
+
+
+def _indented(lines, prefix: str) -> list[str]:
+    """Source lines under `prefix`; a compound statement (one string of several lines) stays whole."""
+    return [f"{prefix}{line}" for s in lines for line in s.split("\n")]
 
 
 @dataclass(frozen=True)
@@ -104,6 +251,7 @@ class Program:
     layers: tuple[int, ...] = ()
     layer_calls: str = "after"  # the model's own lines come "after" or "before" the layers; "twice": layers run twice
     upfront: bool = False  # every call structure captured by optimize(example_inputs=), not on its first call
+    around: Around | None = None  # the Python around the graph (None: pools as plain buffers, nothing else)
 
     def example_inputs(self, inputs) -> list | None:
         """One call of each (entry, batch), other data than the run's, for optimize(example_inputs=)."""
@@ -129,32 +277,47 @@ class Program:
             config |= {"config:layers", f"config:layers-{self.layer_calls}"}
             config |= {"config:identical layers"} if len(set(self.layers)) < len(self.layers) else set()
             config |= {"config:pool in a layer's child"} if any(p.owner == "self.inner" for p in self.pools) else set()
+        config |= self.around.kinds() if self.around else set()
         return {k for e in self.entries for k in e.kinds} | config
+
+    def _holds(self, c: int | None) -> bool:
+        return self.around is not None and self.around.holder == c
 
     def source(self) -> str:
         """The model, its inputs and its call order, as a standalone Python module."""
+        a = self.around
         classes = []
         for c in sorted(set(self.layers)):
-            init = [f"        {line}" for line in (["self.inner = nn.Module()"] if self.pools[c].owner == "self.inner"
-                                                        else []) + self.pools[c].init()]
+            pool = self.pools[c]
+            init = (["self.inner = nn.Module()"] if pool.owner == "self.inner" else []) + \
+                (pool.parameters() + a.init() if self._holds(c) else pool.init())
             classes += [f"class Layer{c}(nn.Module):", "    def __init__(self, gen):", "        super().__init__()",
-                        *init, "", *self._forward([e.layer_lines[c] for e in self.entries]), "", ""]
-        init = [f"        gen = torch.Generator().manual_seed({self.seed})"]
+                        *_indented(init, "        "), "",
+                        *(_indented(a.methods(), "    ") + [""] if self._holds(c) else []),
+                        *self._forward([e.layer_lines[c] for e in self.entries]), "", ""]
+        init = [f"gen = torch.Generator().manual_seed({self.seed})"]
         if self.layers:
-            init.append(f"        self.layers = nn.ModuleList([{', '.join(f'Layer{c}(gen)' for c in self.layers)}])")
+            init.append(f"self.layers = nn.ModuleList([{', '.join(f'Layer{c}(gen)' for c in self.layers)}])")
+            init += a.share() if a else []
+        elif self._holds(None):
+            init += [line for p in self.pools for line in p.parameters()] + a.init()
         else:
-            init += ["        self.sub = nn.Module()"] if any(p.owner == "self.sub" for p in self.pools) else []
-            init += [f"        {line}" for p in self.pools for line in p.init()]
+            init += ["self.sub = nn.Module()"] if any(p.owner == "self.sub" for p in self.pools) else []
+            init += [line for p in self.pools for line in p.init()]
         call = {"mode": "x, slots, mode", "keys": "x, slots, gate=gate, flag=flag", "kwargs": "x, slots, **kwargs",
                 "rank": "x, slots"}[self.dispatch]
         layers = ["        for layer in self.layers:", f"            outs.extend(layer({call}))"] if self.layers else []
         layers *= 2 if self.layer_calls == "twice" else 1
+        head = ["import copy", "import pickle", ""] if a else []
+        hooks = [line for h in a.hooks for line in (*h.split("\n"), "", "")] if a else []
         return "\n".join([
-            "import torch", "import torch.nn.functional as F", "from torch import nn",
-            "from layoutpass.kernels import conv_prefill, conv_update", "", "", *classes,
-            "class Model(nn.Module):", "    def __init__(self):", "        super().__init__()", *init, "",
+            *head, "import torch", "import torch.nn.functional as F", "from torch import nn", "",
+            "from layoutpass.kernels import conv_prefill, conv_update", "", "", *hooks, *classes,
+            "class Model(nn.Module):", "    def __init__(self):", "        super().__init__()",
+            *_indented(init, "        "), "",
+            *(_indented(a.methods(), "    ") + [""] if self._holds(None) else []),
             *self._forward([e.lines for e in self.entries], layers, self.layer_calls == "before"), "", "",
-            *self._inputs(), "",
+            *self._inputs(), "", *(a.between() + ["", ""] if a and a.actions else []),
             f"CALLS = {list(self.calls)}  # (entry, batch)", ""])
 
     def _forward(self, bodies, layers=(), layers_last=False) -> list[str]:
@@ -164,7 +327,7 @@ class Program:
         for e, body in zip(self.entries, bodies):
             test, prologue = self._branch(e)
             lines.append(f"        {'if' if e.index == 0 else 'elif'} {test}:")
-            lines += [f"            {s}" for s in (*prologue, *body)] or ["            pass"]
+            lines += _indented((*prologue, *body), "            ") or ["            pass"]
         lines += [*(layers if layers_last else ()), "        return tuple(outs)"]
         return lines
 
@@ -201,14 +364,14 @@ class Program:
         if not self.named:
             return None
         if self.layers:
-            return {f"layers.{k}.{self.pools[c].owner[5:]}.p{c}".replace("..", "."): self.pools[c].layout
-                    for k, c in enumerate(self.layers)}
-        return {("sub." if p.owner == "self.sub" else "") + f"p{p.index}": p.layout for p in self.pools}
+            return {f"layers.{k}.{self.pools[c].path}": self.pools[c].layout for k, c in enumerate(self.layers)}
+        return {p.path: p.layout for p in self.pools}
 
     def script(self, layout: str, lower: bool) -> str:
         """The source and a driver that checks it against its untouched copy: a standalone repro."""
-        return self.source() + DRIVER.format(layout=layout, lower=lower, seed=self.seed, upfront=self.upfront,
-                                             named=self.state_buffers(), tolerance=LOWERED_TOLERANCE)
+        values = {"LAYOUT": repr(layout), "LOWER": repr(lower), "SEED": str(self.seed), "UPFRONT": repr(self.upfront),
+                  "NAMED": repr(self.state_buffers()), "TOLERANCE": repr(LOWERED_TOLERANCE), "ROUNDING": repr(ROUNDING)}
+        return self.source() + re.sub(r"\b__([A-Z]+)__\b", lambda m: values[m.group(1)], DRIVER)
 
     def __repr__(self) -> str:
         return "\n" + self.source() + f"# optimize(..., state_buffers={self.state_buffers()})\n"
@@ -217,41 +380,78 @@ class Program:
         printer.text(repr(self))
 
     def namespace(self) -> dict:
-        """Execute the source (registered with linecache, so the pass's report quotes its lines)."""
+        """Execute the source as a module (registered in sys.modules, so pickle finds its classes and
+        hooks, and with linecache, so the pass's report quotes its lines). forget() removes it."""
         text = self.source()
-        name = f"<fuzz program {abs(hash(text)):x}>"
-        linecache.cache[name] = (len(text), None, text.splitlines(True), name)
-        namespace = {"__name__": "fuzz_program"}
-        exec(compile(text, name, "exec"), namespace)
-        return namespace
+        name = f"fuzz_program_{abs(hash((text, time.monotonic_ns()))):x}"
+        filename = f"<fuzz program {name[13:]}>"
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+        module = types.ModuleType(name)
+        sys.modules[name] = module
+        exec(compile(text, filename, "exec"), module.__dict__)
+        return module.__dict__
 
 
-DRIVER = """
+def forget(namespace: dict) -> None:
+    sys.modules.pop(namespace["__name__"], None)
 
-if __name__ == "__main__":  # optimized vs untouched copy, step by step
-    import copy
+
+DRIVER = '''
+
+if __name__ == "__main__":  # the optimized model against its untouched copy, call by call
     from layoutpass import optimize
     from layoutpass.equivalence import logical_buffers
+    from layoutpass.state import state_tensors
 
+    SKIP = set(vars(nn.Module())) | {"_lp", "forward"}  # nn.Module's bookkeeping, the optimized model's own
+
+    def same(a, b, tol):
+        return a.shape == b.shape and a.dtype == b.dtype and (
+            torch.allclose(a, b, rtol=tol, atol=tol) if tol else torch.equal(a, b))
+
+    def summary(v):  # a Python attribute (its tensors by shape: their values are compared as state)
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), v.dtype, v.device.type)
+        if isinstance(v, (list, tuple, dict)):
+            return type(v).__name__, [(k, summary(x)) for k, x in (v.items() if isinstance(v, dict) else enumerate(v))]
+        return type(v).__name__, repr(v)
+
+    def attributes(m):
+        return {(path, k): summary(v) for path, mod in m.named_modules() for k, v in vars(mod).items()
+                if k not in SKIP and not isinstance(v, nn.Module)}
+
+    def compare(ref, fast, tol, when):
+        r, f = logical_buffers(ref), logical_buffers(fast)
+        assert r.keys() == f.keys(), f"{when}: state {sorted(r.keys() ^ f.keys())}"
+        for name in r:
+            assert same(r[name], f[name], tol), f"{when}: state {name} differs"
+        assert attributes(ref) == attributes(fast), f"{when}: Python attributes differ"
+
+    def untouched(model, pristine, when):  # the caller's model: its state and attributes as they were
+        for (name, a), (_, b) in zip(state_tensors(model), state_tensors(pristine)):
+            assert a.device == b.device and a.stride() == b.stride() and torch.equal(a, b), f"{when}: caller's {name}"
+        assert attributes(model) == attributes(pristine), f"{when}: the caller's Python attributes changed"
+
+    harness = globals().get("between", lambda step, m: m)
     model = Model()
-    reference = copy.deepcopy(model)
-    gen0 = torch.Generator().manual_seed({seed} + 1)  # optimize() captures every call structure now
-    example = [inputs(e, b, gen0) for e, b in dict.fromkeys(CALLS)] if {upfront} else None
-    fast = optimize(model, {layout!r}, lower={lower}, state_buffers={named}, example_inputs=example)
-    gen = torch.Generator().manual_seed({seed})
+    reference, pristine = copy.deepcopy(model), copy.deepcopy(model)
+    gen0 = torch.Generator().manual_seed(__SEED__ + 1)  # optimize() captures every call structure now
+    example = [inputs(e, b, gen0) for e, b in dict.fromkeys(CALLS)] if __UPFRONT__ else None
+    fast = optimize(model, __LAYOUT__, lower=__LOWER__, state_buffers=__NAMED__, example_inputs=example)
+    gen = torch.Generator().manual_seed(__SEED__)
     for step, (entry, batch) in enumerate(CALLS):
+        reference, fast = harness(step, reference), harness(step, fast)
+        compare(reference, fast, 0.0, f"before step {step}")
         args, kwargs = inputs(entry, batch, gen)
         expected, got = reference(*args, **kwargs), fast(*args, **kwargs)
-        lowered = any(u.action == "lowered" for u in fast.report.uses)
-        same = lambda a, b: a.shape == b.shape and torch.allclose(a, b, rtol={tolerance}, atol={tolerance}) \\
-            if lowered else torch.equal(a, b)
-        for i, (a, b) in enumerate(zip(expected, got)):
-            assert same(a, b), f"step {{step}} (entry {{entry}}): output {{i}} differs"
-        state = logical_buffers(fast)
-        for name, buf in reference.named_buffers():
-            assert same(buf, state[name]), f"step {{step}} (entry {{entry}}): buffer {{name}} differs"
+        tol = __TOLERANCE__ if any(u.action == "lowered" for u in fast.report.uses) else 0.0
+        assert len(expected) == len(got), f"step {step} (entry {entry}): {len(got)} outputs, not {len(expected)}"
+        for i, (a, b) in enumerate(zip(expected, got)):  # a sum over a relayouted axis may round apart
+            assert same(a, b, max(tol, __ROUNDING__)), f"step {step} (entry {entry}): output {i} differs"
+        compare(reference, fast, tol, f"step {step} (entry {entry})")
+        untouched(model, pristine, f"step {step}")
     print("equivalent")
-"""
+'''
 
 
 # ----------------------------------------------------------------------------- values
@@ -521,7 +721,7 @@ def x_operand(draw, body, v: Value) -> str | None:
 
 
 def pool_value(p: Pool) -> Value:
-    return Value(p.ref, tuple((a, p.size(a)) for a in p.axes), True)
+    return Value(p.ref, tuple((a, p.size(a)) for a in p.axes), p.dense)
 
 
 @st.composite
@@ -832,13 +1032,21 @@ def _body(draw, pools: tuple[Pool, ...], tokens: int, whole: bool, width_x: int,
 
 @st.composite
 def entries(draw, index: int, pools: tuple[Pool, ...], dispatch: str, width_x: int, max_other_uses: int,
-            layers: tuple[int, ...]):
+            layers: tuple[int, ...], around: Around | None = None):
     tokens = 1 if dispatch == "rank" and index == 0 else draw(st.integers(1, 4))
     whole = draw(st.integers(0, 5)) == 5
     if not layers:
-        body = _body(draw, pools, tokens, whole, width_x, max_other_uses)
+        body = _body(draw, spelled(draw, around, pools) if around else pools, tokens, whole, width_x, max_other_uses)
+        if around:
+            draw(around_lines(around, body))
         return Entry(index, tokens, whole, tuple(body.lines), tuple(body.kinds))
-    inner = [_body(draw, (p,), tokens, whole, width_x, max_other_uses) for p in pools]
+    inner = []
+    for c, p in enumerate(pools):
+        holds = around is not None and around.holder == c
+        inner.append(_body(draw, spelled(draw, around, (p,)) if holds else (p,), tokens, whole, width_x,
+                           max_other_uses))
+        if holds:
+            draw(around_lines(around, inner[-1]))
     model = Body((), tokens, whole, width_x)
     if draw(st.integers(0, 3)) == 3:  # the model itself touches a layer's pool: not owned by the layer
         k = draw(st.integers(0, len(layers) - 1))
@@ -860,25 +1068,220 @@ def pools_of(draw, index: int, slots: int, layered: bool):
 
 
 @st.composite
-def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int = 3, max_calls: int = 6):
+def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int = 3, max_calls: int = 6,
+             python: bool = True, max_actions: int = 4):
     """A program; the bounds keep CI's examples small (the benchmark takes the defaults). A third
-    keep each pool in a layer of its own (some layers twice: identical layers)."""
+    keep each pool in a layer of its own (some layers twice: identical layers). With `python`, half
+    have the second axis: Python around the graph in one class that keeps pools, and a harness."""
     slots = draw(st.integers(3, 6))
     layered = draw(st.integers(0, 2)) == 2
     pools = tuple(draw(pools_of(i, slots, layered)) for i in range(draw(st.integers(1, max_pools))))
     layers = tuple(draw(st.permutations(list(range(len(pools))) + draw(st.lists(
         st.integers(0, len(pools) - 1), max_size=2))))) if layered else ()
+    around = None
+    if python and draw(st.integers(0, 1)):
+        holder = draw(st.sampled_from(sorted(set(layers)))) if layers else None
+        around = draw(arounds(holder, pools if holder is None else (pools[holder],)))
+        pools = around.pools if holder is None else pools[:holder] + around.pools + pools[holder + 1:]
     dispatch = draw(st.sampled_from(DISPATCH))
     width_x = max(p.dim for p in pools)
-    bodies = tuple(draw(entries(i, pools, dispatch, width_x, max_other_uses, layers))
+    bodies = tuple(draw(entries(i, pools, dispatch, width_x, max_other_uses, layers, around))
                    for i in range(draw(st.integers(1, max_entries))))
     batch = st.integers(1, min(slots, 4))
     calls = draw(st.lists(st.tuples(st.integers(0, len(bodies) - 1), batch), min_size=1, max_size=max_calls))
     calls = tuple((e, slots if bodies[e].whole else b) for e, b in calls)
     layer_calls = draw(st.sampled_from(["after", "twice"] + (["before"] if dispatch != "rank" else [])))
+    if around is not None:
+        around = dataclasses.replace(around, actions=draw(actions(around, layers, len(calls), max_actions)))
+        instances = [k for k, c in enumerate(layers) if c == around.holder]
+        if len(instances) > 1 and draw(st.integers(0, 2)) == 2:
+            around = dataclasses.replace(around, shared=tuple(draw(st.permutations(instances)))[:2])
     return Program(pools, bodies, dispatch, draw(st.booleans()), draw(st.sampled_from(["int64", "int32"])),
                    calls, draw(st.integers(0, 2**16)), draw(st.integers(0, 3)) == 3, layers, layer_calls,
-                   draw(st.integers(0, 3)) == 3)
+                   draw(st.integers(0, 3)) == 3, around)
+
+
+# ----------------------------------------------------------------------------- around the graph
+# Issue 20's second axis. The holder (the Model, or one layer class) keeps its pools in one of
+# the ways engines do and Python state its forward reads and writes; hooks touch the served
+# pool; between calls the harness acts like a server (the same on both models).
+
+BINDINGS = ("buffer", "attribute", "list", "dict")
+FEATURES = ("flag", "counter", "drain", "snapshot", "after")
+
+
+def _hook(draw, name: str, p: Pool) -> str:
+    """A module-level hook function on the served pool (module.<its name>)."""
+    ref = "module" + p.ref.removeprefix("self")
+    if name == "drain":
+        kwargs = draw(st.booleans())
+        write = draw(st.sampled_from([f"{ref}[idx] = 0.0", f"{ref}.index_fill_(0, idx, 0.0)",
+                                      f"{ref}[idx, -1] = 1.0", f"{ref}[idx] *= 0.5"]))
+        return "\n".join([f"def drain(module, args{', kwargs' if kwargs else ''}):",
+                          '    """A forward pre-hook: the slots the scheduler queued are freed first."""',
+                          "    if module.to_free:", "        idx = torch.tensor(module.to_free)", f"        {write}",
+                          "        module.to_free = []"])
+    if name == "snapshot":
+        return "\n".join(["def snapshot(module, args):",
+                          '    """A forward pre-hook: the pool before the call, kept for undo()."""',
+                          f"    module._ckpt = {ref}.detach().clone()"])
+    slot = draw(st.integers(0, p.slots - 1))
+    body = draw(st.sampled_from([f"{ref}[{slot}] *= 0.5", f"{ref}[{slot}] = torch.roll({ref}[{slot}], 1, 0)",
+                                 "return tuple(o * 2 for o in out)"]))
+    return "\n".join(["def after(module, args, out):", '    """A forward hook."""', f"    {body}"])
+
+
+@st.composite
+def arounds(draw, holder: int | None, pools: tuple[Pool, ...]) -> Around:
+    """How the holder keeps `pools` (its own, owner self or a child) and what Python it keeps."""
+    backing = draw(st.sampled_from(["own", "own", "raw"]))
+    binding = draw(st.sampled_from(BINDINGS))
+    local = {"buffer": "p{i}", "attribute": "p{i}", "list": "kv_cache[0][{j}]", "dict": "cache['conv{i}']"}[binding]
+    pools = tuple(dataclasses.replace(p, owner="self", local=local.format(i=p.index, j=j), dense=backing == "own")
+                  for j, p in enumerate(pools))
+    features = tuple(draw(st.lists(st.sampled_from(FEATURES), unique=True, max_size=3)))
+    server = draw(st.integers(0, len(pools) - 1))
+    hooks = tuple(_hook(draw, f, pools[server]) for f in features if f in ("drain", "snapshot", "after"))
+    return Around(holder, pools, backing, binding, draw(st.sampled_from(["", "", "buffer", "attribute"])),
+                  draw(st.booleans()), backing == "raw" and draw(st.booleans()), features, server, hooks)
+
+
+def spelled(draw, around: Around, pools: tuple[Pool, ...]) -> tuple[Pool, ...]:
+    """The pools as one entry's code names them: through their second name, sometimes."""
+    if not around.alias:
+        return pools
+    return tuple(dataclasses.replace(p, local=f"q{p.index}") if draw(st.booleans()) else p for p in pools)
+
+
+@st.composite
+def around_lines(draw, around: Around, body: Body) -> None:
+    """One entry's lines for the holder's Python state, around the body (which they wrap)."""
+    pre, post, kinds = [], [], []
+    pools = body.program_pools
+    if "flag" in around.features:
+        cond = draw(st.sampled_from(["self.has_previous_state",
+                                     "self.has_previous_state and self.continue_from_cache"]))
+        p = draw(st.sampled_from(pools))
+        how = draw(st.sampled_from(["reset", "init", "gated use"]))
+        if how == "reset":  # transformers' caches: no previous state, the call's slots start from zeros
+            pre.append(f"if not ({cond}):\n    {p.ref}[slots] = 0.0")
+        elif how == "init":  # the state read is the pool's or zeros, by the flag
+            init, win = body.name("init"), body.name("win")
+            tok, x = (1, x_tokens(p, "BTD")) if p.layout == "SD" else (2, x_tokens(p, "BDT"))
+            tail = f"{win}[:, -{p.state_len}:]" if p.layout == "SD" else f"{win}[..., -{p.state_len}:]"
+            pre += [f"{init} = {p.ref}[slots] if {cond} else torch.zeros_like({p.ref}[slots])",
+                    f"{win} = torch.cat([{init}, {x}], {tok})", f"{p.ref}[slots] = {tail}", f"outs.append({win})"]
+        else:  # a generated use, taken only while the flag is set
+            sub = Body(pools, body.tokens, body.whole, body.width_x, count=100 + body.count)
+            use = draw(st.sampled_from([u for u in UPDATES + OTHER_USES if _applicable(u, sub, p)]))
+            draw(use(sub, p))
+            body.count = sub.count
+            if sub.lines:
+                pre.append(f"if {cond}:\n" + "\n".join(f"    {line}" for line in sub.lines))
+                kinds += [f"flag {k}" for k in sub.kinds]
+        if draw(st.integers(0, 3)) > 0:
+            post.append("self.has_previous_state = True")
+        kinds.append(f"py:flag-{how}")
+    if "counter" in around.features:
+        pre += draw(st.lists(st.sampled_from(["self.seen += x.shape[0]", "self.history.append(x.shape[1])"]),
+                             min_size=1, max_size=2, unique=True))
+        p = draw(st.sampled_from(pools))
+        how = draw(st.sampled_from(["output", "scale", "branch", "sum"]))
+        post.append({"output": "outs.append(x[:, -1, 0] * (1 + self.seen % 3))",
+                     "scale": f"{p.ref}[slots] = {p.ref}[slots] * (0.5 + self.seen % 2)",
+                     "branch": f"if len(self.history) % 2 == 0:\n    {p.ref}[slots[:1]] = 0.0",
+                     "sum": "outs.append(x[:, 0, 0] * float(sum(self.history)))"}[how])
+        kinds.append(f"py:counter-{how}")
+    if around.backing == "raw" and draw(st.booleans()):  # the pages used in the forward, slot by slot
+        how = draw(st.sampled_from(["reset", "scale", "copy row", "copy row", "peek"]))
+        pre.append({"reset": "self.raw[slots[:1]] = 0.0", "scale": "self.raw[slots] *= 0.5",
+                    "copy row": "self.raw[slots[:1]] = self.raw[slots[-1:]]",
+                    "peek": "outs.append(self.raw[slots, :3] * 1.0)"}[how])  # peek: bytes read as a layout
+        kinds.append(f"py:raw-{how}")
+    if around.ssm and draw(st.booleans()):
+        pre += ["self.ssm[slots] = self.ssm[slots] * 0.5 + x[:, -1, None, :2]", "outs.append(self.ssm[slots])"]
+        kinds.append("py:ssm-update")
+    body.lines[:0] = pre
+    body.lines += post
+    body.kinds += kinds
+
+
+@st.composite
+def actions(draw, around: Around, layers: tuple[int, ...], calls: int, max_actions: int):
+    """What the harness does between calls. Actions on the holder go to `m` (or each instance of
+    its layer class, `m.layers[k]`); state_dict round trips and copies to the whole model."""
+    targets = ["m"] if around.holder is None else [f"m.layers[{k}]" for k, c in enumerate(layers)
+                                                   if c == around.holder]
+    slots = st.lists(st.integers(0, around.served.slots - 1), min_size=1, max_size=around.served.slots, unique=True)
+    kinds = ["free_slots", "rollback", "load_slots", "realloc", "state_dict-self", "state_dict-fresh",
+             "state_dict-plain", "state_dict-scaled", "state_dict-export", "pickle", "deepcopy"]
+    kinds += ["flag-clear", "flag-continue"] if "flag" in around.features else []
+    kinds += ["counter-reset"] if "counter" in around.features else []
+    kinds += ["queue-free"] if "drain" in around.features else []
+    kinds += ["undo"] if "snapshot" in around.features else []
+    kinds += ["raw-scale", "raw-copy-row"] if around.backing == "raw" else []
+    kinds += ["alias-write"] if around.alias else []
+    kinds += ["rebind-same", "rebind-clone"] if around.binding in ("list", "dict") else []
+    kinds += ["realloc-one"] if around.binding in ("buffer", "attribute") and around.backing == "own" else []
+    out = []
+    for _ in range(draw(st.integers(0, max_actions))):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "undo" and calls < 2:
+            continue
+        step = draw(st.integers(1 if kind == "undo" else 0, calls - 1))
+        out.append(Action(step, _action_code(draw, kind, draw(st.sampled_from(targets)), around, draw(slots)), kind))
+    return tuple(sorted(out, key=lambda a: a.step))
+
+
+STATE_DICT = {  # round trips, each the same on both models
+    "state_dict-self": "m.load_state_dict(m.state_dict())",
+    "state_dict-fresh": "m.load_state_dict(Model().state_dict())  # a plain model's state into it",
+    "state_dict-plain": "plain = Model()  # its state through a plain model and back\n"
+                        "plain.load_state_dict(m.state_dict())\nm.load_state_dict(plain.state_dict())",
+    "state_dict-scaled": "m.load_state_dict({k: v * 0.5 if v.dim() == 3 else v for k, v in m.state_dict().items()})",
+    "state_dict-export": "plain = Model()  # its state into a plain model, which goes on in its place\n"
+                         "plain.load_state_dict(m.state_dict())\nm = plain",
+}
+
+
+def _action_code(draw, kind: str, t: str, around: Around, chosen: list[int]) -> str:
+    """The statement of one harness action on target `t` (the model, or a layer of it)."""
+    p = around.served
+    ref = t + p.ref.removeprefix("self")
+    container = {"list": "kv_cache", "dict": "cache"}.get(around.binding)
+    if kind in STATE_DICT:
+        return STATE_DICT[kind]
+    if kind in ("pickle", "deepcopy"):  # the copy goes on in the model's place
+        return "m = pickle.loads(pickle.dumps(m))" if kind == "pickle" else "m = copy.deepcopy(m)"
+    if kind in ("free_slots", "undo", "queue-free"):
+        return f"{t}.to_free = {chosen}" if kind == "queue-free" else f"{t}.{kind}(torch.tensor({chosen}))"
+    if kind == "rollback":
+        return f"{t}.rollback({chosen[0]})"
+    if kind == "load_slots":
+        n = len(chosen) * p.state_len * p.dim
+        return f"{t}.load_slots(torch.tensor({chosen}), torch.arange({n}, dtype=torch.float32) / 10)"
+    if kind == "realloc":
+        return f"{t}.allocate(torch.Generator().manual_seed({draw(st.integers(0, 999))}))  # new, the model's order"
+    if kind == "realloc-one":
+        return f"{ref} = torch.randn({p.shape}, generator=torch.Generator().manual_seed({draw(st.integers(0, 999))}))"
+    if kind == "flag-clear":
+        return f"{t}.has_previous_state = False  # new sequences"
+    if kind == "flag-continue":
+        return f"{t}.continue_from_cache = {draw(st.booleans())}"
+    if kind == "counter-reset":
+        return draw(st.sampled_from([f"{t}.seen = 0", f"{t}.history.clear()"]))
+    if kind == "raw-scale":
+        return f"{t}.raw[torch.tensor({chosen})] *= torch.tensor({[[0.5 * (i % 3)] for i in range(len(chosen))]})"
+    if kind == "raw-copy-row":
+        return f"{t}.raw[{chosen[0]}] = {t}.raw[{chosen[-1]}]"
+    if kind == "alias-write":
+        return f"{t}.q{p.index}[{chosen[0]}] = 0.0  # through the second name"
+    if kind == "rebind-same":  # a new container, the same tensors
+        return f"{t}.{container} = [tuple({t}.{container}[0])]" if container == "kv_cache" else \
+            f"{t}.{container} = dict({t}.{container})"
+    assert kind == "rebind-clone", kind  # a new container of copies
+    return f"{t}.{container} = [tuple(c.clone() for c in {t}.{container}[0])]" if container == "kv_cache" else \
+        f"{t}.{container} = {{k: v.clone() for k, v in {t}.{container}.items()}}"
 
 
 # ----------------------------------------------------------------------------- the property
@@ -891,7 +1294,8 @@ class GeneratorError(Exception):
 @dataclass(frozen=True)
 class Outcome:
     # equivalent | rounding | refused | refused-partial (logical state intact, an earlier layer's
-    # pools of the same call already moved) | mismatch | crash | late-refusal | other
+    # pools of the same call already moved) | mismatch | crash | late-refusal | caller-changed (the
+    # model passed to optimize() changed: state, attributes, a meta/fake tensor left) | other
     kind: str
     detail: str = ""
     step: int | None = None
@@ -919,14 +1323,114 @@ def _same(a, b, tolerance: float) -> bool:
         torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def _untouched(module, saved: dict) -> bool:
-    now = dict(module.named_buffers())
-    return all(now[n].shape == b.shape and now[n].stride() == b.stride() and torch.equal(now[n], b)
-               for n, b in saved.items())
+_MODULE_FIELDS = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping
+_OPTIMIZED_FIELDS = frozenset({"_lp", "forward"})  # what optimize() keeps on the instance (its session, bound layers)
 
 
-def _snapshot(module) -> dict:
-    return {n: b.clone() for n, b in module.named_buffers()}
+def _strides(module) -> dict:
+    return {n: t.stride() for n, t in state_tensors(module)}
+
+
+def _pre_hooked(model):
+    """The model after its forward pre-hooks ran once (a refused call ran them: they are the
+    model's own eager code, before any graph)."""
+    for m in model.modules():
+        for key, hook in list(m._forward_pre_hooks.items()):
+            hook(m, (), {}) if key in m._forward_pre_hooks_with_kwargs else hook(m, ())
+    return model
+
+
+def _kept_by_refusal(fast, logical: dict, attributes: dict, hooked) -> bool:
+    """Whether a refused call left the optimized model's logical state and Python attributes as
+    they were before it, but for what its pre-hooks did (each item as before, or as after them)."""
+    now, after = logical_buffers(fast), logical_buffers(hooked)
+    if not all((n in logical and _same(t, logical[n], 0.0)) or (n in after and _same(t, after[n], 0.0))
+               for n, t in now.items()):
+        return False
+    now, after = _attributes(fast), _attributes(hooked)
+    return all(v == attributes.get(n) or v == after.get(n) for n, v in now.items())
+
+
+def _summary(value):
+    """A Python attribute as the harness compares it between the two models: tensors by their
+    metadata (their values are compared as state, logically), the rest by type and value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", type(value).__name__, tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_summary(v) for v in value)
+    if isinstance(value, dict):
+        return type(value).__name__, tuple((k, _summary(v)) for k, v in value.items())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return type(value).__name__, value
+    return type(value).__name__  # functions, objects: by kind
+
+
+def _attributes(model) -> dict:
+    """Every module's Python attributes (not nn.Module's bookkeeping, not submodules)."""
+    return {f"{path}.{k}".lstrip("."): _summary(v) for path, m in model.named_modules() for k, v in vars(m).items()
+            if k not in _MODULE_FIELDS and k not in _OPTIMIZED_FIELDS and not isinstance(v, nn.Module)}
+
+
+def _exact(value, depth=0):
+    """A model attribute as it is, for telling that the caller's model did not change: tensors by
+    class, device, metadata and a copy of their values; containers and hook tables item by item;
+    other objects by identity."""
+    if isinstance(value, torch.Tensor):
+        meta = (type(value).__name__, value.device.type, value.dtype, tuple(value.shape), value.stride(),
+                value.storage_offset(), value.requires_grad)
+        return ("tensor", meta, None if value.is_meta or isinstance(value, FakeTensor) else value.detach().clone())
+    if depth < 6 and isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_exact(v, depth + 1) for v in value)
+    if depth < 6 and isinstance(value, dict):
+        return type(value).__name__, tuple((k, _exact(v, depth + 1)) for k, v in value.items())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return type(value).__name__, value
+    return "object", id(value)
+
+
+def _fingerprint(model) -> dict:
+    return {(path, k): _exact(v) for path, m in model.named_modules(remove_duplicate=False)
+            for k, v in vars(m).items() if k != "_modules"}
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _caller_changed(model, before: dict) -> str | None:
+    """How the model passed to optimize() changed (its state, Python attributes, hooks), if it did."""
+    now = _fingerprint(model)
+    for key in sorted(before.keys() | now.keys(), key=str):
+        if key not in now or key not in before or not _equal(before[key], now[key]):
+            return f"the caller's model changed: {key[0] or 'the model'}.{key[1]}"
+    return _fake_tensors(model, "the caller's model")
+
+
+def _fake_tensors(model, whose: str) -> str | None:
+    for path, t in state_tensors(model):
+        if t.is_meta or isinstance(t, FakeTensor):
+            return f"{whose} holds a {'fake' if isinstance(t, FakeTensor) else 'meta'} tensor at {path}"
+    return None
+
+
+def _differs(reference, fast, tolerance: float) -> str | None:
+    """Where the optimized model's state (logically: a container of moved pools read back in the
+    model's order) or Python attributes differ from the original's, if they do."""
+    want, have = logical_buffers(reference), logical_buffers(fast)
+    if want.keys() != have.keys():
+        return f"state differs in its paths: {sorted(want.keys() ^ have.keys())[:3]}"
+    for name, t in want.items():
+        if not _same(t, have[name], tolerance):
+            return f"state {name} differs"
+    want, have = _attributes(reference), _attributes(fast)
+    for name in sorted(want.keys() | have.keys()):
+        if want.get(name) != have.get(name):
+            return f"Python attribute {name} differs: {have.get(name)} instead of {want.get(name)}"
+    return _fake_tensors(fast, "the optimized model")
 
 
 def _frames(err: BaseException):
@@ -941,6 +1445,16 @@ def _in_a_graph(err: BaseException) -> bool:
     return any(code.co_filename.startswith("<eval_with_key") for code in _frames(err))
 
 
+def _harness_line(err: BaseException) -> str:
+    """The line of the program's harness (between()) that raised."""
+    tb, line = err.__traceback__, ""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "between":
+            line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+        tb = tb.tb_next
+    return line
+
+
 def _lowered(fast) -> bool:
     report = getattr(fast, "report", None)
     return any(u.action == "lowered" for u in getattr(report, "uses", ()))
@@ -948,27 +1462,57 @@ def _lowered(fast) -> bool:
 
 @torch.no_grad()
 def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Outcome:
-    """Run the program's calls through the original (a deep copy, eager) and optimize(model)
-    (`optimizer`: a stand-in, for testing this harness)."""
+    """Run the program's calls, and its harness's actions between them, through the original (a
+    deep copy, eager) and optimize(model) (`optimizer`: a stand-in, for testing this harness)."""
     namespace = program.namespace()
+    try:
+        return _check(program, namespace, layout, lower, optimizer)
+    finally:
+        forget(namespace)
+
+
+def _check(program: Program, namespace: dict, layout: str, lower: bool, optimizer) -> Outcome:
     model = namespace["Model"]()
-    reference, initial = copy.deepcopy(model), _snapshot(model)
+    reference, caller = copy.deepcopy(model), _fingerprint(model)
     try:
         fast = optimizer(model, layout, lower=lower, state_buffers=program.state_buffers(),
                          example_inputs=program.example_inputs(namespace["inputs"]))
     except LayoutPassError as err:
-        return Outcome("refused", f"{type(err).__name__}: {err}", None)
+        changed = _caller_changed(model, caller)
+        return Outcome("caller-changed", f"{changed}, refused: {err}") if changed else \
+            Outcome("refused", f"{type(err).__name__}: {err}", None)
     except Exception as err:  # noqa: BLE001 - anything else is the pass's failure, classified
         return Outcome("other", f"{type(err).__name__}: {err}", None)
+    if changed := _caller_changed(model, caller):
+        return Outcome("caller-changed", f"{changed} by optimize()", None)
+    between = namespace.get("between")
     gen = torch.Generator().manual_seed(program.seed)
     rounding = False
     for step, (entry, batch) in enumerate(program.calls):
+        if between is not None:
+            try:
+                reference = between(step, reference)
+            except Exception as err:
+                raise GeneratorError(f"the harness fails on the original before step {step}: "
+                                     f"{type(err).__name__}: {err}") from err
+            try:
+                fast = between(step, fast)
+            except Exception as err:  # noqa: BLE001
+                message = f"the harness before step {step}: `{_harness_line(err)}`: {type(err).__name__}: {err}"
+                return Outcome("crash" if _in_a_graph(err) else "other", message, step, _lowered(fast))
+            if difference := _differs(reference, fast, 0.0):
+                acts = ", ".join(a.kind for a in program.around.actions if a.step == step) if program.around else ""
+                return Outcome("mismatch", f"after the harness before step {step} ({acts}): {difference}", step,
+                               _lowered(fast))
+            if changed := _caller_changed(model, caller):
+                return Outcome("caller-changed", f"{changed} by the harness before step {step}", step)
         args, kwargs = namespace["inputs"](entry, batch, gen)
         try:
+            pre = copy.deepcopy(reference)  # as it was before the call (a refusal is judged against it)
             expected = reference(*_clone(args), **_clone(kwargs))
         except Exception as err:
             raise GeneratorError(f"the original model fails at step {step}: {type(err).__name__}: {err}") from err
-        before, logical = _snapshot(fast), {n: b.clone() for n, b in logical_buffers(fast).items()}
+        strides, logical, attributes = _strides(fast), _clone(logical_buffers(fast)), _attributes(fast)
         try:
             got = fast(*_clone(args), **_clone(kwargs))
         except Exception as err:  # noqa: BLE001
@@ -977,11 +1521,12 @@ def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Out
                 return Outcome("crash", message, step, _lowered(fast))
             if not isinstance(err, LayoutPassError):
                 return Outcome("other", message, step, _lowered(fast))
-            if not _untouched(model, initial) or not all(
-                    torch.equal(b, logical[n]) for n, b in logical_buffers(fast).items()):
+            if changed := _caller_changed(model, caller):
+                return Outcome("caller-changed", f"{changed}, refused: {message}", step)
+            if not _kept_by_refusal(fast, logical, attributes, _pre_hooked(pre)):
                 return Outcome("late-refusal", message, step, _lowered(fast))
-            return Outcome("refused" if _untouched(fast, before) else "refused-partial", message, step,
-                           _lowered(fast))
+            moved = any(t.stride() != strides.get(n, t.stride()) for n, t in state_tensors(fast))
+            return Outcome("refused-partial" if moved else "refused", message, step, _lowered(fast))
         tolerance = LOWERED_TOLERANCE if _lowered(fast) else 0.0
         expected, got = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
         if len(expected) != len(got):
@@ -991,12 +1536,10 @@ def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Out
                 return Outcome("mismatch", f"output {i} differs (shape {tuple(b.shape)} vs {tuple(a.shape)})",
                                step, _lowered(fast))
             rounding |= not _same(a, b, tolerance)
-        state = logical_buffers(fast)
-        for name, buf in reference.named_buffers():
-            if not _same(buf, state[name], tolerance):
-                return Outcome("mismatch", f"buffer {name} differs", step, _lowered(fast))
-    if not _untouched(model, initial):
-        return Outcome("mismatch", "optimize() changed the original model's buffers", None, _lowered(fast))
+        if difference := _differs(reference, fast, tolerance):
+            return Outcome("mismatch", difference, step, _lowered(fast))
+        if changed := _caller_changed(model, caller):
+            return Outcome("caller-changed", changed, step, _lowered(fast))
     return Outcome("rounding" if rounding else "equivalent", "", None, _lowered(fast))
 
 
@@ -1010,7 +1553,7 @@ def _variants(program: Program):
     calls = program.calls
     for i in range(len(calls)):
         if len(calls) > 1:
-            yield replace(program, calls=calls[:i] + calls[i + 1:])
+            yield replace(program, calls=calls[:i] + calls[i + 1:], around=_without_call(program.around, i))
         entry, batch = calls[i]
         if batch > 1 and not program.entries[entry].whole:
             yield replace(program, calls=calls[:i] + ((entry, batch - 1),) + calls[i + 1:])
@@ -1025,12 +1568,37 @@ def _variants(program: Program):
     for p in program.pools if not program.layers else ():
         if len(program.pools) > 1 and not re.search(rf"\bp{p.index}\b|\bw{p.index}\b|\bb{p.index}\b", text):
             yield replace(program, pools=tuple(q for q in program.pools if q is not p))
+    yield from _smaller_arounds(program)
     if program.named:
         yield replace(program, named=False)
     if program.upfront:
         yield replace(program, upfront=False)
     if program.layer_calls != "after":
         yield replace(program, layer_calls="after")
+
+
+def _without_call(around: Around | None, i: int) -> Around | None:
+    """The harness once call i is dropped: its actions go before the next call."""
+    if around is None:
+        return None
+    return dataclasses.replace(around, actions=tuple(dataclasses.replace(a, step=a.step - (a.step > i))
+                                                     for a in around.actions))
+
+
+def _smaller_arounds(program: Program):
+    """The program with one harness action, one feature or one storage option less."""
+    from dataclasses import replace
+    a = program.around
+    if a is None:
+        return
+    for i in range(len(a.actions)):
+        yield replace(program, around=replace(a, actions=a.actions[:i] + a.actions[i + 1:]))
+    for f in a.features:
+        hooks = tuple(h for h in a.hooks if not h.startswith(f"def {f}("))
+        yield replace(program, around=replace(a, features=tuple(g for g in a.features if g != f), hooks=hooks))
+    for field_, plain in (("alias", ""), ("ssm", False), ("raw_buffer", False), ("shared", None)):
+        if getattr(a, field_) != plain:
+            yield replace(program, around=replace(a, **{field_: plain}))
 
 
 def _shorter_bodies(e: Entry):

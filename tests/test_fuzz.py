@@ -1,16 +1,22 @@
 """The fuzzer in CI: programs written by tests/fuzz_models.py, optimized to DS and to SD, give the
-original's outputs and logical state at every call in their order, or are refused with a
-LayoutPassError before any buffer moved. Then one test per fuzz finding (issue 10), each a
-minimized generated program (a strict xfail while it is open, a regression
-test once fixed), and the harness's own checks (it sees a difference, it is
-deterministic).
+original's outputs, logical state and Python attributes at every call in their order (half of them
+with Python around the graph and a harness acting between calls, issue 20), leave the model given
+to optimize() as it was, or are refused with a LayoutPassError before the call changed anything.
+Then one test per fuzz finding (issues 10 and 20), each a minimized generated program (a strict
+xfail while it is open, a regression test once fixed), and the harness's own checks (it sees a
+difference, it is deterministic).
+
+While a finding is open, the property lets a failure of its class pass (OPEN_CLASSES tells the
+class; its own test is the strict xfail) and fails on any other.
 
 Cost: the property runs CI_EXAMPLES programs (FUZZ_EXAMPLES overrides), derandomized, without
 shrinking (FUZZ_SHRINK=1 shrinks a failure to a minimal program; benchmarks/fuzz.py minimizes every
-failure class)."""
+failure class); FUZZ_LOG=path appends every outcome but "equivalent" to that file."""
 
 import copy
+import dataclasses
 import os
+import pickle
 
 import pytest
 import torch
@@ -22,7 +28,7 @@ from layoutpass import LayoutPassError
 
 CI_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 200))
 PHASES = (Phase.explicit, Phase.generate) + ((Phase.shrink,) if os.environ.get("FUZZ_SHRINK") else ())
-CI_PROGRAMS = fm.programs(max_pools=2, max_entries=3, max_other_uses=1, max_calls=3)
+CI_PROGRAMS = fm.programs(max_pools=2, max_entries=3, max_other_uses=1, max_calls=3, max_actions=3)
 
 
 @settings(max_examples=CI_EXAMPLES, derandomize=True, database=None, deadline=None, phases=PHASES,
@@ -31,7 +37,13 @@ CI_PROGRAMS = fm.programs(max_pools=2, max_entries=3, max_other_uses=1, max_call
 def test_optimized_programs_match_the_original(program, lower):
     for layout in ("DS", "SD"):
         outcome = fm.check(program, layout, lower)
-        assert outcome.ok, f"optimize(..., {layout!r}, lower={lower}): {outcome}\n{program.script(layout, lower)}"
+        known = [name for name in OPEN_FINDINGS if not outcome.ok and OPEN_CLASSES[name](program, outcome)]
+        if os.environ.get("FUZZ_LOG") and outcome.kind != "equivalent":
+            with open(os.environ["FUZZ_LOG"], "a") as log:
+                log.write(f"{layout} lower={lower} {outcome.kind} step {outcome.step} {known}: "
+                          f"{outcome.detail.splitlines()[0][:300] if outcome.detail else ''}\n")
+        assert outcome.ok or known, \
+            f"optimize(..., {layout!r}, lower={lower}): {outcome}\n{program.script(layout, lower)}"
 
 
 # ----------------------------------------------------------------------------- findings
@@ -41,12 +53,28 @@ def pool(layout, slots, state_len, dim, width, index=0):
     return fm.Pool(index, layout, slots, state_len, dim, width, bias=False)
 
 
-def program(pools, bodies, calls, dispatch="mode", named=False, layers=(), model_lines=()):
+def program(pools, bodies, calls, dispatch="mode", named=False, layers=(), model_lines=(), around=None):
     """A fixed program: bodies are (tokens, lines) per entry, calls (entry, batch). With layers,
-    each body is the one layer class's and model_lines the model's own."""
+    each body is the one layer class's and model_lines the model's own. around: the Python around
+    the graph, kept by the model (holder None) or by layer class 0 (holder 0)."""
+    if around is not None:
+        pools = [around.pools[0] if p.index == around.pools[0].index else p for p in pools]
     entries = tuple(fm.Entry(i, tokens, False, tuple(model_lines), (), (tuple(lines),)) if layers else
                     fm.Entry(i, tokens, False, tuple(lines), ()) for i, (tokens, lines) in enumerate(bodies))
-    return fm.Program(tuple(pools), entries, dispatch, True, "int64", tuple(calls), 0, named, tuple(layers))
+    return fm.Program(tuple(pools), entries, dispatch, True, "int64", tuple(calls), 0, named, tuple(layers),
+                      around=around)
+
+
+def around(p, holder=None, backing="own", binding="buffer", alias="", raw_buffer=False, features=(), hooks=(),
+           actions=()):
+    """The second axis for one pool: how the holder keeps it, its Python state, the harness's actions
+    ((step, kind, code) or (step, kind) for the state_dict round trips and copies)."""
+    local = {"buffer": "", "attribute": "", "list": "kv_cache[0][0]", "dict": "cache['conv0']"}[binding]
+    acts = tuple(fm.Action(a[0], a[2] if len(a) > 2 else fm.STATE_DICT.get(a[1]) or
+                           {"pickle": "m = pickle.loads(pickle.dumps(m))", "deepcopy": "m = copy.deepcopy(m)"}[a[1]],
+                           a[1]) for a in actions)
+    return fm.Around(holder, (dataclasses.replace(p, local=local, dense=backing == "own"),), backing, binding, alias,
+                     raw_buffer, False, tuple(features), 0, tuple(hooks), acts)
 
 
 DECODE_SD = ["y = conv_update(x[:, 0, :4], self.p0.transpose(1, 2), self.w0, None, None, slots, "
@@ -105,10 +133,63 @@ FINDINGS = {
     "F11 a pool returned by the model as is escapes the layer ownership probe": (program(
         [pool("SD", 5, 6, 2, 5)], [(1, ["win = torch.cat([self.p0[slots], x[:, :, :2]], 1)", "self.p0[slots] = win[:, 1:]"])],
         [(0, 1)], layers=(0,), model_lines=["outs.append(self.layers[0].p0)"]), "DS", False, "equivalent"),
+    # issue 20's second axis: the Python around the graph
+    "F12 a plain model's state_dict loaded into the optimized one: raw pages (a buffer) holding a moved pool "
+    "are copied byte for byte, and the pool reads the model's order as its new one": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD)], [(0, 2), (0, 2)],
+        around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="attribute", raw_buffer=True,
+                      actions=[(1, "state_dict-fresh")])), "DS", False, "equivalent"),
+    "F13 the optimized model's state_dict loaded into a plain model: raw pages (a buffer) holding a moved pool "
+    "come out in the pool's new order": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD)], [(0, 2), (0, 2)],
+        around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="attribute", raw_buffer=True,
+                      actions=[(1, "state_dict-export")])), "DS", False, "equivalent"),
+    "F14 a layer kind refused at its first call after the layers before it ran theirs: their state writes stand": (
+        fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
+                   (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), ("outs.append(self.p1.transpose(1, 2))",))),),
+                   "mode", True, "int64", ((0, 2),), 0, True, (0, 1)), "DS", False, "ok"),
+    "F15 'no state pool found in the first call' is raised after that call ran: its Python side effects stand": (
+        program([pool("SD", 3, 2, 4, 3)], [(1, ["self.seen += x.shape[0]"]), (1, DECODE_SD)], [(0, 2), (1, 2)],
+                dispatch="rank", around=around(pool("SD", 3, 2, 4, 3), features=("counter",))), "DS", False, "ok"),
+    "F16 a pickled or deep-copied optimized model forgets the model's order of its moved pools: raw pages read "
+    "back in the moved order, and a later graph reading the pages as bytes runs instead of being refused": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD), (1, ["outs.append(self.raw[slots, :3] * 1.0)"])],
+        [(0, 2), (1, 2)], around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="attribute",
+                                        actions=[(1, "deepcopy")])), "DS", False, "ok"),
+    "F17 a memory-order view in an entry first called after the pool moved fails in torch (RuntimeError), "
+    "not with a LayoutPassError": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD), (1, ["outs.append(self.p0.view(3, -1) * 1.0)"])],
+        [(0, 2), (1, 2)]), "DS", False, "ok"),
 }
 
 
-OPEN_FINDINGS: set[str] = set()
+OPEN_FINDINGS: set[str] = {name for name in FINDINGS
+                           if name.split()[0] in {"F12", "F13", "F14", "F15", "F16", "F17"}}
+
+
+def _after(kinds, program, outcome) -> bool:
+    """The outcome is a difference found right after harness actions of these kinds."""
+    acts = program.around.actions if program.around else ()
+    return outcome.kind == "mismatch" and "after the harness" in outcome.detail and \
+        any(a.kind in kinds and a.step == outcome.step for a in acts)
+
+
+def _raw(program) -> bool:
+    return program.around is not None and program.around.backing == "raw"
+
+
+# The class of each open finding's failures, as the property meets them: (program, outcome) -> bool.
+OPEN_CLASSES = {name: test for name in FINDINGS for key, test in {
+    "F12": lambda prog, o: _raw(prog) and prog.around.raw_buffer and _after(
+        ("state_dict-fresh",), prog, o),
+    "F13": lambda prog, o: _raw(prog) and prog.around.raw_buffer and _after(
+        ("state_dict-export",), prog, o),
+    "F14": lambda prog, o: bool(prog.layers) and o.kind == "late-refusal" and "no state pool found" not in o.detail,
+    "F15": lambda prog, o: o.kind == "late-refusal" and o.step == 0 and "no state pool found in the first" in o.detail,
+    "F16": lambda prog, o: _raw(prog) and o.kind == "mismatch" and any(
+        a.kind in ("pickle", "deepcopy") and a.step <= o.step for a in prog.around.actions),
+    "F17": lambda prog, o: o.kind == "other" and "view size is not compatible" in o.detail,
+}.items() if name.startswith(key + " ")}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason="open: " + name)]
