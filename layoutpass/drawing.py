@@ -85,14 +85,9 @@ class Parts:
 
 def parts(fast) -> list[tuple[int, Parts]]:
     """(index in fast.graphs, Parts) of every captured graph."""
-    session = fast.__dict__["_lp"]
-    entries = {e.name: (unit, e) for unit in session.units for e in unit.entries}
-    out = []
-    for index, (name, graph) in enumerate(fast.graphs.items()):
-        unit, entry = entries[name]
-        out.append((index, Parts(name, entry.build.captured, graph.module, dict(entry.build.pools),
-                                 list(fast.report.entry_uses.get(name, [])), list(unit.paths))))
-    return out
+    return [(index, Parts(name, graph.captured, graph.module, dict(graph.pools),
+                          list(fast.report.entry_uses.get(name, [])), list(graph.instances)))
+            for index, (name, graph) in enumerate(fast.graphs.items())]
 
 
 def pictures(fast) -> list[tuple[int, str, str]]:

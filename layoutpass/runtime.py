@@ -47,21 +47,17 @@ class Options:
 
 @dataclass(frozen=True)
 class Graph:
-    """One captured graph: its code before and after, and the rewritten GraphModule."""
+    """One captured graph: its code as captured and as it runs, both GraphModules, the pools
+    it takes (placeholder -> Pool), the module paths that run it, what each pass took.
+    (layoutpass.drawing pictures it; `layoutpass inspect --draw` writes the pictures.)"""
 
     before: str
     after: str
-    module: torch.fx.GraphModule
-    seconds: dict[str, float]  # what each pass took
-
-    def svg(self, path: str) -> None:
-        """Draw the rewritten graph (needs pydot)."""
-        try:
-            from torch.fx.passes.graph_drawer import FxGraphDrawer
-            drawer = FxGraphDrawer(self.module, "layoutpass")
-        except (ImportError, RuntimeError) as err:  # torch raises RuntimeError when pydot is missing
-            raise ArgumentError("path", f"drawing needs pydot: {err}") from err
-        drawer.get_dot_graph().write_svg(path)
+    module: torch.fx.GraphModule  # as it runs
+    seconds: dict[str, float]
+    captured: torch.fx.GraphModule  # as captured: what the model computes
+    pools: dict[str, Pool]
+    instances: tuple[str, ...]
 
 
 class Runner:
@@ -186,8 +182,7 @@ class Session:
             if qualified not in self.report.considered or c.taken:
                 self.report.considered[qualified] = dataclasses.replace(c, name=qualified)
         reads = frozenset(self.qualified(path, i.path) for i in b.inputs if i.kind == "state" for path in b.unit.paths)
-        graph = Graph(b.captured.code, b.gm.code, b.gm, dict(b.seconds))
-        b.unit.entries.append(Entry(b.name, graph, reads, b, Runner(b.gm)))
+        b.unit.entries.append(Entry(b.name, _graph(b), reads, b, Runner(b.gm)))
         self.report.entry_uses[b.name] = b.uses
         if b.found:
             self._rewrite_earlier(b.unit.entries[:-1], {name for name, _ in moves})
@@ -209,7 +204,7 @@ class Session:
             b.pools.update(new)
             rebuild(b)
             entry.runner.gm = b.gm
-            entry.graph = Graph(b.captured.code, b.gm.code, b.gm, dict(b.seconds))
+            entry.graph = _graph(b)
             self.report.entry_uses[entry.name] = b.uses
 
     def _prove_earlier(self, moves: list[tuple[str, Pool]]) -> None:
@@ -340,6 +335,10 @@ def _own_code(fn):
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     own.__kwdefaults__, own.__qualname__ = fn.__kwdefaults__, fn.__qualname__
     return own
+
+
+def _graph(b: Build) -> Graph:
+    return Graph(b.captured.code, b.gm.code, b.gm, dict(b.seconds), b.captured, dict(b.pools), tuple(b.unit.paths))
 
 
 def _check_movable(tree: nn.Module, name: str) -> None:
@@ -553,7 +552,10 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
     tensors = dict(state_tensors(model))
     named = {**_explicit_pools(getattr(model, "layoutpass_pools", None), tensors, "layoutpass_pools"),
              **_explicit_pools(state_buffers, tensors)}
-    calls = [_split(call) for call in example_inputs or ()]
+    if isinstance(example_inputs, (Mapping, str, torch.Tensor)):
+        raise ArgumentError("example_inputs", f"expected a list of calls, got a {type(example_inputs).__name__}: to "
+                                              "capture one call, put it in a list: example_inputs=[{...}]")
+    calls = [_split(call, i) for i, call in enumerate(example_inputs or ())]
     configure_dynamo()
     fast = _copy(model, inplace)
     units, root = _units(fast, type(model))
@@ -646,11 +648,12 @@ def _axes(value, argument: str) -> Layout:
     return parse_layout(value, argument)
 
 
-def _split(call) -> tuple[tuple, dict]:
+def _split(call, i: int) -> tuple[tuple, dict]:
     if isinstance(call, Mapping):
         return (), dict(call)
     if isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], tuple) and isinstance(call[1], Mapping):
         return call[0], dict(call[1])
     if isinstance(call, tuple):
         return call, {}
-    raise ArgumentError("example_inputs", f"each call must be a dict, a tuple or (args, kwargs); got {type(call).__name__}")
+    raise ArgumentError(f"example_inputs[{i}]", "expected a call: a dict of keyword arguments, a tuple of positional "
+                                                f"arguments or (args, kwargs); got a {type(call).__name__}")
