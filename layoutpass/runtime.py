@@ -109,6 +109,7 @@ class Session:
         self.pending: list[tuple[str, Pool]] = []  # (qualified path, pool) to move once the call returns
         self.calls = 0
         self.moves = 0  # pools moved so far
+        self.moves_seen: dict[int, int] = {}  # id(unit) -> self.moves when it last captured
         self.warming = False  # example calls running on a twin
         self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
         for unit in units:
@@ -187,9 +188,20 @@ class Session:
         if b.found:
             self._rewrite_earlier(b.unit.entries[:-1], {name for name, _ in moves})
         self.pending += moves
-        log.info("captured %s in %.2f s: %d pool(s) found, %d to move", b.name, sum(b.seconds.values()),
+        why = self._why(b)
+        self.moves_seen[id(b.unit)] = self.moves
+        log.info("captured %s (%s) in %.2f s: %d pool(s) found, %d to move", b.name, why, sum(b.seconds.values()),
                  len(b.found), len(moves))
         return b.unit.entries[-1].runner
+
+    def _why(self, b: Build) -> str:
+        """Why a graph was captured, as far as the runtime can tell (Dynamo's own guard failures:
+        TORCH_LOGS=recompiles)."""
+        if b.unit.count == 1:
+            return "first call"
+        if self.moves_seen.get(id(b.unit)) != self.moves:
+            return "its pools moved: new strides"
+        return "a call the earlier graphs' guards did not accept (new sizes, types or Python values)"
 
     def _rewrite_earlier(self, entries: list[Entry], moving: set[str]) -> None:
         """Graphs captured before a pool was found, that take it: rewritten for it now (those

@@ -382,3 +382,18 @@ def test_a_lowered_update_whose_state_is_read_again():
     fast = optimize(model, "DS", lower=True, example_inputs=[pm.inputs()])
     assert [u.detail for u in fast.report.uses if u.action == Action.LOWERED] == ["pure-torch cat update -> conv_update"]
     assert check_equivalence(model, fast, calls(), rtol=1e-5, atol=1e-5).ok
+
+
+def test_each_capture_is_logged_with_why(caplog):
+    """One INFO line per captured graph on the `layoutpass` logger: its name, why, the time."""
+    import logging
+
+    model = pm.OneConv()
+    with caplog.at_level(logging.INFO, logger="layoutpass"):
+        fast = optimize(model, "DS")
+        fast(**pm.inputs(3))
+        fast(**pm.inputs(3))
+    lines = [r.getMessage() for r in caplog.records if r.name == "layoutpass" and r.getMessage().startswith("captured")]
+    assert len(lines) == len(fast.graphs) + 1  # the first graph, captured before the pool moved, is superseded
+    assert "(first call)" in lines[0] and "(its pools moved: new strides)" in lines[1]
+    assert all(re.search(r" in \d+\.\d\d s: ", line) for line in lines)
