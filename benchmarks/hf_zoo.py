@@ -1,8 +1,9 @@
 """Every transformers class whose cache holds a causal-conv state (layoutpass.hf.CLASSES), tiny
-and random, through CacheAsBuffers and optimize() -- DS lowered, DS, SD -- against transformers'
-own greedy generate, token for token and logit by logit. Also: how many exported graphs serve
-prompts of every length, each reused wherever export's guards accept the length, as the pass
-reuses them (transformers' scans pad and loop with Python ints derived from the length).
+and random, through CacheAsBuffers and optimize() -- conv DS + recurrent VK (lowered, and not),
+conv SD + recurrent KV -- against transformers' own greedy generate, token for token and logit
+by logit. Also: how many graphs the optimized model captures for prompts of every length (each
+reused wherever Dynamo's guards accept the length; transformers' scans pad and loop with Python
+ints derived from the length), each prompt checked against the eager adapter.
 
     python benchmarks/hf_zoo.py [CLASS ...] [--no-buckets]
 
@@ -27,7 +28,8 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT, NEW, BATCH = 7, 8, 2
-MODES = (("DS", True), ("DS", False), ("SD", False))
+DS_VK, SD_KV = {"conv": "DS", "recurrent": "VK"}, {"conv": "SD", "recurrent": "KV"}
+MODES = (("DS+VK lowered", DS_VK, True), ("DS+VK", DS_VK, False), ("SD+KV", SD_KV, False))
 # prompt lengths for the guard analysis: every short one, then around the scans' chunk sizes (8, 64)
 LENGTHS = list(range(1, 41)) + [63, 64, 65, 66, 127, 128, 129, 130, 200]
 PER_LENGTH = 12  # that many lengths, each needing its own graph: a scan loops over the tokens
@@ -46,7 +48,7 @@ def _alarm(signum, frame):
     raise _TimeLimit()
 
 
-def optimized(name: str, layout: str, lower: bool, ids, tokens, logits, limit: int) -> dict:
+def optimized(name: str, layout: dict, lower: bool, ids, tokens, logits, limit: int) -> dict:
     from layoutpass import optimize
     from layoutpass.hf import CacheAsBuffers, generate, tiny_model
 
@@ -62,47 +64,40 @@ def optimized(name: str, layout: str, lower: bool, ids, tokens, logits, limit: i
         return dict(error=f"{type(err).__name__}: {err}\n{err.__cause__ or ''}"[:2000])
     finally:
         signal.alarm(0)
-    uses = fast.report.uses
+    uses, pools = fast.report.uses, fast.report.pools.values()
     return dict(tokens_equal=bool(torch.equal(got, tokens)), logit_error=(got_logits - logits).abs().max().item(),
-                pools=len(fast.report.pools), lowered=sum(u.action == "lowered" for u in uses),
+                pools=f"{sum(p.kind == 'conv' for p in pools)} / {sum(p.kind == 'recurrent' for p in pools)}",
+                lowered=sum(u.action == "lowered" for u in uses),
                 not_lowered=sorted({u.detail for u in uses if u.action == "not lowered"}),
                 captures=len(fast.graphs), seconds=round(time.perf_counter() - start, 1))
 
 
 def guarded_graphs(name: str) -> dict:
-    """Prompts of LENGTHS, fresh each: reuse an exported graph whenever its guards accept the
-    length (checked against the eager adapter), export a new one otherwise."""
-    from torch.export import Dim
-
+    """Prompts of LENGTHS, fresh each, through one optimized model: the lengths at which it
+    captured a new graph (the earlier graphs' guards did not accept the length), each prompt's
+    logits checked against the eager adapter."""
+    from layoutpass import optimize
     from layoutpass.hf import CacheAsBuffers, tiny_model
 
-    adapter = CacheAsBuffers(tiny_model(name), BATCH, max(LENGTHS) + 8)
-    graphs, firsts, worst = [], [], 0.0
+    model = tiny_model(name)
+    adapter = CacheAsBuffers(model, BATCH, max(LENGTHS) + 8)
+    fast = optimize(CacheAsBuffers(model, BATCH, max(LENGTHS) + 8), DS_VK)
+    root = fast.__dict__["_lp"].root
+    firsts, worst, seen = [], 0.0, 0
     try:
         for length in LENGTHS:
             ids = torch.randint(0, 64, (BATCH, length), generator=torch.Generator().manual_seed(length))
             with torch.no_grad():
-                want = adapter(ids)
-            for graph in graphs:
-                try:
-                    with torch.no_grad():
-                        got = graph(ids)
-                except (AssertionError, RuntimeError) as err:  # a guard or a size range refused it
-                    if "Guard failed" in str(err) or "Expected input" in str(err):
-                        continue
-                    raise
-                worst = max(worst, (got - want).abs().max().item())
-                break
-            else:
-                program = torch.export.export(adapter, (ids,), dynamic_shapes={"input_ids": {1: Dim.AUTO}},
-                                              strict=False)
-                graphs.append(program.module())
+                want, got = adapter(ids), fast(ids)
+            worst = max(worst, (got - want).abs().max().item())
+            if root.count > seen:
+                seen = root.count
                 firsts.append(length)
-                if firsts[-PER_LENGTH:] == LENGTHS[:PER_LENGTH]:  # no graph served a second length
-                    return dict(graphs="one per length", first_lengths=firsts, reuse_error=worst)
+            if firsts[-PER_LENGTH:] == LENGTHS[:PER_LENGTH]:  # no graph served a second length
+                return dict(graphs="one per length", first_lengths=firsts, reuse_error=worst)
     except Exception as err:
-        return dict(graphs=len(graphs), first_lengths=firsts, error=f"{type(err).__name__}: {err}"[:2000])
-    return dict(graphs=len(graphs), first_lengths=firsts, reuse_error=worst)
+        return dict(graphs=len(firsts), first_lengths=firsts, error=f"{type(err).__name__}: {err}"[:2000])
+    return dict(graphs=len(firsts), first_lengths=firsts, reuse_error=worst)
 
 
 def run(name: str, buckets: bool, limit: int) -> dict:
@@ -115,10 +110,9 @@ def run(name: str, buckets: bool, limit: int) -> dict:
     row = dict(adapter=dict(tokens_equal=bool(torch.equal(got, tokens)),
                             logit_error=(got_logits - logits).abs().max().item()),
                distinct_tokens=len(set(tokens.flatten().tolist())))
-    for layout, lower in MODES:
-        first = row.get("DS lowered", {}).get("error", "")
-        skip = dict(error=f"skipped: DS lowered {first}") if "not done" in first else None
-        key = f"{layout}{' lowered' if lower else ''}"
+    for key, layout, lower in MODES:
+        first = row.get(MODES[0][0], {}).get("error", "")
+        skip = dict(error=f"skipped: {MODES[0][0]} {first}") if "not done" in first else None
         row[key] = skip or optimized(name, layout, lower, ids, tokens, logits, limit)
     if buckets:
         row["prompt_graphs"] = guarded_graphs(name)
@@ -145,11 +139,11 @@ def table(rows: dict) -> str:
             return f"no {note(_one_line(result['error']))}"
         return f"{'yes' if result['tokens_equal'] else '**no**'} ({result['logit_error']:.0e})"
 
-    lines = ["| class | pools found | DS tokens == transformers (lowered / not) | SD tokens == transformers "
-             "| lowered conv updates | prompt graphs (decode: 1) | time (DS lowered / DS / SD) |",
+    lines = ["| class | pools found (conv / recurrent) | DS+VK tokens == transformers (lowered / not) "
+             "| SD+KV tokens == transformers | lowered conv updates | prompt graphs | time (DS+VK lowered / DS+VK / SD+KV) |",
              "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        low, ds, sd = row["DS lowered"], row["DS"], row["SD"]
+        low, ds, sd = (row[key] for key, _, _ in MODES)
         pools = next((r["pools"] for r in (low, ds, sd) if "pools" in r), "-")
         lowered = str(low.get("lowered", "-"))
         lowered += "".join(f" {note('not lowered: ' + detail)}" for detail in low.get("not_lowered", []))
@@ -157,7 +151,7 @@ def table(rows: dict) -> str:
         if graphs.get("graphs") == "one per length":
             captures = "one per length (a loop over the tokens)"
         elif "error" in graphs:
-            captures = f"export fails {note(_one_line(graphs['error']))}"
+            captures = f"fails {note(_one_line(graphs['error']))}"
         elif graphs:
             captures = f"{graphs['graphs']} (new at {', '.join(map(str, graphs['first_lengths']))})"
         else:
