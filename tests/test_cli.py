@@ -252,8 +252,9 @@ def test_verbose_logs_each_captured_graph(capsys, where):
     assert main(argv + ["-v"] if where == "after" else ["--verbose"] + argv) == 0
     out, err = capsys.readouterr()
     assert out.startswith("equivalent over 2 steps")
-    captured = re.findall(r"^\d\d:\d\d:\d\d layoutpass: captured (model\.graph\d+\(\[.*?\]\)) in \d+\.\d+ s", err, re.M)
-    assert len(captured) >= 2, err  # one line per graph, with its name and time
+    captured = re.findall(r"^\d\d:\d\d:\d\d layoutpass: captured (model\.graph\d+\(\[.*?\]\)) \((.+?)\) in \d+\.\d+ s", err, re.M)
+    assert len(captured) >= 2, err  # one line per graph: its name, why it was captured, its time
+    assert captured[0][1] == "first call", err
     assert (logger.handlers, logger.level) == (handlers, level)  # the handler goes with the command
 
 
