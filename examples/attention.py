@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layoutpass.examples.common import Batch, pad_tokens, unpad_tokens
+from layoutpass.registry import register_stride_agnostic
 
 
 @torch.library.custom_op("lp_examples::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -48,6 +49,9 @@ def _sdpa(q, keys, values, visible):
 @cached_attention.register_fake
 def _(q, k, v, k_cache, v_cache, slots, context_lens, query_start_loc):
     return torch.empty_like(q)
+
+
+register_stride_agnostic(torch.ops.lp_examples.cached_attention)  # it reads its caches by logical index
 
 
 class Attention(nn.Module):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from layoutpass.examples.common import Batch, pad_tokens, unpad_tokens
+from layoutpass.kernels.recurrent import DELTA_RULE_AXES, SSM_AXES
+from layoutpass.registry import register_state, register_stride_agnostic
 
 
 def _mamba1(state, params, x, dt, b, c):
@@ -45,6 +47,7 @@ def _delta_rule(state, params, v, q, k, beta, decay):
 
 
 STEPS = {"mamba1": _mamba1, "mamba2": _mamba2, "delta_rule": _delta_rule}
+AXES = {"mamba1": ("slot", "snap", "v", "k"), "mamba2": SSM_AXES, "delta_rule": DELTA_RULE_AXES}  # of each pool
 
 
 def _mamba2_chunked(state, params, valid, x, dt, b, c, chunk: int = 128):
@@ -109,6 +112,11 @@ def recurrence(kind: str, inputs: list[torch.Tensor], params: list[torch.Tensor]
 @recurrence.register_fake
 def _(kind, inputs, params, pool, slots, context_lens, query_start_loc, num_accepted_tokens):
     return torch.empty_like(inputs[0])
+
+
+# the pass may move its pool: the op reads it by logical index, in the axes of its family
+register_state(torch.ops.lp_examples.recurrence.default, "pool", lambda node: AXES.get(node.args[0]))
+register_stride_agnostic(torch.ops.lp_examples.recurrence)
 
 
 def _read(pool: torch.Tensor, batch: Batch) -> torch.Tensor:

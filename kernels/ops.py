@@ -10,6 +10,7 @@ from . import reference, triton_conv
 from .checks import (activation_name, check_float, check_index, check_pool, check_query_start_loc,
                      check_slots, check_token_counts, check_weight)
 from layoutpass.errors import ArgumentError
+from layoutpass.registry import KERNEL_ORDER, register_state
 
 
 def _check_update(x, conv_state, weight, bias, conv_state_indices, num_accepted_tokens,
@@ -134,6 +135,11 @@ def conv_prefill_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, activation, null_block_id):
     _check_prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state, null_block_id)
     return torch.empty_like(x)
+
+
+# what the pass knows of them: their state argument is a conv pool, read as (slot, dim, tok)
+register_state(torch.ops.layoutpass.conv_update.default, "conv_state", KERNEL_ORDER)
+register_state(torch.ops.layoutpass.conv_prefill.default, "conv_states", KERNEL_ORDER)
 
 
 def conv_update(x, conv_state, weight, bias=None, activation=None, conv_state_indices=None,

@@ -23,6 +23,10 @@ from torch.library import triton_op
 from . import triton_recurrent
 from .checks import FLOAT_DTYPES, check_float, check_index, check_slots
 from layoutpass.errors import ArgumentError
+from layoutpass.registry import register_state
+
+SSM_AXES = ("slot", "snap", "head", "v", "k")  # the axes selective_state_update reads its state in
+DELTA_RULE_AXES = ("slot", "snap", "head", "k", "v")  # and delta_rule_update
 
 
 # ---------------------------------------------------------------- checks
@@ -261,6 +265,10 @@ def delta_rule_update_op(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 @delta_rule_update_op.register_fake
 def _(state, q, k, v, g, beta, scale, state_indices, num_accepted_tokens, null_block_id, use_qk_l2norm, out):
     _check_delta(state, q, k, v, g, beta, state_indices, num_accepted_tokens, out)
+
+
+register_state(torch.ops.layoutpass.selective_state_update.default, "state", SSM_AXES)
+register_state(torch.ops.layoutpass.delta_rule_update.default, "state", DELTA_RULE_AXES)
 
 
 def _new_out(like: torch.Tensor) -> torch.Tensor:

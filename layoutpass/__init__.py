@@ -11,7 +11,7 @@ __version__ = "0.1.0"  # as pyproject.toml says (tests/test_cli.py keeps them eq
 _NAMES = {"EquivalenceResult": "equivalence", "check_equivalence": "equivalence", "ArgumentError": "errors",
           "LayoutPassError": "errors", "DS": "layout", "SD": "layout", "KV": "layout", "VK": "layout",
           "Layout": "layout", "Runs": "layout", "OptimizedModule": "runtime", "optimize": "runtime",
-          "register_stride_agnostic": "prove", "UnprovenRewrite": "verify"}
+          "register_stride_agnostic": "registry", "UnprovenRewrite": "verify"}
 __all__ = sorted(_NAMES)
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # the application decides what is shown
 

@@ -14,19 +14,19 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from layoutpass.rewrites.lowering import lower_updates
-from layoutpass.rewrites.permutes import MAYBE_COPIES, MEMORY_ORDER, PERMUTATIONS, RULES, inverse, permutation_of
+from layoutpass.rewrites.permutes import inverse
 
 from .capture import Input, describe_inputs, stride_reads, to_aten, traced_code
-from .discover import STATE_ARGUMENT, Found, PoolNotFound, discover
+from .discover import Found, PoolNotFound, discover
 from .errors import LayoutPassError
 from .layout import DS, Layout, arrange, dense_strides, order_of
 from .prove import StrideDependent, check_slotwise, fake_mode_of, prove, refuse_returned_views
+from .registry import KERNEL_ORDER, Memory, conv_state, facts, permutation_of
 from .report import Action, Considered, Kind, Pool, Use, library, use
 from .rewrite import relayout_graph
 from .verify import UnprovenRewrite, verify
 
 aten = torch.ops.aten
-KERNEL_ORDER = ("slot", "dim", "tok")  # the conv ops' (slot, dim, tok) view of a pool
 
 
 @dataclass
@@ -198,14 +198,14 @@ def _classify(b: Build) -> None:
     for placeholder, pool in b.pools.items():
         node = next(n for n in b.captured.graph.find_nodes(op="placeholder") if n.name == placeholder)
         for user in _pool_users(node):
-            if user.target in STATE_ARGUMENT or user.op != "call_function":
+            if conv_state(user.target) is not None or user.op != "call_function":
                 continue  # conv ops are reported from the final graph
-            kind = RULES[user.target][0] if user.target in RULES else \
-                Kind.MEMORY if user.target in MEMORY_ORDER else Kind.AGNOSTIC
+            op = facts(user.target)
+            kind = op.kind or (Kind.MEMORY if Memory.ORDER in op.memory else Kind.AGNOSTIC)
             if kind is Kind.PERMUTATION:
                 action, detail = (Action.FOLDED, f"a free view that walks the pool's {pool.target} order densely") \
                     if _dense_in(user, pool) else (Action.KEPT, "a free view")
-            elif kind is Kind.MEMORY or user.target in MAYBE_COPIES:
+            elif kind is Kind.MEMORY or Memory.MAYBE_COPY in op.memory:
                 kind, action, detail = Kind.MEMORY, Action.PROVEN, "same values in either order"
             else:
                 action, detail = Action.LOGICAL, ""
@@ -247,14 +247,15 @@ def _report_kernels(b: Build) -> None:
     """Every conv op on a pool, and the memory order its kernel reads."""
     names = {ph: pool for ph, pool in b.pools.items()}
     for op in b.gm.graph.nodes:
-        if op.target not in STATE_ARGUMENT:
+        argument = conv_state(op.target)
+        if argument is None:
             continue
-        state, views = op.args[STATE_ARGUMENT[op.target]], 0
-        while state.op == "call_function" and state.target in PERMUTATIONS:
+        state, views = op.args[argument], 0
+        while state.op == "call_function" and facts(state.target).permutation is not None:
             state, views = state.args[0], views + 1
         pool = names.get(state.name) if state.op == "placeholder" else None
         if pool is not None:
-            val = op.args[STATE_ARGUMENT[op.target]].meta.get("val")
+            val = op.args[argument].meta.get("val")
             order = "DS" if val is not None and val.stride(-1) == 1 else "SD"
             b.uses.append(use(b.name, pool.name, op, Kind.KERNEL, Action.KERNEL_DIRECT,
                               f"{order} kernel on the pool's (slot, dim, tok) view"))

@@ -2,8 +2,8 @@
 kind, and which of their axes is which.
 
 A pool is found by what it is, read off the graph's formulas (layoutpass.semantics): a tensor
-that reaches the state argument of a conv or recurrence op through views (STATES: the axes each
-op reads its state in), or a rank-3 tensor written back from its own contents shifted along
+that reaches the state argument of a conv or recurrence op through views (the op registry's
+`state`: which argument, and the axes the op reads it in), or a rank-3 tensor written back from its own contents shifted along
 one axis (cat / roll / slice-and-shift, through any views, copies and casts) -- a conv state,
 whose shifted axis is the token axis. The slot axis is the outermost, as in every serving
 engine's pool. A model may also declare its pools and their axes (state_buffers, or a
@@ -15,35 +15,12 @@ import sympy
 import torch
 import torch.fx
 
-import layoutpass.examples.recurrence  # noqa: F401  registers lp_examples::recurrence, whose state is a pool
-from layoutpass.kernels import ops as kernel_ops
-from layoutpass.kernels import recurrent  # noqa: F401  registers the recurrence ops
-
 from .errors import ArgumentError, LayoutPassError
+from .formulas import Val, index_symbols
 from .layout import Layout
+from .registry import facts
 from .report import Considered, source_line
-from .semantics import Semantics, Val, index_symbols
-
-CONV = ("slot", "dim", "tok")
-_RECURRENCE_AXES = {"mamba2": ("slot", "snap", "head", "v", "k"), "delta_rule": ("slot", "snap", "head", "k", "v"),
-                    "mamba1": ("slot", "snap", "v", "k")}
-
-
-def _fixed(kind: str, axes: tuple[str, ...]):
-    return lambda node, rank: (kind, axes if rank == len(axes) else tuple(a for a in axes if a != "snap"))
-
-
-# The ops with a pool state argument: op -> (its index, (node, the state's rank) -> (pool kind, the
-# axes the op reads the state in)).
-STATES = {
-    kernel_ops.conv_update_op._opoverload: (1, _fixed("conv", CONV)),
-    kernel_ops.conv_prefill_op._opoverload: (3, _fixed("conv", CONV)),
-    torch.ops.layoutpass.selective_state_update.default: (0, _fixed("recurrent", _RECURRENCE_AXES["mamba2"])),
-    torch.ops.layoutpass.delta_rule_update.default: (0, _fixed("recurrent", _RECURRENCE_AXES["delta_rule"])),
-    torch.ops.lp_examples.recurrence.default: (3, lambda node, rank: ("recurrent", _RECURRENCE_AXES.get(node.args[0]))),
-}
-STATE_ARGUMENT = {op: index for op, (index, _) in STATES.items() if op in (kernel_ops.conv_update_op._opoverload,
-                                                                        kernel_ops.conv_prefill_op._opoverload)}
+from .semantics import Semantics
 
 
 def physical(rank: int) -> Layout:
@@ -76,10 +53,10 @@ def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
     evidence: dict[str, list[tuple[Layout, str]]] = {}
     written = set()
     for node in graph.nodes:
-        if node.target in STATES:
-            index, axes_of = STATES[node.target]
-            state = semantics.values.get(node.args[index])
-            op_axes = axes_of(node, len(state.shape))[1] if isinstance(state, Val) else None
+        role = facts(node.target).state
+        if role is not None:
+            state = semantics.values.get(node.args[role.argument])
+            op_axes = role.axes_for(node, len(state.shape)) if isinstance(state, Val) else None
             layout = _through_views(state, by_pool, op_axes) if op_axes else None
             if layout is not None:
                 evidence.setdefault(state.root.pool, []).append(

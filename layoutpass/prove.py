@@ -21,24 +21,13 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils import _pytree as pytree
 
 from .errors import LayoutPassError
+from .registry import Memory, Rows, facts, pointwise
 from .report import source_line
 
 aten = torch.ops.aten
 
-# Ops that read or set memory order rather than logical indices.
-STRIDED = frozenset({aten.as_strided.default, aten.as_strided_.default, aten.as_strided_scatter.default,
-                     aten.set_.source_Tensor, aten.set_.source_Storage, aten.set_.source_Storage_storage_offset,
-                     aten._unsafe_view.default, aten._reshape_alias.default})
-
 # Namespaces of ops known to compute on logical indices whatever their inputs' strides.
-LOGICAL_NAMESPACES = {"aten", "prims", "layoutpass", "lp_examples"}
-_stride_agnostic: set = set()
-
-
-def register_stride_agnostic(op) -> None:
-    """Declare a custom op (an OpOverloadPacket or OpOverload) correct for inputs of any strides,
-    so a relayouted pool may reach it."""
-    _stride_agnostic.add(op)
+LOGICAL_NAMESPACES = {"aten", "prims", "layoutpass"}
 
 
 class StrideDependent(LayoutPassError):
@@ -47,8 +36,8 @@ class StrideDependent(LayoutPassError):
 
 def _agnostic(target) -> bool:
     if isinstance(target, torch._ops.OpOverload):
-        return (target.namespace in LOGICAL_NAMESPACES and target not in STRIDED) or target in _stride_agnostic \
-            or target.overloadpacket in _stride_agnostic
+        return (target.namespace in LOGICAL_NAMESPACES and Memory.STRIDED not in facts(target).memory) or \
+            facts(target).stride_agnostic or facts(target.overloadpacket).stride_agnostic
     return not isinstance(target, torch._ops.HigherOrderOperator)  # operator.getitem, sym arithmetic
 
 
@@ -71,7 +60,7 @@ def prove(gm: torch.fx.GraphModule, other: dict[str, tuple], pools: dict[str, st
             raise StrideDependent(f"{what} cannot run with {pool} stored {layout}: {errors[node]}")
         if not _strides_differ(node, env):
             continue
-        if node.target in STRIDED:
+        if Memory.STRIDED in facts(node.target).memory:
             raise StrideDependent(f"{what} reads memory order on a tensor whose strides follow {pool}: refused")
         if not _agnostic(node.target):
             raise StrideDependent(f"{what} is an op the pass cannot see into and would receive {pool} (or a tensor "
@@ -210,23 +199,11 @@ def _mutated_args(node: torch.fx.Node) -> list:
     return out
 
 
-# Ops that keep a container's slot rows whole: they index, slice or select the slot axis only.
-_ROW_INDEXING = frozenset({aten.index.Tensor, aten.select.int, aten.slice.Tensor, aten.index_select.default})
-_ROW_COPIES = frozenset({aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default,
-                         aten.alias.default, aten.detach.default,  # and reshapes of the leading dims only:
-                         aten.view.default, aten.reshape.default, aten.unsqueeze.default, aten.squeeze.dim,
-                         aten.expand.default})
-_ROW_WRITES = frozenset({aten.copy_.default, aten.index_put_.default, aten.index_put.default, aten.index_copy_.default,
-                         aten.index_copy.default, aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
-
-
 def check_slotwise(gm: torch.fx.GraphModule, containers: dict[str, str], where: str) -> None:
     """A container (a raw allocation whose slot rows hold a moved pool) may only be used slot
     by slot: its rows indexed, copied, reset or scaled whole (elementwise with per-slot or scalar
     operands). Anything that reads its bytes as some layout would see the pool's new order:
     refused, naming the op and line."""
-    from .semantics import _is_pointwise
-
     for name, pool in containers.items():
         node = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == name)
         row = tuple(node.meta["val"].shape[1:])
@@ -239,26 +216,29 @@ def check_slotwise(gm: torch.fx.GraphModule, containers: dict[str, str], where: 
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for n in sorted(rows, key=order.get):  # the first offending use in the graph's order
             for user in sorted(n.users, key=order.get):
-                if not _keeps_rows(user, n, rows, row, _is_pointwise):
+                if not _keeps_rows(user, n, rows, row):
                     what = "returned" if user.op == "output" else f"{user.target} at {source_line(user)}"
                     raise StrideDependent(f"{name} holds {pool}, which moves: {what} in {where} reads its bytes other "
                                           f"than as whole slot rows, and would see them in the pool's new order")
 
 
-def _keeps_rows(user: torch.fx.Node, n: torch.fx.Node, rows: set, row: tuple, pointwise) -> bool:
-    """Whether `user`, reading the row-structured value `n`, keeps every slot row whole."""
+def _keeps_rows(user: torch.fx.Node, n: torch.fx.Node, rows: set, row: tuple) -> bool:
+    """Whether `user`, reading the row-structured value `n`, keeps every slot row whole (a copy
+    or view of rows keeps them when its output ends in the row's shape: reshapes of the leading
+    dims only)."""
     val = user.meta.get("val")
     if user.op != "call_function":
         return False
     whole = isinstance(val, torch.Tensor) and tuple(val.shape[max(val.dim() - len(row), 0):]) == row
-    if user.target in _ROW_INDEXING:
+    role = facts(user.target).rows
+    if role is Rows.INDEX:
         indexed = user.args[1] if user.target is aten.index.Tensor else None
         dim0 = user.args[1] % n.meta["val"].dim() == 0 if user.target is not aten.index.Tensor else \
             all(i is None for i in indexed[1:])
         return user.args[0] is n and dim0 and whole
-    if user.target in _ROW_COPIES:
+    if role is Rows.COPY:
         return whole
-    if user.target in _ROW_WRITES or pointwise(user.target):
+    if role is Rows.WRITE or pointwise(user.target):
         return whole and all(a in rows or _per_slot(a, row) for a in _tensor_args(user))
     return False
 

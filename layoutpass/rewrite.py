@@ -1,17 +1,17 @@
-"""The rewrite engine: one fixed-point driver (graph_rewrite) that runs the rule tables of
-rewrites/ -- the permutation rules that sink a relayouted pool's storage permutation through
-every use (permutes.RULES), and the lowerings of pure-torch conv updates (lowering.LOWERINGS).
-tinygrad's graph_rewrite, on an FX graph."""
+"""The rewrite engine: one fixed-point driver (graph_rewrite) that runs the rules as data -- the
+rules that sink a relayouted pool's storage permutation through every use (each op's `sink` in
+the op registry, rewrites/permutes.py), and the lowerings of pure-torch conv updates
+(lowering.LOWERINGS). tinygrad's graph_rewrite, on an FX graph."""
 
 from collections import deque
 
 import torch
 import torch.fx
 
-from layoutpass.rewrites.permutes import MAYBE_COPIES, MEMORY_ORDER, RULES, copied
+from layoutpass.rewrites.permutes import copied
 
-from .discover import STATE_ARGUMENT
 from .errors import LayoutPassError
+from .registry import Memory, conv_state, facts
 from .report import Action, Kind, Use, source_line, use
 
 aten = torch.ops.aten
@@ -73,7 +73,7 @@ def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[st
                    entry: str) -> list[Use]:
     """pools: storage node (a placeholder, or a view of one) -> (pool name, p) where
     permute(storage, p) has the order the graph reads. Each pool enters as that pending
-    permutation; RULES sink it below every use. Returns what was done to each use; raises
+    permutation; the ops' sink rules move it below every use. Returns what was done to each use; raises
     RefusedRewrite before the caller moves anything."""
     graph, uses = gm.graph, []
     last_placeholder = list(graph.find_nodes(op="placeholder"))[-1]
@@ -89,8 +89,9 @@ def relayout_graph(gm: torch.fx.GraphModule, pools: dict[torch.fx.Node, tuple[st
 
 
 def _sink(r: Rewriter, q: torch.fx.Node, uses: list[Use], entry: str) -> list[torch.fx.Node]:
-    """Move the pending permutation q below each of its users (RULES), or keep the user reading
-    it; a permutation that became the identity goes. Returns the new pending permutations."""
+    """Move the pending permutation q below each of its users (their sink rules), or keep the
+    user reading it; a permutation that became the identity goes. Returns the new pending
+    permutations."""
     graph, x, p = q.graph, q.args[0], tuple(q.args[1])
     r.created = []
     if p == tuple(range(len(p))):
@@ -99,12 +100,13 @@ def _sink(r: Rewriter, q: torch.fx.Node, uses: list[Use], entry: str) -> list[to
         graph.erase_node(q)
         return []
     for user in list(q.users):
-        kind, rule = RULES.get(user.target, (None, None))
+        op = facts(user.target)
         r.anchor = user
-        new = rule(r, user, q, x, p) if rule else None
+        new = op.sink(r, user, q, x, p) if op.sink else None
         if new is not None:
             new.meta.setdefault("val", user.meta.get("val"))  # same value, in the old order
-            uses.append(use(entry, r.pool, user, kind, Action.FOLDED if kind is Kind.PERMUTATION else Action.REMAPPED))
+            uses.append(use(entry, r.pool, user, op.kind,
+                            Action.FOLDED if op.kind is Kind.PERMUTATION else Action.REMAPPED))
             user.replace_all_uses_with(new)
             graph.erase_node(user)
         else:
@@ -118,7 +120,7 @@ def _keep_copies(r: Rewriter, q: torch.fx.Node, x: torch.fx.Node) -> None:
     """A permutation that cancelled leaves its users the storage itself: a contiguous() or
     reshape() that copied the model's permuted view would now alias the pool; make it copy."""
     for user in list(q.users):
-        if user.target in MAYBE_COPIES and copied(user, q):
+        if Memory.MAYBE_COPY in facts(user.target).memory and copied(user, q):
             r.anchor = user
             user.replace_input_with(q, r.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
                                               rank=r.rank(q)))
@@ -128,7 +130,7 @@ def _keep(r: Rewriter, user: torch.fx.Node, q: torch.fx.Node, uses: list[Use], e
     """A use that reads the permuted view as it is: correct for every op that reads logical
     indices (a conv kernel takes any strides). An op that reads memory order gets a copy in the
     old order when nothing writes through its result; otherwise it is refused."""
-    if user.target in MEMORY_ORDER:
+    if Memory.ORDER in facts(user.target).memory:
         if _written_through(user):
             uses.append(use(entry, r.pool, user, Kind.MEMORY, Action.REFUSED))
             raise RefusedRewrite(
@@ -140,7 +142,7 @@ def _keep(r: Rewriter, user: torch.fx.Node, q: torch.fx.Node, uses: list[Use], e
         uses.append(use(entry, r.pool, user, Kind.MEMORY, Action.MATERIALIZED, "reads a copy in the old order"))
     elif user.op == "output":
         uses.append(use(entry, r.pool, user, Kind.MEMORY, Action.KEPT, "returned through a permuted view"))
-    elif user.target not in STATE_ARGUMENT:  # conv ops are reported once the graph is final
+    elif conv_state(user.target) is None:  # conv ops are reported once the graph is final
         uses.append(use(entry, r.pool, user, Kind.AGNOSTIC, Action.KEPT, "reads the pool through a permuted view"))
 
 

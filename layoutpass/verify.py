@@ -14,7 +14,8 @@ import torch.fx
 from .errors import LayoutPassError
 from .layout import Layout
 from .report import source_line
-from .semantics import UNKNOWN, Semantics
+from .formulas import UNKNOWN
+from .semantics import Semantics
 
 
 class UnprovenRewrite(LayoutPassError):

@@ -27,9 +27,9 @@ import torch
 import torch.fx
 
 from layoutpass.kernels.checks import WIDTHS
+from layoutpass.registry import Memory, facts
 from layoutpass.report import Action, Kind, use
 from layoutpass.rewrite import graph_rewrite
-from layoutpass.rewrites.permutes import FILLS
 
 aten = torch.ops.aten
 END = 1 << 62  # a slice end this large means "to the end"
@@ -130,7 +130,7 @@ def _through_full_slices(node, want):
 
 def _base(node):
     """The tensor an in-place fill returns is its input (the pool, zeroed for a fresh start)."""
-    while isinstance(node, torch.fx.Node) and node.target in FILLS:
+    while isinstance(node, torch.fx.Node) and Memory.FILL in facts(node.target).memory:
         node = node.args[0]
     return node
 

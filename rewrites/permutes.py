@@ -1,16 +1,16 @@
-"""Moving a pool's storage permutation through the graph, as data.
+"""The rewriter's rules: how a pool's pending storage permutation sinks below each op.
 
 A relayouted pool enters the graph as `permute(pool, p)`: the new storage seen in the old
-order, so every use still computes what it did. RULES then sink that pending permutation
-below each use, remapping the use's axis arguments, until it meets another permutation and
-cancels (the transpose the model wrote for its storage layout) or reaches a use that reads the
-view as it is (kept, reported). Each rule returns the node that replaces the use, or None to
-decline; `r` is the Rewriter (layoutpass/rewrite.py) that inserts nodes before the use."""
+order, so every use still computes what it did. The rules sink that pending permutation below
+each use, remapping the use's axis arguments, until it meets another permutation and cancels
+(the transpose the model wrote for its storage layout) or reaches a use that reads the view as
+it is (kept, reported). Each rule returns the node that replaces the use, or None to decline;
+`r` is the Rewriter (layoutpass/rewrite.py) that inserts nodes before the use. The op registry
+(layoutpass/registry.py) names each op's rule; this module knows no op table, so it imports
+nothing of the pass."""
 
 import torch
 import torch.fx
-
-from layoutpass.report import Kind
 
 aten = torch.ops.aten
 
@@ -31,63 +31,45 @@ def _norm(d: int, rank: int) -> int:
     return d % rank
 
 
-def _swap(rank: int, a: int, b: int) -> tuple[int, ...]:
+def swap(rank: int, a: int, b: int) -> tuple[int, ...]:
     swap = list(range(rank))
     swap[a % rank], swap[b % rank] = b % rank, a % rank
     return tuple(swap)
 
 
-def _moved(rank: int, src: int, dst: int) -> tuple[int, ...]:
+def moved(rank: int, src: int, dst: int) -> tuple[int, ...]:
     order = [d for d in range(rank) if d != src % rank]
     order.insert(dst % rank, src % rank)
     return tuple(order)
 
 
-# Every spelling of a permutation: target -> (rank, args after self) -> the permutation.
-PERMUTATIONS = {
-    aten.permute.default: lambda rank, dims: tuple(d % rank for d in dims),
-    aten.transpose.int: _swap,
-    aten.swapaxes.default: _swap,
-    aten.swapdims.default: _swap,
-    aten.movedim.int: _moved,
-    aten.t.default: lambda rank: _swap(rank, 0, 1) if rank == 2 else tuple(range(rank)),
-    aten.numpy_T.default: lambda rank: tuple(reversed(range(rank))),
-    aten.mT.default: lambda rank: _swap(rank, -1, -2),
-    aten.adjoint.default: lambda rank: _swap(rank, -1, -2),
-    aten.alias.default: lambda rank: tuple(range(rank)),
-    aten.detach.default: lambda rank: tuple(range(rank)),
-}
+def folding(spelling):
+    """The rule of a permutation op whose permutation `spelling(rank, *args after self)` gives:
+    it folds into the pending permutation."""
+    def fold(r, use, q, x, p):
+        return r.pending(x, compose(p, spelling(len(p), *use.args[1:])))
+    return fold
 
 
-def permutation_of(node) -> tuple[int, ...]:
-    """The permutation a node in PERMUTATIONS applies to its input."""
-    return PERMUTATIONS[node.target](len(node.meta["val"].shape) if "val" in node.meta else node.meta["lp_rank"],
-                                     *node.args[1:])
-
-
-def _fold(r, use, q, x, p):
-    return r.pending(x, compose(p, PERMUTATIONS[use.target](len(p), *use.args[1:])))
-
-
-def _select(r, use, q, x, p):
+def sink_select(r, use, q, x, p):
     a = _norm(use.args[1], len(p))
     y = r.call(aten.select.int, (x, p[a], use.args[2]), rank=len(p) - 1)
     return r.pending(y, tuple(d - (d > p[a]) for i, d in enumerate(p) if i != a))
 
 
-def _slice(r, use, q, x, p):
+def sink_slice(r, use, q, x, p):
     a = _norm(use.args[1] if len(use.args) > 1 else 0, len(p))
     y = r.call(aten.slice.Tensor, (x, p[a], *use.args[2:]), use.kwargs, rank=len(p))
     return r.pending(y, p)
 
 
-def _same_shape(r, use, q, x, p):
+def sink_same_shape(r, use, q, x, p):
     """Ops whose output has the input's shape and whose only tensor argument is it."""
     y = r.call(use.target, (x, *use.args[1:]), use.kwargs, rank=len(p))
     return r.pending(y, p)
 
 
-def _view(r, use, q, x, p):
+def sink_view(r, use, q, x, p):
     """A view that only drops leading size-1 dims the permutation fixes (setitem inserts these;
     none dropped is an alias); any other reshape depends on memory order and is declined."""
     if "val" not in use.meta:
@@ -110,7 +92,7 @@ def _indexed_perm(p, indices, index_rank):
     return tuple(range(index_rank)) + tuple(d - k + index_rank for d in p[k:])
 
 
-def _index(r, use, q, x, p):
+def sink_index(r, use, q, x, p):
     indices = use.args[1]
     perm = _indexed_perm(p, indices, max(r.rank(i) for i in indices))
     if perm is None:
@@ -118,7 +100,7 @@ def _index(r, use, q, x, p):
     return r.pending(r.call(aten.index.Tensor, (x, indices), rank=len(perm)), perm)
 
 
-def _index_put_(r, use, q, x, p):
+def sink_index_put(r, use, q, x, p):
     if use.args[0] is not q:
         return None
     indices, values = use.args[1], use.args[2]
@@ -134,27 +116,27 @@ def _index_put_(r, use, q, x, p):
     return r.pending(y, p)
 
 
-def _copy_(r, use, q, x, p):
+def sink_copy(r, use, q, x, p):
     if use.args[0] is not q or r.rank(use.args[1]) != len(p):
         return None  # reading the pool into another tensor keeps the view; broadcasts too
     y = r.call(aten.copy_.default, (x, r.adjust(use.args[1], inverse(p)), *use.args[2:]), rank=len(p))
     return r.pending(y, p)
 
 
-def _fill_(r, use, q, x, p):
+def sink_fill(r, use, q, x, p):
     if use.args[0] is not q:
         return None
     return r.pending(r.call(use.target, (x, *use.args[1:]), use.kwargs, rank=len(p)), p)
 
 
-def _roll(r, use, q, x, p):
+def sink_roll(r, use, q, x, p):
     if len(use.args) < 3 or not use.args[2]:
         return None  # a roll of the flattened tensor depends on the order of every axis: keep the view
     dims = [p[_norm(d, len(p))] for d in use.args[2]]
     return r.pending(r.call(use.target, (x, use.args[1], dims), rank=len(p)), p)
 
 
-def _cat(r, use, q, x, p):
+def sink_cat(r, use, q, x, p):
     """cat along an axis: every operand is brought to the pool's new order."""
     tensors, dim = use.args[0], _norm(use.args[1] if len(use.args) > 1 else 0, len(p))
     if any(r.rank(t) != len(p) for t in tensors):
@@ -163,7 +145,7 @@ def _cat(r, use, q, x, p):
     return r.pending(r.call(use.target, (moved, p[dim]), rank=len(p)), p)
 
 
-def _reduce(r, use, q, x, p):
+def sink_reduce(r, use, q, x, p):
     """sum / mean / amax over axes."""
     dims = [_norm(d, len(p)) for d in use.args[1]]
     keepdim = use.args[2] if len(use.args) > 2 else use.kwargs.get("keepdim", False)
@@ -175,7 +157,7 @@ def _reduce(r, use, q, x, p):
     return r.pending(y, tuple(v - sum(g < v for g in gone) for i, v in enumerate(p) if i not in dims))
 
 
-def _binary(r, use, q, x, p):
+def sink_binary(r, use, q, x, p):
     """Elementwise with another operand: scalars pass; a tensor operand is broadcast to the
     pool's rank (leading unsqueezes) and brought to its new order."""
     operands = []
@@ -191,9 +173,6 @@ def _binary(r, use, q, x, p):
     return r.pending(r.call(use.target, (*operands, *use.args[2:]), use.kwargs, rank=len(p)), p)
 
 
-# In-place fills: the tensor they return is their input, filled whatever its layout.
-FILLS = (aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default)
-
 def copied(use, q) -> bool:
     """Whether `use` (contiguous, reshape: a copy or a view depending on strides) copied in the
     model. After a relayout the strides differ: a copy that became an alias would see the
@@ -203,47 +182,9 @@ def copied(use, q) -> bool:
     return not torch._C._is_alias_of(use.meta["val"], q.meta["val"])
 
 
-def _contiguous(r, use, q, x, p):
+def sink_contiguous(r, use, q, x, p):
     if copied(use, q):
         y = r.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format}, rank=len(p))
     else:
         y = r.call(aten.contiguous.default, (x,), rank=len(p))
     return r.pending(y, p)
-
-
-# Ops that copy or alias depending on their input's strides.
-MAYBE_COPIES = {aten.contiguous.default, aten.reshape.default, aten.flatten.using_ints}
-
-
-AGNOSTIC, AXIS, PERMUTATION = Kind.AGNOSTIC, Kind.AXIS, Kind.PERMUTATION
-
-# target -> (class of the use, rule)
-RULES = {
-    **{target: (PERMUTATION, _fold) for target in PERMUTATIONS},
-    aten.select.int: (AXIS, _select),
-    aten.slice.Tensor: (AXIS, _slice),
-    aten.index.Tensor: (AXIS, _index),
-    aten.index_put_.default: (AXIS, _index_put_),
-    aten.index_put.default: (AXIS, _index_put_),
-    aten.copy_.default: (AXIS, _copy_),
-    **{op: (AGNOSTIC, _fill_) for op in FILLS},
-    aten.roll.default: (AXIS, _roll),
-    aten.cat.default: (AXIS, _cat),
-    aten.sum.dim_IntList: (AXIS, _reduce),
-    aten.mean.dim: (AXIS, _reduce),
-    aten.amax.default: (AXIS, _reduce),
-    **{op: (AGNOSTIC, _binary) for op in (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor)},
-    **{op: (AGNOSTIC, _same_shape) for op in (aten.silu.default, aten.neg.default, aten.exp.default,
-                                              aten.sigmoid.default, aten._to_copy.default, aten.mul.Scalar,
-                                              aten.add.Scalar)},
-    aten.clone.default: (AGNOSTIC, _same_shape),
-    aten.view.default: (AGNOSTIC, _view),
-    aten._unsafe_view.default: (AGNOSTIC, _view),
-    aten.reshape.default: (AGNOSTIC, _view),
-    aten.contiguous.default: (AGNOSTIC, _contiguous),
-}
-
-# Uses whose result depends on the order of memory, not only on logical indices: with a
-# permutation still pending they are refused rather than guessed.
-MEMORY_ORDER = {aten.view.default, aten._unsafe_view.default, aten.as_strided.default, aten.reshape.default,
-                aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default, aten.as_strided_.default}

@@ -13,7 +13,6 @@ from layoutpass import DS, SD, ArgumentError, LayoutPassError, check_equivalence
 from layoutpass.report import Action, Kind
 from layoutpass.examples import ZOO, build
 from layoutpass.examples.scenario import Step, make_scenario
-from layoutpass.rewrites.permutes import PERMUTATIONS
 
 GOLDEN = Path(__file__).parent / "golden"
 

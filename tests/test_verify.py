@@ -4,6 +4,7 @@ view, and the formulas of layoutpass.semantics must prove the rewrite. A rule th
 axis wrongly, drops a copy, or leaves something the check cannot follow is caught: that graph
 runs as captured (which is proven for any memory order) and the report says why."""
 
+import dataclasses
 import re
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 import pass_models as pm
 from layoutpass import check_equivalence, optimize
 from layoutpass.examples.scenario import Step
-from layoutpass.rewrites import permutes
+from layoutpass import registry
 from layoutpass.report import Action
 
 aten = torch.ops.aten
@@ -76,7 +77,7 @@ def test_a_wrong_rule_is_caught_before_anything_moves(case, monkeypatch):
     real = optimize(model, "DS", lower=True)
     assert check_equivalence(model, real, steps).ok  # the real rule
     assert not [u for u in real.report.uses if u.action == Action.NOT_LOWERED]
-    monkeypatch.setitem(permutes.RULES, target, (permutes.RULES[target][0], rule))
+    monkeypatch.setitem(registry.OPS, target, dataclasses.replace(registry.OPS[target], sink=rule))
     fast = optimize(model, "DS", lower=True)
     assert check_equivalence(model, fast, steps).ok
     caught = [u.detail for u in fast.report.uses if u.action == Action.NOT_LOWERED]
