@@ -13,13 +13,13 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from layoutpass.rewrites.lowering import lower_updates
 from layoutpass.rewrites.permutes import inverse
 
 from .capture import Input, describe_inputs, stride_reads, to_aten, traced_code
 from .discover import Found, PoolNotFound, discover
 from .errors import LayoutPassError
 from .layout import DS, Layout, arrange, dense_strides, order_of
+from .lowering import lower_updates
 from .prove import StrideDependent, check_slotwise, fake_mode_of, prove, refuse_returned_views
 from .registry import KERNEL_ORDER, Memory, conv_state, facts, permutation_of
 from .report import Action, Considered, Kind, Pool, Use, library, use

@@ -1,1 +1,2 @@
-"""Rewrite rules, as data: one module per family (transposes, axis remap, lowering)."""
+"""The rewriter's rules, as data: how a pending permutation sinks below each op (permutes.py;
+the op registry, layoutpass/registry.py, names each op's rule). Imports nothing of the pass."""

@@ -15,10 +15,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import pass_models as pm
 from layoutpass import DS, SD
 from layoutpass.compiler import _refresh_meta
+from layoutpass.lowering import LOWERINGS
 from layoutpass.registry import OPS
 from layoutpass.report import Action
 from layoutpass.rewrite import relayout_graph
-from layoutpass.rewrites.lowering import LOWERINGS
 from layoutpass.verify import verify
 
 aten = torch.ops.aten

@@ -26,10 +26,10 @@ import sympy
 import torch
 import torch.fx
 
-from layoutpass.kernels.checks import WIDTHS
-from layoutpass.registry import Memory, facts
-from layoutpass.report import Action, Kind, use
-from layoutpass.rewrite import graph_rewrite
+from .kernels.checks import WIDTHS
+from .registry import Memory, facts
+from .report import Action, Kind, use
+from .rewrite import graph_rewrite
 
 aten = torch.ops.aten
 END = 1 << 62  # a slice end this large means "to the end"
