@@ -91,7 +91,7 @@ def _positive(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 
 
-def _same(a, b) -> bool:
+def _same_size(a, b) -> bool:
     """Two sizes provably equal for every value of their symbols."""
     return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
 
@@ -108,7 +108,7 @@ def _to_end(end, length) -> bool:
     """A slice end that keeps an axis of `length` to its end."""
     if end is None or (isinstance(end, int) and end >= END):
         return True
-    return length is not None and (_same(end, length) or (_static(end, length) and end >= length))
+    return length is not None and (_same_size(end, length) or (_static(end, length) and end >= length))
 
 
 def _full(node) -> bool:
@@ -135,7 +135,7 @@ def _base(node):
     return node
 
 
-def _gather(node, pools):
+def _pool_read(node, pools):
     """index(pool, [slots]) of a DS pool: (pool, slots); the pool itself: (pool, None)."""
     if getattr(node, "target", None) is aten.index.Tensor and node.args[0] in pools and len(node.args[1]) == 1:
         return node.args[0], node.args[1][0]
@@ -234,7 +234,7 @@ def _convolution(window, tokens, order, last_write):
         # output j sees window columns j - P .. j - P + width - 1: keep those ending at the new tokens
         padding = op.args[4][0] if len(op.args) > 4 else 0
         first = _n(window[0].meta["val"].shape[2]) - tokens + padding - weight.meta["val"].shape[-1] + 1
-        if kept is None or not (_same(kept[0], first) and _same(kept[1], first + tokens)):
+        if kept is None or not (_same_size(kept[0], first) and _same_size(kept[1], first + tokens)):
             return "the conv1d's outputs kept are not those of the new tokens"
     if any(order[u] < order[last_write] for u in result.users):
         return "the output is used before the new state is written"
@@ -262,7 +262,7 @@ def _token_tails(value, length):
 def match_cat(window, pools, order):
     if len(window.args[0]) != 2:
         return None
-    gathered = _gather(window.args[0][0], pools)
+    gathered = _pool_read(window.args[0][0], pools)
     if gathered is None:
         return None
     pool, slots = gathered
@@ -286,7 +286,7 @@ def match_cat(window, pools, order):
 
 
 def match_roll(window, pools, order):
-    gathered = _gather(window.args[0], pools)
+    gathered = _pool_read(window.args[0], pools)
     if gathered is None or gathered[1] is None:
         return None
     pool, slots = gathered
@@ -343,7 +343,7 @@ def match_prompt(conv, pools, order):
     writes = [(user, found) for value in {v for w in [x, *padded] for v in _values(w)}
               for length in [_n(value.meta["val"].shape[2])]
               for tail, start in _token_tails(value, length) for user in tail.users
-              if (found := _pool_write(user, tail, pools)) and _same(start, length - found[0].meta["val"].shape[2])]
+              if (found := _pool_write(user, tail, pools)) and _same_size(start, length - found[0].meta["val"].shape[2])]
     if len(writes) != 1:
         return None  # no pool keeps these tokens: a stateless conv, not ours
     write, (pool, slots) = writes[0]

@@ -155,7 +155,7 @@ def _written_while_shared(node: torch.fx.Node, inputs: list[torch.fx.Node]) -> b
     """Whether anything writes, after `node`, into its result or into the inputs it shares
     storage with in one of the runs (a conservative reading: any later write to either)."""
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    family = _aliases(node) | {m for a in inputs for m in _aliases(_root(a))}
+    family = _views_of(node) | {m for a in inputs for m in _views_of(_root(a))}
     return any(order[n] > order[node] and _mutates(n) and any(a in family for a in _mutated_args(n))
                for n in node.graph.nodes)
 
@@ -170,7 +170,7 @@ def _root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _aliases(node: torch.fx.Node) -> set:
+def _views_of(node: torch.fx.Node) -> set:
     """node and every node whose value is a view of it (through view chains)."""
     found, stack = {node}, [node]
     while stack:
