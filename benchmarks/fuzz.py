@@ -72,7 +72,7 @@ def _progress(total: int):
 
 def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
     """Check `programs` generated programs in both layouts; the tally and the first example of
-    each failure class. checkpoint(tally) is called every 100 programs."""
+    each failure class. checkpoint(tally, first) is called every 100 programs."""
     outcomes, reasons = collections.Counter(), collections.Counter()
     per_axis = collections.defaultdict(collections.Counter)
     per_kind = collections.defaultdict(collections.Counter)
@@ -114,7 +114,7 @@ def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
         if done[0] % 100 == 0:
             print(f"{done[0]} programs, {time.monotonic() - start:.0f} s: {dict(outcomes)}", flush=True)
             if checkpoint is not None:
-                checkpoint(tally_now())
+                checkpoint(tally_now(), first)
 
     one()
     if bar is not None:
@@ -128,8 +128,9 @@ def minimal_repros(first: dict, budget_s: float) -> list[dict]:
         start = time.monotonic()
         small = fm.minimize(program, layout, lower, reason, budget_s)
         print(f"minimized {reason[:70]!r} in {time.monotonic() - start:.0f} s", flush=True)
-        repros.append({"reason": reason, "layout": layout, "lower": lower, "detail": outcome.detail.splitlines()[0],
-                       "step": outcome.step, "script": small.script(layout, lower)})
+        repros.append({"reason": reason, "layout": layout, "lower": lower, "step": outcome.step,
+                       "detail": " ".join(outcome.detail.splitlines()[:3])[:600],
+                       "script": small.script(layout, lower)})
     return repros
 
 
@@ -181,13 +182,16 @@ def main() -> None:
     start = time.monotonic()
     out = Path(args.out)
 
-    def checkpoint(tally):  # the tally so far, in case the run is stopped
+    def checkpoint(tally, first):  # the tally so far and each failure class's first program, unminimized
         partial = dict(meta, seconds=time.monotonic() - start, partial=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": partial, "tally": tally}, indent=1))
+        found = [{"reason": reason, "layout": layout, "lower": lower, "detail": outcome.detail[:2000],
+                  "script": program.script(layout, lower)}
+                 for reason, (program, layout, lower, outcome) in first.items()]
+        out.with_suffix(".json").write_text(json.dumps({"meta": partial, "tally": tally, "first": found}, indent=1))
 
     tally, first, generator_errors = run(args.programs, args.seed, checkpoint)
     meta["run_seconds"] = time.monotonic() - start
-    checkpoint(tally)
+    checkpoint(tally, first)
     repros = minimal_repros(first, args.minimize_s)
     meta["seconds"] = time.monotonic() - start
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "tally": tally, "repros": repros,

@@ -8,9 +8,22 @@ structures of `forward`, told apart by a `mode` string, the rank of `x`, a keywo
 resets, tail copies, memory-order views. Every composition is well typed by construction: the
 generator tracks each value's axes (slot, b = the call's slots, tok, dim) and sizes.
 
+The second axis (issue 20; `Around`, `arounds`, `around_lines`, `actions`): half the programs keep
+their pools in one holder class (the model, or a layer class) the ways engines do -- each its own
+tensor or views carved out of one raw per-slot page tensor; as buffers, plain attributes, a
+vLLM-style `kv_cache` list of tuples or a dict; under a second name; one state shared by two
+layers -- with Python state around the graph: flags the forward reads and sets, counters and
+lists that reach the outputs, forward pre-hooks and hooks that touch the pool. The program's
+`between(step, m)` is its harness: what a server does between calls (free slots, roll back, load
+slots from a flat buffer, flip flags, reset the pages slot-wise, rebind or re-allocate the cache,
+state_dict round trips, pickle, deepcopy), applied to the original and the optimized model alike.
+
 `check(program, layout, lower)` is the property: the optimized model, called in the program's
-order, gives the original's outputs and logical state at every step, or a LayoutPassError
-stops it before any buffer moved. Anything else is a failure, classified for the tally."""
+order with the harness between calls, gives the original's outputs, logical state and Python
+attributes at every step (and after every harness step), and the model given to optimize() never
+changes; or a LayoutPassError stops a call before it changed anything (its pre-hooks aside).
+Anything else is a failure, classified for the tally. `Program.script()` prints all of it as a
+standalone repro."""
 
 import copy
 import dataclasses
@@ -1307,7 +1320,9 @@ class Outcome:
 
     def reason(self) -> str:
         """The detail with names, numbers and source lines taken out: a failure's class."""
-        text = re.sub(r"at <fuzz program.*|at .*\.py:\d+.*", "", self.detail.splitlines()[0] if self.detail else "")
+        lines = [line for line in self.detail.splitlines() if line.strip()]
+        first = " ".join(lines[:2]) if lines and lines[0].endswith("raised:") else lines[0] if lines else ""
+        text = re.sub(r"at <fuzz program.*|at .*\.py:\d+.*", "", first)  # (Dynamo's wrapper: its cause too)
         text = re.sub(r"'[^']*'|\"[^\"]*\"|\(\d[\d, ]*\)|\[[^\]]*\]|\b\d+\b", "_", text)
         return f"{self.kind}: {text.strip()[:140]}"
 
@@ -1464,7 +1479,10 @@ def _lowered(fast) -> bool:
 def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Outcome:
     """Run the program's calls, and its harness's actions between them, through the original (a
     deep copy, eager) and optimize(model) (`optimizer`: a stand-in, for testing this harness)."""
-    namespace = program.namespace()
+    try:
+        namespace = program.namespace()
+    except Exception as err:
+        raise GeneratorError(f"the program does not compile: {type(err).__name__}: {err}") from err
     try:
         return _check(program, namespace, layout, lower, optimizer)
     finally:
@@ -1472,7 +1490,10 @@ def check(program: Program, layout: str, lower: bool, optimizer=optimize) -> Out
 
 
 def _check(program: Program, namespace: dict, layout: str, lower: bool, optimizer) -> Outcome:
-    model = namespace["Model"]()
+    try:
+        model = namespace["Model"]()
+    except Exception as err:
+        raise GeneratorError(f"the model cannot be built: {type(err).__name__}: {err}") from err
     reference, caller = copy.deepcopy(model), _fingerprint(model)
     try:
         fast = optimizer(model, layout, lower=lower, state_buffers=program.state_buffers(),
@@ -1628,7 +1649,7 @@ def minimize(program: Program, layout: str, lower: bool, reason: str, budget_s: 
                 break
             try:
                 outcome = check(candidate, layout, lower)
-            except GeneratorError:
+            except Exception:  # noqa: BLE001 - the candidate is no valid program (check() classifies the pass's errors)
                 continue
             if outcome.reason() == reason:
                 program, improved = candidate, True

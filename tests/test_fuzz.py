@@ -160,11 +160,15 @@ FINDINGS = {
     "not with a LayoutPassError": (program(
         [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD), (1, ["outs.append(self.p0.view(3, -1) * 1.0)"])],
         [(0, 2), (1, 2)]), "DS", False, "ok"),
+    "F18 a view of a layer's pool taken by the model's eager code before the layer's first call, returned: the "
+    "pool moves after that call and the view reads its new order (silent wrong output)": (dataclasses.replace(program(
+        [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD)], [(0, 2)], layers=(0,),
+        model_lines=["outs.append(self.layers[0].p0[0])"]), layer_calls="before"), "DS", False, "ok"),
 }
 
 
 OPEN_FINDINGS: set[str] = {name for name in FINDINGS
-                           if name.split()[0] in {"F12", "F13", "F14", "F15", "F16", "F17"}}
+                           if name.split()[0] in {"F12", "F13", "F14", "F15", "F16", "F17", "F18"}}
 
 
 def _after(kinds, program, outcome) -> bool:
@@ -189,6 +193,8 @@ OPEN_CLASSES = {name: test for name in FINDINGS for key, test in {
     "F16": lambda prog, o: _raw(prog) and o.kind == "mismatch" and any(
         a.kind in ("pickle", "deepcopy") and a.step <= o.step for a in prog.around.actions),
     "F17": lambda prog, o: o.kind == "other" and "view size is not compatible" in o.detail,
+    "F18": lambda prog, o: bool(prog.layers) and prog.layer_calls == "before" and o.kind == "mismatch" and
+    o.detail.startswith("output"),
 }.items() if name.startswith(key + " ")}
 
 
@@ -205,7 +211,7 @@ def test_finding(name):
 
 
 class Sabotaged:
-    """Stand-ins for optimize(): a plain copy (always equivalent) and three that break the promise."""
+    """Stand-ins for optimize(): a plain copy (always equivalent) and others that break the promise."""
 
     @staticmethod
     def copy(model, layout, **kwargs):
@@ -241,6 +247,65 @@ class Sabotaged:
         return fast
 
 
+    @staticmethod
+    def touches_the_caller(model, layout, **kwargs):
+        """Leaves a meta tensor in the model it was given (as a probe on meta tensors could)."""
+        fast = copy.deepcopy(model)
+        model._ckpt = torch.empty(0, device="meta")
+        return fast
+
+    @staticmethod
+    def loses_side_effects(model, layout, **kwargs):
+        """Its forward's Python side effects are lost (as a graph that froze `self.seen` would)."""
+        fast = copy.deepcopy(model)
+
+        def forward(*args, **kw):
+            seen = fast.seen
+            out = type(fast).forward(fast, *args, **kw)
+            fast.seen = seen
+            return out
+        fast.forward = forward
+        return fast
+
+    @staticmethod
+    def pickles_to_another_order(model, layout, **kwargs):
+        """A copy whose pickled self comes back with the pool in another memory order, its bytes
+        left as they were (as a copy that forgot what moved would)."""
+        return _Misordered(copy.deepcopy(model))
+
+    @staticmethod
+    def refuses_after_hooks(model, layout, **kwargs):
+        """Refuses every call after the model's pre-hooks ran (they are eager code: allowed)."""
+        fast = copy.deepcopy(model)
+
+        def refuse(*args, **kw):
+            raise LayoutPassError("refused once the pre-hooks ran")
+        fast.forward = refuse
+        return fast
+
+
+class _Misordered:
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return _misordered, (pickle.dumps(self.model),)
+
+
+def _misordered(data):
+    model = pickle.loads(data)
+    pool = model.p0
+    model.p0 = torch.empty_strided(pool.shape, (pool.stride(0), 1, pool.shape[1])).set_(
+        pool.untyped_storage(), 0, pool.shape, (pool.stride(0), 1, pool.shape[1]))
+    return model
+
+
 def _kernel_check(x):
     raise LayoutPassError("a kernel's argument check, at run time")
 
@@ -262,3 +327,37 @@ def test_the_property_tells_each_outcome():
     assert fm.check(prog, "DS", False, optimizer=Sabotaged.refuses).kind == "refused"
     assert fm.check(prog, "DS", False, optimizer=Sabotaged.changes_then_refuses).kind == "late-refusal"
     assert fm.check(prog, "DS", False, optimizer=Sabotaged.fails_running).kind == "crash"
+
+
+def test_the_property_on_the_python_around_the_graph():
+    p = pool("SD", 3, 2, 4, 3)
+    counted = program([p], [(1, ["self.seen += x.shape[0]", *DECODE_SD])], [(0, 2), (0, 2)],
+                      around=around(p, features=("counter",)))
+    assert fm.check(counted, "DS", False, optimizer=Sabotaged.touches_the_caller).kind == "caller-changed"
+    lost = fm.check(counted, "DS", False, optimizer=Sabotaged.loses_side_effects)
+    assert lost.kind == "mismatch" and "Python attribute seen" in lost.detail
+    pickled = program([p], [(1, DECODE_SD)], [(0, 2), (0, 2)], around=around(p, actions=[(1, "pickle")]))
+    assert fm.check(pickled, "DS", False, optimizer=Sabotaged.copy).kind == "equivalent"
+    wrong = fm.check(pickled, "DS", False, optimizer=Sabotaged.pickles_to_another_order)
+    assert wrong.kind == "mismatch" and "after the harness before step 1 (pickle)" in wrong.detail
+    hooked = program([p], [(1, DECODE_SD)], [(0, 2)], around=around(p, features=("snapshot",), hooks=[
+        "def snapshot(module, args):\n    module._ckpt = module.p0.detach().clone()"]))
+    assert fm.check(hooked, "DS", False, optimizer=Sabotaged.refuses_after_hooks).kind == "refused"
+
+
+def test_a_script_is_a_standalone_repro(tmp_path):
+    """script() runs on its own: the harness, the checks of outputs, state, attributes and the caller."""
+    import subprocess
+    import sys
+    prog, layout, lower, _ = FINDINGS[next(name for name in FINDINGS if name.startswith("F12 "))]
+    p = pool("SD", 3, 2, 4, 3)
+    listed = [line.replace("self.p0", "self.kv_cache[0][0]") for line in DECODE_SD]
+    fine = program([p], [(1, ["self.seen += x.shape[0]", *listed])], [(0, 2), (0, 1), (0, 2)],
+                   around=around(p, binding="list", features=("counter",),
+                                 actions=[(1, "pickle"), (1, "state_dict-scaled"), (2, "rebind-same",
+                                          "m.kv_cache = [tuple(m.kv_cache[0])]")]))
+    for script, expected in ((fine.script("DS", False), "equivalent"), (prog.script(layout, lower), "state raw differs")):
+        path = tmp_path / "repro.py"
+        path.write_text(script)
+        run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert expected in run.stdout + run.stderr, run.stdout + run.stderr[-3000:]
