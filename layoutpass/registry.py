@@ -71,6 +71,8 @@ class State:
 
 @dataclass(frozen=True)
 class Facts:
+    """One op's entry (its fields as the module says; None: not known of it)."""
+
     kind: Kind | None = None
     sink: Callable | None = None
     permutation: Callable | None = None
