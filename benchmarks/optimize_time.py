@@ -1,5 +1,6 @@
 """Time optimize() on the CPU: a 64-layer hybrid (tiny widths: the pass's cost is in the graph,
-not the tensors), capturing a prefill and a decode entry eagerly; and stacks of N identical
+not the tensors), given a prefill and a decode call as `example_inputs` (so every layer kind's
+graphs are captured, and its pools moved, inside optimize()); and stacks of N identical
 Mamba2 layers, the cost at 64 layers against 4 (one run, a ratio).
 
 The runs of the models compared are interleaved, and a fixed pure-Python loop is timed beside
@@ -38,7 +39,7 @@ class Case:
         self.times.append(time.perf_counter() - start)
 
     def stages(self) -> dict[str, float]:
-        """Seconds per stage of the last run, summed over its captured entries."""
+        """Seconds per pass of the last run, summed over its captured graphs."""
         sums = {}
         for graphs in self.fast.graphs.values():
             for stage, seconds in graphs.seconds.items():
@@ -80,8 +81,9 @@ def main():
     where = f"CPU: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in hybrid.stages().items())
     print(f"optimize() on a {args.layers}-layer hybrid ({len(hybrid.fast.report.pools)} pools, prefill + decode, "
-          f"{len(hybrid.fast.graphs)} captured entries): {spread(hybrid.times)} of {args.repeat}; last run's "
-          f"stages summed over entries: {stages}; the rest is the ownership probe and the copy ({where})")
+          f"{len(hybrid.fast.graphs)} captured graphs): {spread(hybrid.times)} of {args.repeat}; last run's "
+          f"passes summed over graphs: {stages}; the rest is Dynamo's bytecode trace, its guards and the "
+          f"runtime's bookkeeping ({where})")
     small, large = Case(("mamba2",) * 4), Case(("mamba2",) * 64)
     loops += interleaved([small, large], args.repeat)
     ratios = [b / a for a, b in zip(small.times, large.times)]

@@ -101,6 +101,21 @@ def test_recurrent_states_move_and_generate_the_same(name, layouts):
         assert strides[p.target.axes[-1]] == 1
 
 
+def test_the_conv_is_lowered_beside_a_recurrent_state_the_check_cannot_read():
+    """Qwen3Next's decode writes its recurrent state through a mask (index_put_), which the
+    formulas cannot follow. The rewrite onto the conv kernel touches only the conv pool, so the
+    recurrent state is checked as any other buffer: the conv update is still lowered."""
+    model = tiny_model("Qwen3Next")
+    ids = prompt()
+    tokens, logits = reference(model, ids)
+    fast = optimize(CacheAsBuffers(model, 2, 32), {"conv": "DS", "recurrent": "VK"}, lower=True)
+    got, got_logits = generate(fast, ids, NEW, output_logits=True)
+    assert torch.equal(got, tokens)
+    torch.testing.assert_close(got_logits, logits, **TOL)
+    assert [u.detail for u in fast.report.uses if u.action == "not lowered"] == []
+    assert any(u.action == "lowered" for u in fast.report.uses)
+
+
 def test_one_prompt_graph_serves_every_length_that_takes_its_branches():
     """Lfm2's prompt path branches on the length only below its conv width: once the length is
     symbolic, one graph serves every longer prompt (Dynamo's guards decide, checked against

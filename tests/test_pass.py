@@ -95,20 +95,22 @@ def test_golden_code(name):
 
 def test_op_counts_and_what_is_left_alone():
     """The hybrid's Mamba2, attention and GDN layers are captured once per kind; only the conv
-    pools move (same shape, DS strides); the graphs keep every op."""
+    pools move (same shape, DS strides): a layout string names the conv pools' layout, the
+    recurrent pools are found and stay; the graphs keep every op."""
     model = build("hybrid")
     fast = optimize(model, "DS", example_inputs=[s.inputs for s in make_scenario(model.cfg)[:2]])
     assert {name.split(".")[0] for name in fast.graphs} == {"GatedDeltaNetMixer", "Mamba2Mixer", "Attention"}
     for graphs in fast.graphs.values():
         assert graphs.after.count("layoutpass.conv_") == graphs.before.count("layoutpass.conv_")
         assert graphs.after.count("lp_examples.recurrence") == graphs.before.count("lp_examples.recurrence")
+    assert {pool.kind for pool in fast.report.pools.values()} == {"conv", "recurrent"}
     for name, buf in fast.named_buffers():
         original = model.get_buffer(name)
         assert buf.shape == original.shape
-        if name in fast.report.pools:
+        if name in fast.report.pools and fast.report.pools[name].kind == "conv":
             assert buf.stride() == SD.convert(original, DS).stride()[:1] + (1, original.shape[1])
         else:
-            assert buf.stride() == original.stride()  # ssm states and KV caches keep their layout
+            assert buf.stride() == original.stride()  # recurrent states and KV caches keep their layout
 
 
 def test_already_in_target_layout_is_unchanged():
