@@ -19,7 +19,8 @@ def test_zoo_on_cuda(name):
     fast = optimize(model, "DS")
     result = check_equivalence(model, fast, prefills=3, steps=16)
     assert result.ok, str(result)
-    assert all(p.target.axes == ("slot", "dim", "tok") for p in fast.report.pools.values())
+    conv = [p for p in fast.report.pools.values() if p.kind == "conv"]  # a layout string moves conv pools only
+    assert conv and all(p.target.axes == ("slot", "dim", "tok") for p in conv)
 
 
 @pytest.mark.parametrize("idiom", [pm.CatIdiom, pm.RollIdiom])
