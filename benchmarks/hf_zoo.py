@@ -180,10 +180,14 @@ GPU_BATCH, GPU_PROMPT, GPU_NEW = 4, 64, 16
 def gpu_check(name: str, options: dict, device="cuda") -> dict:
     import copy
 
-    from layoutpass import optimize
-    from layoutpass.hf import CacheAsBuffers, _tiny_configs, generate
+    import transformers
 
-    config_class, model_class, _ = _tiny_configs()[name]
+    from layoutpass import optimize
+    from layoutpass.hf import CacheAsBuffers, generate
+
+    # the classes by name, not through layoutpass.hf._tiny_configs(): that table names every class
+    # of the newest transformers and fails as a whole on an older one (5.17 has no Lfm3)
+    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
     torch.manual_seed(0)
     config = config_class(**options, pad_token_id=None, bos_token_id=None, eos_token_id=None)
     exact = model_class(config).to(device).eval()
@@ -202,7 +206,13 @@ def gpu_check(name: str, options: dict, device="cuda") -> dict:
     # teacher-forced on transformers' bf16 tokens, so a flipped near-tie does not carry on
     forced = forced_logits(fast, ids, tokens)
     differ = (got != tokens).any(0).nonzero()
-    return dict(tokens_equal=bool(torch.equal(got, tokens)), first_difference=int(differ[0]) if len(differ) else None,
+    # decode time per token, both after their first (compiling / warming) calls: generate's time for
+    # GPU_NEW tokens less its time for one (the prompt alone), over GPU_NEW - 1 steps; both are
+    # plain eager Python loops (no CUDA graphs), transformers' with its own cache and logits processing
+    theirs = decode_ms(lambda n: model.generate(ids, max_new_tokens=n, do_sample=False), device)
+    ours = decode_ms(lambda n: generate(fast, ids, n), device)
+    return dict(decode_ms=ours, transformers_decode_ms=theirs,
+                tokens_equal=bool(torch.equal(got, tokens)), first_difference=int(differ[0]) if len(differ) else None,
                 bf16_vs_transformers_bf16=(forced - logits).abs().max().item(),
                 transformers_bf16_vs_fp32=(logits - fp32).abs().max().item(),
                 ours_bf16_vs_fp32=(forced - fp32).abs().max().item(),
@@ -210,6 +220,23 @@ def gpu_check(name: str, options: dict, device="cuda") -> dict:
                 lowered=sum(u.action == "lowered" for u in fast.report.uses),
                 not_lowered=sorted({u.detail for u in fast.report.uses if u.action == "not lowered"}),
                 captures=len(fast.graphs), seconds=round(seconds, 1))
+
+
+@torch.no_grad()
+def decode_ms(run, device, rounds=5) -> float:
+    """Milliseconds per decode step: (run(GPU_NEW) - run(1)) / (GPU_NEW - 1), medians of `rounds`."""
+    def seconds(n):
+        times = []
+        for _ in range(rounds):
+            torch.cuda.synchronize(device) if device == "cuda" else None
+            start = time.perf_counter()
+            run(n)
+            torch.cuda.synchronize(device) if device == "cuda" else None
+            times.append(time.perf_counter() - start)
+        return sorted(times)[rounds // 2]
+
+    run(GPU_NEW)  # warm
+    return round((seconds(GPU_NEW) - seconds(1)) * 1e3 / (GPU_NEW - 1), 3)
 
 
 def reference_n(model, ids):
@@ -239,15 +266,20 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
                 transformers=transformers.__version__, dtype="bfloat16", batch=GPU_BATCH, prompt=GPU_PROMPT,
                 new_tokens=GPU_NEW, widths=classes)
     lines = [f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
-             f"bf16, batch {GPU_BATCH}, prompt {GPU_PROMPT}, {GPU_NEW} new tokens", "",
+             f"bf16, batch {GPU_BATCH}, prompt {GPU_PROMPT}, {GPU_NEW} new tokens; optimize(layout='DS', lower=True): "
+             "the conv pools move to DS and their pure-torch updates become kernel calls, the recurrences run as "
+             "transformers wrote them. Time: optimize + first generate (captures included). Decode: ms per step "
+             f"after warm-up ((generate of {GPU_NEW} tokens - of 1) / {GPU_NEW - 1}, medians of 5), eager loops on "
+             "both sides", "",
              "| class | tokens == transformers bf16 | max abs logit diff: ours vs transformers (bf16) | transformers "
-             "bf16 vs fp32 | ours bf16 vs fp32 | pools | lowered convs | captures | time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "bf16 vs fp32 | ours bf16 vs fp32 | pools | lowered convs | captures | time | decode ms/token: ours "
+             "/ transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         same = "yes" if r["tokens_equal"] else f"no (from step {r['first_difference']})"
         lines.append(f"| {name} | {same} | {r['bf16_vs_transformers_bf16']:.3g} | {r['transformers_bf16_vs_fp32']:.3g} "
                      f"| {r['ours_bf16_vs_fp32']:.3g} | {r['pools']} | {r['lowered']} | {r['captures']} "
-                     f"| {r['seconds']} s |")
+                     f"| {r['seconds']} s | {r['decode_ms']} / {r['transformers_decode_ms']} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "hf_zoo_gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     (out / "hf_zoo_gpu.md").write_text("\n".join(lines) + "\n")
