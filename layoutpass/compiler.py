@@ -96,7 +96,7 @@ def _new_pool(b: Build, local: str, found: Found, tensor: torch.Tensor) -> Pool:
     if source is None:
         raise PoolNotFound(f"pool {local!r} {tuple(tensor.shape)} has strides {tuple(tensor.stride())}: its slots are "
                            "not dense blocks, so the pass cannot store it in another order")
-    request = b.session.options.layouts.get(found.kind)
+    request = None if b.session.reverted else b.session.options.layouts.get(found.kind)
     target = arrange(found.axes, request) if request is not None else source
     argument = local.startswith("argument ")
     name = local.removeprefix("argument ") if argument else b.session.qualified(b.instance, local)

@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import functools
 import logging
+import random
+import re
 import time
 import types
 import weakref
@@ -27,8 +29,9 @@ from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
 from .errors import ArgumentError, LayoutPassError
 from .layout import KINDS, Layout, dense_strides, parse_layout
+from .prove import StrideDependent
 from .report import Considered, Pool, Report
-from .state import (aliases, move, own_state, place_key, refuse_overlaps, relation, resolve, state_tensors,
+from .state import (aliases, move, own_state, place_key, refuse_overlaps, relaid, relation, resolve, state_tensors,
                     storage_key)
 
 log = logging.getLogger("layoutpass")
@@ -111,6 +114,8 @@ class Session:
         self.moves = 0  # pools moved so far
         self.moves_seen: dict[int, int] = {}  # id(unit) -> self.moves when it last captured
         self.warming = False  # example calls running on a twin
+        self.rehearsed = False  # the first call (or the example calls) ran on a twin
+        self.reverted: str | None = None  # why every pool went back to the model's order
         self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
         for unit in units:
             unit.compiled = torch.compile(_own_code(unit.forward), backend=functools.partial(_backend, self, unit),
@@ -253,36 +258,79 @@ class Session:
     def call(self, unit: Unit, path: str, module: nn.Module, args: tuple, kwargs: dict):
         if torch.compiler.is_compiling() or unit.eager is not None:
             return unit.forward(module, *args, **kwargs)
-        self.running.append((unit, path, module))
         try:
-            out = unit.compiled(module, *args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
+            out = self._call(unit, path, module, args, kwargs)
+        except LayoutPassError as err:
             self.pending.clear()
-            inner = getattr(err, "inner_exception", None)
-            if isinstance(inner, LayoutPassError):
+            if not self._back_to_the_models_order(err):
                 self._refused()
-                raise inner.with_traceback(None) from None
-            if not isinstance(inner, Unanalyzable):
-                raise
-            out = self._run_as_written(unit, module, args, kwargs, inner)
-        except LayoutPassError:
-            self.pending.clear()
-            self._refused()
-            raise
-        except torch._dynamo.exc.TorchDynamoException as err:
-            self.pending.clear()
-            out = self._run_as_written(unit, module, args, kwargs, err)
-        finally:
-            self.running.pop()
-        if self.pending:
+                raise err.with_traceback(None) from None
+            out = self._call(unit, path, module, args, kwargs)  # captured again, every pool as the model keeps it
+        if self.pending and not self.calling:  # a layer called on its own; else once the model's call returns
             self._move_pending()
         return out
+
+    def _call(self, unit: Unit, path: str, module: nn.Module, args: tuple, kwargs: dict):
+        """The unit's compiled forward; a refusal raised as the LayoutPassError it is."""
+        self.running.append((unit, path, module))
+        queued = len(self.pending)  # moves found by earlier layers of this call
+        try:
+            return unit.compiled(module, *args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            del self.pending[queued:]
+            inner = getattr(err, "inner_exception", None)
+            if isinstance(inner, LayoutPassError):
+                raise inner from None
+            if not isinstance(inner, Unanalyzable):
+                raise
+            return self._run_as_written(unit, module, args, kwargs, inner)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            del self.pending[queued:]
+            moved = self._moved_in(unit, path)
+            if moved and isinstance(err, torch._dynamo.exc.TorchRuntimeError):
+                raise StrideDependent(
+                    f"{unit.label} ({path or 'the model'}): this call cannot be traced with {moved[0]!r} in its new "
+                    f"order: {_first_line(err)}; the code depends on the pool's memory order here (a .view() of "
+                    f"it?), so the call is refused before it runs") from None
+            return self._run_as_written(unit, module, args, kwargs, err)
+        finally:
+            self.running.pop()
+
+    def _back_to_the_models_order(self, err: LayoutPassError) -> bool:
+        """A refusal in a call of the model (not of its twin) comes after the layers before it in
+        that call ran: rather than stop there, every pool goes back to the model's order for good
+        (values kept), the graphs are captured again as the model wrote them, and the call goes
+        on. False on a twin (the rehearsal and example calls: their refusal comes before anything
+        changed), for a first call that could not be rehearsed, and when the caller allocates pools
+        (`input_layouts` said the new order)."""
+        if self.warming or not (self.calls or self.rehearsed) or self.reverted or \
+                any(p.argument and p.moves for p in self.pools.values()):
+            return False
+        moved = [p for p in self.pools.values() if p.moves]
+        for tree in self._live_trees():
+            for pool in moved:
+                move(tree, pool.name, pool.axes, pool.source)
+        self.reverted = f"every pool is back in the model's order after a later call was refused: {err}"
+        self.pools.update({n: dataclasses.replace(p, target=p.source) for n, p in self.pools.items()})
+        for unit in self.units:
+            unit.pools = {k: dataclasses.replace(p, target=p.source) for k, p in unit.pools.items()}
+            unit.entries = []
+        self._places = {k: self.pools.get(p.name, p) for k, p in self._places.items()}
+        self.report.pools, self.report.entry_uses = self.pools, {}
+        self.report.notes.append(self.reverted)
+        log.warning("%s", self.reverted)
+        return True
+
+    def _moved_in(self, unit: Unit, path: str) -> list[str]:
+        """The pools of this instance of the unit that moved."""
+        names = (self.qualified(path, local) for local in unit.pools)
+        return [n for n in names if (p := self.pools.get(n)) is not None and p.moves and not p.argument and
+                all(n != name for name, _ in self.pending)]
 
     def _run_as_written(self, unit: Unit, module: nn.Module, args: tuple, kwargs: dict, err: Exception):
         """Dynamo cannot capture this unit: it runs as the model wrote it (correct whatever its
         pools' strides), and the report says so."""
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        unit.eager = f"{unit.label} is not captured and runs as written: {type(err).__name__}: {reason}"
+        unit.eager = f"{unit.label} is not captured and runs as written: {type(err).__name__}: {_first_line(err)}"
         self.report.notes.append(unit.eager)
         log.warning("%s", unit.eager)
         return unit.forward(module, *args, **kwargs)
@@ -293,6 +341,8 @@ class Session:
         for name, pool in pending:
             for tree in self._live_trees():
                 move(tree, name, pool.axes, pool.target)
+        for tree in self._live_trees():
+            _guard_pages(self, tree, [name for name, _ in pending])
         moved = {name for name, _ in pending}
         for unit in self.units:  # Dynamo's guards on strides keep them from running again
             unit.entries = [e for e in unit.entries if not e.reads & moved]
@@ -338,6 +388,14 @@ class Session:
                            f"shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
 
 
+def _first_line(err: Exception) -> str:
+    if isinstance(err, torch._dynamo.exc.TorchRuntimeError):  # the op's own error, not Dynamo's wrapper
+        found = re.search(r"got (\w+)\((['\"])(.+?)\2\)", f"{err}\n{err.__context__}")
+        if found:
+            return f"{found[1]}: {found[3]}"[:300]
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _own_code(fn):
     """The function with a code object of its own: Dynamo keeps its graphs on the code object,
     so each optimized model's graphs go with it instead of piling up on the model class's
@@ -376,6 +434,63 @@ class _LayerCall:
         return _stale, ()
 
 
+class _Pages:
+    """state_dict and load_state_dict hooks of a module whose registered buffer holds moved
+    pools in its slot rows (raw per-slot pages): those bytes are saved in the model's order and
+    loaded back into the pools' order, so a state_dict moves between the model and the optimized
+    one as it would between two copies of the model."""
+
+    def __init__(self, session: Session, tree: nn.Module, loading: bool):
+        self.session, self.tree, self.loading = weakref.ref(session), weakref.ref(tree), loading
+
+    def _pools(self, pages: torch.Tensor) -> list:
+        """(pool, axes, the model's order) for the moved pools inside `pages`, as they are now."""
+        session, tree = self.session(), self.tree()
+        if session is None or tree is None:
+            return []
+        pending = {n for n, _ in session.pending}
+        out = []
+        for pool in session.pools.values():
+            if pool.moves and not pool.argument and pool.name not in pending:
+                t = resolve(tree, pool.name)
+                if storage_key(t) == storage_key(pages) and relation(t, pages) == "container":
+                    out.append((t, pool.axes, pool.source))
+        return out
+
+    def __call__(self, module, state_dict, prefix, *_):  # a state_dict hook, or a load pre-hook
+        for name, pages in module._buffers.items():
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.shape == pages.shape and (pools := self._pools(pages)):
+                state_dict[prefix + name] = relaid(value, pages, pools, into_model=not self.loading)
+
+    def __reduce__(self):  # pickled or copied with its module: _restore drops it
+        return _stale, ()
+
+
+def _guard_pages(session: Session, tree: nn.Module, moved: list[str]) -> None:
+    """Hook the modules whose registered buffers hold the pools just moved (see _Pages)."""
+    for name in moved:
+        for path, r in aliases(tree, resolve(tree, name)).items():
+            owner, _, attr = path.rpartition(".")
+            module = tree.get_submodule(owner) if r == "container" and "[" not in path else None
+            if module is None or attr not in module._buffers or \
+                    any(isinstance(h, _Pages) for h in module._state_dict_hooks.values()):
+                continue
+            module._register_state_dict_hook(_Pages(session, tree, loading=False))
+            module._register_load_state_dict_pre_hook(_Pages(session, tree, loading=True), with_module=True)
+
+
+def _drop_stale(model: nn.Module) -> None:
+    """What a pickled or copied optimized model kept of its binding: the layers' forward and the
+    raw-page hooks (optimize() binds new ones)."""
+    for module in model.modules():
+        if vars(module).get("forward") is _STALE:
+            del module.forward
+        for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _STALE]:
+                del hooks[key]
+
+
 class _Stale:
     """Where a layer's bound forward was when its model was pickled or copied."""
 
@@ -387,12 +502,13 @@ def _stale() -> _Stale:
     return _STALE
 
 
-def _restore(plain: nn.Module, layouts: dict, options: dict) -> "OptimizedModule":
-    """An optimized model unpickled or copied: the model (its state as the optimized one kept it,
-    pools in their new order) optimized again, in place; graphs are captured anew."""
-    for module in plain.modules():
-        if vars(module).get("forward") is _STALE:
-            del module.forward
+def _restore(plain: nn.Module, layouts: dict, options: dict, moved: list) -> "OptimizedModule":
+    """An optimized model unpickled or copied: the model (its state as the optimized one kept it)
+    with its moved pools back in the model's order (raw pages around them then read as the
+    model wrote them), optimized again in place; graphs are captured anew."""
+    _drop_stale(plain)
+    for name, axes, order in moved:
+        move(plain, name, axes, order)
     return optimize(plain, layouts, inplace=True, **options)
 
 
@@ -403,6 +519,9 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         session: Session = self.__dict__["_lp"]
+        if not (session.rehearsed or session.calls or session.calling or session.warming or
+                torch.compiler.is_compiling()):
+            _rehearse(self, args, kwargs)
         session.calling.append(self)
         try:
             if session.root is not None:
@@ -411,9 +530,11 @@ class OptimizedModule(nn.Module):
                 out = session.model_class.forward(self, *args, **kwargs)
         finally:
             session.calling.pop()
+        if session.pending and not session.calling:  # every layer's call succeeded: the pools found move now
+            session._move_pending()
         if not session.calls:
             session.calls += 1
-            if not session.warming:
+            if not session.warming and not session.rehearsed:
                 session.check_found(strict=False)
         return out
 
@@ -429,7 +550,11 @@ class OptimizedModule(nn.Module):
         plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_lp"})
         o = session.options
         options = dict(state_buffers=o.named or None, allow_missing=o.allow_missing, lower=o.lower, dynamic=o.dynamic)
-        return _restore, (plain, dict(o.layouts), options)
+        pools = [p for p in session.pools.values() if not p.argument]
+        named = {**{p.name: p.axes for p in pools}, **o.named}  # the copy knows the pools found so far
+        options = dict(options, state_buffers=named or None)
+        moved = [(p.name, p.axes, p.source) for p in pools if p.moves]
+        return _restore, (plain, dict(o.layouts), options, moved)
 
     @property
     def graphs(self) -> dict[str, Graph]:
@@ -577,11 +702,16 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
     if calls:
         session.warming = True
         try:
-            for args, kwargs in calls:
-                _warm_up(fast, args, kwargs)
+            for i, (args, kwargs) in enumerate(calls):
+                try:
+                    _warm_up(fast, args, kwargs)
+                except _Uncopyable as err:
+                    raise ArgumentError(f"example_inputs[{i}]", f"the model and this call cannot be copied to run "
+                                                                f"it on a twin of the model: {err}") from None
         finally:
             session.warming, session.calls = False, 0
         session.check_found(strict=True)
+        session.rehearsed = True
         log.info("captured %d example call(s) in %.2f s", len(calls), time.perf_counter() - start)
     return fast
 
@@ -598,29 +728,26 @@ def _bind(session: Session, module: nn.Module) -> None:
                 layer.forward = _LayerCall(session, unit, path, layer)
 
 
-def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict) -> None:
-    """Run one example call on a twin of `fast` (its state fresh tensors of the same shapes and
-    strides, its parameters shared): graphs are captured, pools found and moved in `fast` too,
-    refusals raised, and `fast`'s own state is not touched."""
+def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict, grad: bool = False) -> None:
+    """Run one call on a twin of `fast` (its state and the call's arguments copies, values,
+    views and aliasing kept; its parameters shared; its Python attributes its own): graphs are
+    captured, pools found and moved in `fast` too, refusals raised, and neither `fast`'s state
+    and attributes nor the caller's arguments are touched."""
     session: Session = fast.__dict__["_lp"]
-    memo = {id(p): p for p in fast.parameters()}
-    storages = {}
-    for _, t in state_tensors(fast):
-        key = (t.device, t.untyped_storage().data_ptr())
-        if key not in storages:
-            storages[key] = torch.empty(t.untyped_storage().nbytes(), dtype=torch.uint8, device=t.device)
-        twin = torch.empty(0, dtype=t.dtype, device=t.device).set_(storages[key].untyped_storage(),
-                                                                    t.storage_offset(), t.shape, t.stride())
-        memo[id(t)] = twin
     plain = session.model_class.__new__(session.model_class)
     plain.__dict__.update({k: v for k, v in fast.__dict__.items() if k != "_lp"})
-    twin = copy.deepcopy(plain, memo)
-    for module in twin.modules():
-        if vars(module).get("forward") is _STALE:
-            del module.forward
+    try:
+        twin, args, kwargs = copy.deepcopy((plain, args, kwargs), {id(p): p for p in fast.parameters()})
+    except Exception as err:  # an attribute deepcopy cannot copy (a lock, a process group), or memory
+        raise _Uncopyable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    _drop_stale(twin)
+    for module in twin.modules():  # your hooks run once per call, on your model (their closures are shared)
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_pre_hooks_with_kwargs,
+                      module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+            hooks.clear()
     _bind(session, twin)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for _ in range(1 + len(session.units)):  # again while a call moved pools: its graphs for the new order
                 moves = session.moves
                 twin(*args, **kwargs)
@@ -628,6 +755,45 @@ def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict) -> None:
                     break
     finally:
         session.trees = [r for r in session.trees if r() is not twin and r() is not None]
+
+
+class _Uncopyable(Exception):
+    """The model (or the call's arguments) cannot be copied to run a call on a twin."""
+
+
+def _rehearse(fast: OptimizedModule, args: tuple, kwargs: dict) -> None:
+    """The first call runs on a twin before it runs on the model: Dynamo runs the model's Python
+    while it captures, and a refusal, a pool found or moved, must all come before the model's
+    own state, its Python attributes or the caller's arguments change. A model that cannot be
+    copied runs its first call directly (a refusal may then come after that call ran)."""
+    session: Session = fast.__dict__["_lp"]
+    session.warming = True
+    streams = _random_streams()
+    try:
+        _warm_up(fast, args, kwargs, grad=torch.is_grad_enabled())
+    except _Uncopyable as err:
+        session.report.notes.append(f"the first call was not rehearsed on a copy of the model: {err}")
+        log.warning("%s", session.report.notes[-1])
+        return
+    finally:
+        session.warming, session.calls = False, 0
+        streams()
+    session.rehearsed = True
+    session.check_found(strict=False)
+
+
+def _random_streams():
+    """Save torch's and Python's random generators; the function returned puts them back (the
+    rehearsal draws nothing of the model's)."""
+    cpu, python = torch.get_rng_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore():
+        torch.set_rng_state(cpu)
+        random.setstate(python)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+    return restore
 
 
 def _explicit_pools(declared, tensors: dict, argument: str = "state_buffers") -> dict[str, Layout | None]:

@@ -170,17 +170,30 @@ def logical_state(module: nn.Module, moved: dict[str, tuple[Layout, Layout]]) ->
             if r == "container":
                 inside.setdefault(path, []).append(name)
     for path, names in inside.items():
-        tensors[path] = _in_model_order(tensors[path], [(tensors[n], *moved[n]) for n in names])
+        tensors[path] = relaid(tensors[path], tensors[path], [(tensors[n], *moved[n]) for n in names])
     return tensors
 
 
-def _in_model_order(container: torch.Tensor, pools: list) -> torch.Tensor:
-    flat = torch.empty(0, dtype=container.dtype, device=container.device).set_(container.untyped_storage()).clone()
+@torch.no_grad()
+def relaid(values: torch.Tensor, container: torch.Tensor, pools: list, into_model: bool = True) -> torch.Tensor:
+    """`values` (a tensor shaped like `container`) on fresh memory laid out as the container's
+    storage, each moved pool's bytes inside it rewritten from the pool's order to the model's
+    (into_model) or back: pools is [(pool, axes, the model's order)]. state_dict and
+    load_state_dict move raw pages through this; equivalence compares them through it."""
+    storage = torch.empty(container.untyped_storage().nbytes(), dtype=torch.uint8,
+                          device=container.device).untyped_storage()
+    out = _on(storage, container, container.stride())
+    out.copy_(values)
     for pool, axes, order in pools:
-        if pool.dtype == container.dtype:
-            strides = dense_strides(axes, order, tuple(pool.shape), pool.stride(axes.axes.index("slot")))
-            torch.as_strided(flat, pool.shape, strides, pool.storage_offset()).copy_(pool)
-    return torch.as_strided(flat, container.shape, container.stride(), container.storage_offset())
+        model = dense_strides(axes, order, tuple(pool.shape), pool.stride(axes.axes.index("slot")))
+        src, dst = (pool.stride(), model) if into_model else (model, pool.stride())
+        _on(storage, pool, dst).copy_(_on(storage, pool, src).clone())
+    return out
+
+
+def _on(storage: torch.UntypedStorage, t: torch.Tensor, strides) -> torch.Tensor:
+    """A tensor like `t` (dtype, shape, offset) on `storage` with `strides`."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, t.storage_offset(), t.shape, strides)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ anything changes. One test per defect class."""
 
 import copy
 import pickle
+import random
 
 import pytest
 import torch
@@ -70,6 +71,38 @@ def test_a_pre_hook_that_frees_slots_runs_on_the_real_call(layout):
         if i in (1, 3):
             m.to_free = [3, 5]
     run_both(pm.Draining(), steps(5), layout, schedule)
+
+
+class Noisy(torch.nn.Module):
+    """Eager code around a pool-holding layer that draws random numbers (sampling, dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = pm.Conv()
+
+    def forward(self, x, slots):
+        return self.inner(x + torch.rand_like(x), slots) + random.random()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("where", ["model", "layer"])
+def test_hooks_see_each_call_once_and_the_random_streams_are_the_models(layout, where):
+    """The first call is rehearsed on a copy of the model: hooks (whose closures reach outside the
+    model, a server's metrics list) do not run on the copy, and the random number generators are
+    put back, so the model draws what it would have drawn."""
+    seen = []
+    model = Noisy()
+    hooked = model if where == "model" else model.inner
+    hooked.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    hooked.register_forward_hook(lambda m, args, out: seen.append("post"))
+    reference, fast = copy.deepcopy(model), optimize(model, layout)
+    for i, call in enumerate(steps(3)):
+        torch.manual_seed(i), random.seed(i)
+        expected = reference(**call)
+        torch.manual_seed(i), random.seed(i)
+        torch.testing.assert_close(fast(**call), expected, rtol=0, atol=0)
+        assert seen.count("pre") == seen.count("post") == 2 * (i + 1), seen  # reference's and fast's
+    same_state(reference, fast)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -185,6 +218,38 @@ def test_inplace_refusal_at_the_first_call_leaves_the_model_as_it_was():
     for k, (v, stride) in before.items():
         now = dict(state_tensors(model))[k]
         assert torch.equal(now, v) and now.stride() == stride
+
+
+class CountsThenRefused(pm.Conv):
+    """A counter the forward moves, and a second call structure (peek) whose .view() of the pool
+    only works in the model's order."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x, slots, peek=False):
+        self.seen += 1
+        y = self.conv(x, slots)
+        return y + self.conv_state.view(pm.SLOTS, -1)[slots, :pm.DIM] if peek else y
+
+
+def test_a_refusal_at_the_first_call_comes_before_the_models_python_state_changes():
+    model = CountsThenRefused()
+    fast = optimize(model, "DS")
+    with pytest.raises(LayoutPassError, match="view"):
+        fast(**pm.step(), peek=True)
+    assert fast.seen == 0 and torch.equal(fast.conv_state, model.conv_state)
+
+
+def test_a_call_structure_refused_after_the_first_call_puts_the_pools_back_and_goes_on():
+    """peek first comes at call 2, after the pool moved: the call is not stopped half way (the
+    counter already moved); every pool goes back to the model's order, for good, reported."""
+    calls = [dict(pm.step(seed=i), peek=i in (2, 4)) for i in range(6)]
+    _, fast = run_both(CountsThenRefused(), calls, "DS")
+    assert fast.seen == 6 and fast.conv_state.stride() == CountsThenRefused().conv_state.stride()
+    assert not any(p.moves for p in fast.report.pools.values())
+    assert any("back in the model's order" in note and "view" in note for note in fast.report.notes)
 
 
 # 8. what used to be a silent no-op or a false refusal
