@@ -502,11 +502,30 @@ def _stale() -> _Stale:
     return _STALE
 
 
-def _restore(plain: nn.Module, layouts: dict, options: dict, moved: list) -> "OptimizedModule":
+def _pages_of(model: nn.Module, moved: list) -> list:
+    """Where each moved pool sits in the raw pages that hold it: (pages path, pool name, offset,
+    shape, strides now, axes, the model's order)."""
+    out = []
+    for name, axes, order in moved:
+        pool = resolve(model, name)
+        out += [(path, name, pool.storage_offset(), tuple(pool.shape), tuple(pool.stride()), axes, order)
+                for path, r in aliases(model, pool).items() if r == "container"]
+    return out
+
+
+def _restore(plain: nn.Module, layouts: dict, options: dict, moved: list, pages: list) -> "OptimizedModule":
     """An optimized model unpickled or copied: the model (its state as the optimized one kept it)
-    with its moved pools back in the model's order (raw pages around them then read as the
-    model wrote them), optimized again in place; graphs are captured anew."""
+    with its moved pools back in the model's order, and the raw pages that held them too,
+    optimized again in place; graphs are captured anew. (pickle keeps no storage shared between
+    two tensors, deepcopy does: pages still sharing the pool's memory come back with its move.)"""
     _drop_stale(plain)
+    for path, name, offset, shape, strides, axes, order in pages:
+        container, pool = resolve(plain, path), resolve(plain, name)
+        if storage_key(container) != storage_key(pool):
+            inside = torch.empty(0, dtype=pool.dtype, device=pool.device).set_(
+                container.untyped_storage(), offset, shape, strides)
+            with torch.no_grad():
+                container.copy_(relaid(container, container, [(inside, axes, order)]))
     for name, axes, order in moved:
         move(plain, name, axes, order)
     return optimize(plain, layouts, inplace=True, **options)
@@ -554,7 +573,7 @@ class OptimizedModule(nn.Module):
         named = {**{p.name: p.axes for p in pools}, **o.named}  # the copy knows the pools found so far
         options = dict(options, state_buffers=named or None)
         moved = [(p.name, p.axes, p.source) for p in pools if p.moves]
-        return _restore, (plain, dict(o.layouts), options, moved)
+        return _restore, (plain, dict(o.layouts), options, moved, _pages_of(self, moved))
 
     @property
     def graphs(self) -> dict[str, Graph]:

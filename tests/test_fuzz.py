@@ -164,6 +164,11 @@ FINDINGS = {
     "pool moves after that call and the view reads its new order (silent wrong output)": (dataclasses.replace(program(
         [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD)], [(0, 2)], layers=(0,),
         model_lines=["outs.append(self.layers[0].p0[0])"]), layer_calls="before"), "DS", False, "equivalent"),
+    "F20 a pickled optimized model whose pools are views of raw pages: pickle gives each tensor its own copy of "
+    "the memory, so the pages no longer share the pool's and kept its bytes in the moved order": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, DECODE_SD)], [(0, 2), (0, 2)],
+        around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="attribute", actions=[(1, "pickle")])),
+        "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
