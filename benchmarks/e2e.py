@@ -5,6 +5,12 @@ both kinds side by side:
   as written                  the model itself (conv pools SD, recurrent pools in the order its ops use)
   DS + VK                     optimize(model, {"conv": "DS", "recurrent": "VK"})
   SD + KV                     optimize(model, {"conv": "SD", "recurrent": "KV"})
+  DS + VK, compiled           the DS + VK model (called eagerly first: its graphs captured, its pools
+                              moved) then wrapped in torch.compile (inductor, static shapes: one
+                              compile per batch size): inductor fuses the model's own elementwise
+                              ops (RMSNorm, gating, residual adds) around layoutpass's kernels, which
+                              stay (under an outer torch.compile the optimized model runs the
+                              model's own code inline, on its moved pools, through the same ops)
 
 Every row runs the same ops: the conv and recurrence decode kernels update their pools in place by
 slot (kernels/triton_conv.py, kernels/triton_recurrent.py), attention runs on
@@ -13,16 +19,22 @@ the batch's rows), every touched slot's pool rows (conv and recurrent states, at
 values up to its context) read once and written once, the logits written once, at the copy
 bandwidth measured in the same run. Before timing, each optimized row is checked against the model
 as written from one random state (logits and every state tensor; exact, or the largest difference).
+The compiled row's compile time is the wall time of its first call at each batch size.
 
     python benchmarks/e2e.py --out DIR          # table + e2e.json + e2e.md
-    python benchmarks/e2e.py --smoke            # tiny models on the CPU: the checks only
+    python benchmarks/e2e.py --smoke            # tiny models on the CPU: the checks only (the compiled
+                                                # row too, where inductor can build for the CPU)
+    python benchmarks/e2e.py --compile-mode none  # without the compiled row
+    python benchmarks/e2e.py --render e2e.json --out DIR  # e2e.md again from a saved run
     python benchmarks/e2e.py --profile          # where each decode step's GPU time goes, by kernel
 """
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +51,7 @@ BATCHES = (1, 64, 256)
 ROUNDS = 3
 LAYOUTS = {"as written": None, "DS + VK": {"conv": "DS", "recurrent": "VK"},
            "SD + KV": {"conv": "SD", "recurrent": "KV"}}
+COMPILED = "DS + VK, compiled"  # LAYOUTS["DS + VK"] under torch.compile
 
 
 def build(layers, size: str, device, dtype, **overrides) -> LM:
@@ -100,6 +113,41 @@ def check(model: LM, fast, step: Step) -> dict:
                 logits_max_abs=want.abs().max().item())
 
 
+@contextlib.contextmanager
+def without_pdl():
+    """layoutpass's decode kernels launched without programmatic dependent launch while inductor
+    compiles the model (the flag is read when the kernels' wrappers are traced, so the compiled
+    code keeps it off; the eager rows read it at each call and keep it on). Why: PDL is inline
+    asm (gdc_wait, gdc_launch_dependents), which torch 2.11's analysis of a Triton kernel's
+    mutations cannot read ("ttir analysis hit an op we do not know how to analyze:
+    tt.elementwise_inline_asm"); it then takes every input as mutated and copies each one
+    (clone_preserve_strides), and in the H200 run of 2026-12-04 the compiled step with PDL on gave
+    wrong logits and states at B=64 (right at B=1, where no batch stride is read). That this
+    alone makes the compiled step right is not yet checked on a GPU."""
+    try:
+        from layoutpass.kernels import triton_conv, triton_recurrent
+    except ImportError:  # no Triton (the CPU smoke run): nothing is launched with PDL
+        yield
+        return
+    saved = triton_conv.PDL, triton_recurrent.PDL
+    triton_conv.PDL = triton_recurrent.PDL = False
+    try:
+        yield
+    finally:
+        triton_conv.PDL, triton_recurrent.PDL = saved
+
+
+def _no_cpu_inductor(err: BaseException) -> bool:
+    """Whether the error (or one it wraps) is inductor finding no C++ compiler that builds for the CPU."""
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    while err is not None:
+        if isinstance(err, (CppCompileError, InvalidCxxCompiler)):
+            return True
+        err = getattr(err, "inner_exception", None) or err.__cause__
+    return False
+
+
 def time_step(call) -> float:
     """Milliseconds per decode step, CUDA-graph replays."""
     from triton.testing import do_bench_cudagraph
@@ -140,63 +188,138 @@ def profile(args) -> None:
         torch.cuda.empty_cache()
 
 
-def run(args) -> tuple[list, list]:
+def run(args) -> tuple[list, list, float | None, list]:
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     size = "tiny" if args.smoke else "2.7b"
     bandwidth = None if args.smoke else copy_bandwidth(device)
-    rows, checks = [], []
+    rows, checks, compiles = [], [], []
     for name in args.models:
         layers = MODELS[name][:4] if args.smoke else MODELS[name]
         model = build(layers, size, device, dtype, num_slots=max(BATCHES) + 1, max_len=512)
         variants = {row: model if layouts is None else optimize(model, layouts) for row, layouts in LAYOUTS.items()}
+        if args.compile_mode != "none":  # wraps the DS + VK model; compiled at its first call of each batch size
+            variants[COMPILED] = torch.compile(variants["DS + VK"], dynamic=False,
+                                               mode=None if args.compile_mode == "default" else args.compile_mode)
         for batch in BATCHES:
             step = decode_step(model.cfg, min(batch, model.cfg.num_slots - 1), device)
-            for row, fast in variants.items():
-                if fast is not model:
-                    checks.append(dict(model=name, batch=batch, impl=row, **check(model, fast, step)))
-                    print(f"{name} B={batch} {row}: {checks[-1]}", flush=True)
+            wrong = set()  # rows whose check fails at this batch: not timed
+            for row, fast in list(variants.items()):  # the eager DS + VK row runs at this batch before the compiled
+                if fast is model:
+                    continue
+                try:
+                    if row == COMPILED:  # its first call at this batch size compiles it
+                        start = time.perf_counter()
+                        with torch.no_grad(), without_pdl():
+                            fast(**step.inputs)
+                        torch.cuda.synchronize() if device == "cuda" else None
+                        seconds = time.perf_counter() - start
+                    result = check(model, fast, step)
+                except Exception as err:  # noqa: BLE001 - the compiled row only: said, and the row dropped
+                    if row != COMPILED or (args.smoke and not _no_cpu_inductor(err)):
+                        raise  # on the CPU the row may be left out only where inductor cannot build there
+                    why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+                    print(f"{name} B={batch} {row}: skipped, torch.compile (inductor, {device}) failed: {why}"
+                          + (" -- inductor cannot build for the CPU here (no working C++ compiler); the GPU run "
+                             "has the row" if args.smoke else ""), flush=True)
+                    compiles.append(dict(model=name, batch=batch, mode=args.compile_mode, failed=why))
+                    del variants[row]
+                    continue
+                checks.append(dict(model=name, batch=batch, impl=row, **result))
+                print(f"{name} B={batch} {row}: {checks[-1]}", flush=True)
+                if result["logits_diff"] > WRONG * result["logits_max_abs"]:
+                    wrong.add(row)
+                    print(f"{name} B={batch} {row}: WRONG result (logits off by more than {WRONG:.0%} of their "
+                          "largest value): not timed", flush=True)
+                if row == COMPILED:
+                    compiles.append(dict(model=name, batch=batch, mode=args.compile_mode, seconds=seconds))
+                    print(f"{name} B={batch} {row}: compiled in {seconds:.1f} s (first call)", flush=True)
             if args.smoke:
                 continue
             floor = byte_floor(model, step)
-            times = {row: [] for row in variants}
+            timed = {row: fast for row, fast in variants.items() if row not in wrong}
+            times = {row: [] for row in timed}
             for _ in range(ROUNDS):  # interleaved rounds, median
-                for row, fast in variants.items():
+                for row, fast in timed.items():
                     times[row].append(time_step(lambda f=fast: f(**step.inputs)))
-            for row in variants:
+            for row in timed:
                 ms = statistics.median(times[row])
                 floor_ms = floor / bandwidth * 1e3
                 rows.append(dict(model=name, layers=len(layers), batch=batch, impl=row, ms=ms, floor_ms=floor_ms,
                                  over_floor=ms / floor_ms, floor_bytes=floor))
-                print(f"{name:7s} B={batch:<4d} {row:12s} {ms:9.3f} ms  floor {floor_ms:8.3f} ms  "
+                print(f"{name:7s} B={batch:<4d} {row:17s} {ms:9.3f} ms  floor {floor_ms:8.3f} ms  "
                       f"x{ms / floor_ms:.2f}", flush=True)
+            write(args.out, rows, checks, bandwidth, compiles, args.compile_mode)  # so far: a run cut short keeps it
         del variants, model
         torch.cuda.empty_cache() if device == "cuda" else None
-    return rows, checks, bandwidth
+    return rows, checks, bandwidth, compiles
 
 
-def write(out: Path, rows: list, checks: list, bandwidth: float) -> list[str]:
+WRONG = 0.1  # a check whose logits differ by more than this share of their largest value: a wrong result
+
+
+def write(out: Path, rows: list, checks: list, bandwidth: float, compiles: list, compile_mode: str) -> list[str]:
     import triton
 
-    card = torch.cuda.get_device_name()
-    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, copy_bandwidth=bandwidth,
-                dtype="bfloat16", size="2.7b", config=SIZES["2.7b"], models={k: len(v) for k, v in MODELS.items()},
-                rounds=ROUNDS, layouts={k: v for k, v in LAYOUTS.items()})
+    meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                copy_bandwidth=bandwidth, dtype="bfloat16", size="2.7b", config=SIZES["2.7b"],
+                models={k: len(v) for k, v in MODELS.items()}, rounds=ROUNDS, layouts={k: v for k, v in LAYOUTS.items()},
+                compiled=dict(row=COMPILED, of="DS + VK", backend="inductor", mode=compile_mode, dynamic=False))
+    data = dict(meta, rows=rows, checks=checks, compiles=compiles)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps(dict(meta, rows=rows, checks=checks), indent=1))
-    lines = [f"Card: {card}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth "
-             f"{bandwidth / 1e9:.0f} GB/s measured in the run. bf16, 2.7B-class widths; mamba2 {len(MODELS['mamba2'])} "
-             f"layers, hybrid {len(MODELS['hybrid'])} (mamba2, attention, gdn, mamba2 x {len(MODELS['hybrid']) // 4}); "
-             f"one decode step in CUDA graphs, median of {ROUNDS} interleaved rounds; byte floor: parameters read "
-             "once, touched slots' pool rows and attention positions read and written once, logits written.", "",
-             "| model | batch | pools | step (ms) | byte floor (ms) | x floor |", "|---|---|---|---|---|---|"]
+    _write(out / "e2e.json", json.dumps(data, indent=1))
+    lines = render(data)
+    _write(out / "e2e.md", "\n".join(lines) + "\n")
+    return lines
+
+
+def render(data: dict) -> list[str]:
+    """e2e.md's lines from e2e.json's contents (--render: again from a saved run)."""
+    models, compiled = data["models"], data.get("compiled")
+    checks = {(c["model"], c["batch"], c["impl"]): c for c in data["checks"]}
+
+    def judged(r):
+        c = checks.get((r["model"], r["batch"], r["impl"]))
+        if c is None:
+            return "the model" if r["impl"] == "as written" else "-"
+        if c["exact"]:
+            return "exact"
+        if c["logits_diff"] > WRONG * c["logits_max_abs"]:
+            return f"**wrong** (logits off by {c['logits_diff']:.3g} of {c['logits_max_abs']:.3g}): not a figure"
+        return f"differs by {c['logits_diff']:.3g}"
+
+    lines = [f"Card: {data['card']}; torch {data['torch']}; triton {data['triton']}; copy bandwidth "
+             f"{data['copy_bandwidth'] / 1e9:.0f} GB/s measured in the run. bf16, 2.7B-class widths; mamba2 "
+             f"{models['mamba2']} layers, hybrid {models['hybrid']} (mamba2, attention, gdn, mamba2 x "
+             f"{models['hybrid'] // 4}); one decode step in CUDA graphs, median of {data['rounds']} interleaved "
+             "rounds; byte floor: parameters read once, touched slots' pool rows and attention positions read and "
+             "written once, logits written."]
+    if compiled:
+        lines[0] += (f" '{compiled['row']}': the {compiled['of']} model, called eagerly first, then torch.compile "
+                     f"({compiled['backend']}, mode {compiled['mode']}, static shapes), timed in the same CUDA graphs.")
+    lines[0] += (f" check: the row against the model as written from one random state (below); 'wrong' where the "
+                 f"logits differ by more than {WRONG:.0%} of their largest value.")
+    lines += ["", "| model | batch | pools | step (ms) | byte floor (ms) | x floor | check |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['batch']} | {r['impl']} | {r['ms']:.3f} | {r['floor_ms']:.3f} | "
-              f"{r['over_floor']:.2f}x |" for r in rows]
+              f"{r['over_floor']:.2f}x | {judged(r)} |" for r in data["rows"]]
     lines += ["", "Checks before timing, from one random state, against the model as written:", "",
               "| model | batch | pools | exact | logits / state max abs diff | logits up to |", "|---|---|---|---|---|---|"]
     lines += [f"| {c['model']} | {c['batch']} | {c['impl']} | {'yes' if c['exact'] else 'no'} | "
-              f"{c['logits_diff']:.3g} / {c['state_diff']:.3g} | {c['logits_max_abs']:.3g} |" for c in checks]
-    (out / "e2e.md").write_text("\n".join(lines) + "\n")
+              f"{c['logits_diff']:.3g} / {c['state_diff']:.3g} | {c['logits_max_abs']:.3g} |" for c in data["checks"]]
+    if data.get("compiles"):
+        lines += ["", f"Compile of '{compiled['row']}' (wall time of its first call at each batch size: Dynamo, "
+                  "AOTAutograd, inductor, Triton builds, one step):", "",
+                  "| model | batch | compile (s) |", "|---|---|---|"]
+        lines += [f"| {c['model']} | {c['batch']} | " + (f"{c['seconds']:.1f} |" if "seconds" in c else
+                                                          f"failed: {c['failed']} |") for c in data["compiles"]]
     return lines
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all (a run cut short between two writes keeps the last)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main():
@@ -205,14 +328,22 @@ def main():
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, checks only")
     parser.add_argument("--profile", action="store_true", help="GPU time of one decode step by kernel")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="write e2e.md into --out from a saved e2e.json")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "max-autotune-no-cudagraphs", "none"],
+                        help=f"torch.compile mode of the '{COMPILED}' row (none: no such row)")
     args = parser.parse_args()
+    if args.render:
+        lines = render(json.loads(args.render.read_text()))
+        _write(args.out / "e2e.md", "\n".join(lines) + "\n")
+        return print("\n".join(lines))
     if not args.smoke:
         torch.backends.cuda.enable_cudnn_sdp(False)  # not deterministic for the masked decode attention
     if args.profile:
         return profile(args)
-    rows, checks, bandwidth = run(args)
+    rows, checks, bandwidth, compiles = run(args)
     if not args.smoke:
-        print("\n".join(write(args.out, rows, checks, bandwidth)))
+        print("\n".join(write(args.out, rows, checks, bandwidth, compiles, args.compile_mode)))
 
 
 if __name__ == "__main__":
