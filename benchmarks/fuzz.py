@@ -3,11 +3,13 @@ and to SD and called in its order against its untouched copy. Half the programs 
 second axis (issue 20): Python around the graph -- flags, counters, hooks, caches in lists and
 dicts, raw per-slot pages, second names -- and a harness acting between calls like a server
 (slot frees, rollbacks, connector loads, re-allocation, state_dict round trips, pickle and
-deepcopy). Writes the tally (outcomes, per axis, refusal reasons, failure classes, outcomes per
+deepcopy). A share of the programs (--recurrent-share, default 0.25) also keep recurrent pools
+(Mamba2's SSM state, the gated delta rule's) updated by the recurrence ops or in pure torch; those
+are checked with the layout mappings DS + VK and SD + KV. Writes the tally (outcomes, per axis, refusal reasons, failure classes, outcomes per
 use kind) and a minimal repro of each failure class to benchmarks/results/fuzz.json and fuzz.md;
 the tally so far is written every 100 programs. Progress with tqdm when it is installed.
 
-    python benchmarks/fuzz.py [--programs 2000] [--seed 0] [--minimize-s 120]
+    python benchmarks/fuzz.py [--programs 2000] [--seed 0] [--minimize-s 120] [--recurrent-share 0.25]
 """
 
 import argparse
@@ -70,11 +72,12 @@ def _progress(total: int):
     return tqdm(total=total, unit="program", mininterval=30, smoothing=0.05)
 
 
-def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
+def run(programs: int, seed_: int, checkpoint=None, recurrent_share: float = 0.25) -> tuple[dict, dict, list]:
     """Check `programs` generated programs in both layouts; the tally and the first example of
     each failure class. checkpoint(tally, first) is called every 100 programs."""
     outcomes, reasons = collections.Counter(), collections.Counter()
     per_axis = collections.defaultdict(collections.Counter)
+    with_recurrent = collections.Counter()  # the outcomes of the checks whose program has recurrent pools
     per_kind = collections.defaultdict(collections.Counter)
     first: dict[str, tuple] = {}
     generator_errors = []
@@ -85,6 +88,7 @@ def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
     def tally_now():
         return {"programs": done[0], "checks": sum(outcomes.values()), "outcomes": dict(outcomes),
                 "per_axis": {k: dict(v) for k, v in sorted(per_axis.items())},
+                "with_recurrent": dict(with_recurrent),
                 "reasons": dict(reasons.most_common()),
                 "per_use_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
                 "generator_errors": len(generator_errors)}
@@ -92,9 +96,9 @@ def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
     @seed(seed_)
     @settings(max_examples=programs, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(fm.programs(), st.booleans())
+    @given(fm.programs(recurrent_share=recurrent_share), st.booleans())
     def one(program, lower):
-        for layout in ("DS", "SD"):
+        for layout in program.layouts:
             try:
                 outcome = fm.check(program, layout, lower)
             except fm.GeneratorError as err:
@@ -102,6 +106,8 @@ def run(programs: int, seed_: int, checkpoint=None) -> tuple[dict, dict, list]:
                 break
             outcomes[outcome.kind] += 1
             per_axis["graph and Python" if program.around else "graph only"][outcome.kind] += 1
+            if program.recurrent:
+                with_recurrent[outcome.kind] += 1
             reasons[outcome.reason()] += 1
             for kind in program.kinds:
                 per_kind[kind][outcome.kind] += 1
@@ -135,7 +141,9 @@ def minimal_repros(first: dict, budget_s: float) -> list[dict]:
 
 
 def markdown(meta: dict, tally: dict, repros: list) -> str:
-    o, axes = tally["outcomes"], tally.get("per_axis", {})
+    o, axes = tally["outcomes"], dict(tally.get("per_axis", {}))
+    if tally.get("with_recurrent"):  # a column of its own (it overlaps the two above)
+        axes["recurrent pools"] = tally["with_recurrent"]
     lines = [
         "# Fuzzing the pass (benchmarks/fuzz.py)", "",
         f"{tally['programs']} generated programs, each optimized to DS and to SD ({tally['checks']} checks), "
@@ -144,7 +152,9 @@ def markdown(meta: dict, tally: dict, repros: list) -> str:
         f"checking (+ {meta['seconds'] - meta.get('run_seconds', meta['seconds']):.0f} s minimizing failures); "
         f"seed {meta['seed']}, lower= drawn per program. A check is one program in one layout. About half the "
         f"programs have the second axis (Python around the graph and a harness between calls: the `py:` and "
-        f"`act:` rows below).",
+        f"`act:` rows below). "
+        f"A share of {meta.get('recurrent_share', 0):g} of the programs keep recurrent pools too (checked with the "
+        f"mappings DS + VK and SD + KV instead: the `rec:` and `config:recurrent` rows).",
         "", "| outcome | checks | " + " | ".join(f"of which {a}" for a in axes) + " | meaning |",
         "|---|---|" + "---|" * len(axes) + "---|",
         *[f"| {k} | {o.get(k, 0)} | " + " | ".join(str(v.get(k, 0)) for v in axes.values()) + f" | {MEANING[k]} |"
@@ -173,12 +183,14 @@ def main() -> None:
     parser.add_argument("--minimize-s", type=float, default=120.0, help="time to minimize each failure class")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz"))
     parser.add_argument("--commit", help="the pass's commit, when layoutpass is imported from an exported copy")
+    parser.add_argument("--recurrent-share", type=float, default=0.25,
+                        help="the share of programs that also keep recurrent pools (0: conv pools only)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import hypothesis
     meta = {"commit": args.commit or _commit(), "torch": torch.__version__, "hypothesis": hypothesis.__version__,
-            "machine": machine(), "seed": args.seed}
+            "machine": machine(), "seed": args.seed, "recurrent_share": args.recurrent_share}
     start = time.monotonic()
     out = Path(args.out)
 
@@ -189,7 +201,7 @@ def main() -> None:
                  for reason, (program, layout, lower, outcome) in first.items()]
         out.with_suffix(".json").write_text(json.dumps({"meta": partial, "tally": tally, "first": found}, indent=1))
 
-    tally, first, generator_errors = run(args.programs, args.seed, checkpoint)
+    tally, first, generator_errors = run(args.programs, args.seed, checkpoint, args.recurrent_share)
     meta["run_seconds"] = time.monotonic() - start
     checkpoint(tally, first)
     repros = minimal_repros(first, args.minimize_s)

@@ -18,7 +18,14 @@ lists that reach the outputs, forward pre-hooks and hooks that touch the pool. T
 slots from a flat buffer, flip flags, reset the pages slot-wise, rebind or re-allocate the cache,
 state_dict round trips, pickle, deepcopy), applied to the original and the optimized model alike.
 
-`check(program, layout, lower)` is the property: the optimized model, called in the program's
+Recurrent pools (issue "Every state pool", item 6; `RPool`, `programs(recurrent_share=)`): a share
+of the programs (none by default) also keep one or two recurrent pools in the Model, axes (slot,
+[snap], head, k, v) in either logical order, stored KV or VK (allocated so, or transposed), used by
+selective_state_update / delta_rule_update in place by slot, by a pure-torch per-slot update (named
+to optimize()), resets, gathers, one head, q . state outputs; `Program.layouts` gives the mappings
+their checks use (DS + VK, SD + KV).
+
+`check(program, layout, lower)` is the property (`layout` a string or a mapping): the optimized model, called in the program's
 order with the harness between calls, gives the original's outputs, logical state and Python
 attributes at every step (and after every harness step), and the model given to optimize() never
 changes; or a LayoutPassError stops a call before it changed anything (its pre-hooks aside).
@@ -265,6 +272,7 @@ class Program:
     layer_calls: str = "after"  # the model's own lines come "after" or "before" the layers; "twice": layers run twice
     upfront: bool = False  # every call structure captured by optimize(example_inputs=), not on its first call
     around: Around | None = None  # the Python around the graph (None: pools as plain buffers, nothing else)
+    recurrent: tuple["RPool", ...] = ()  # recurrent pools, kept by the Model (none: a conv-only program)
 
     def example_inputs(self, inputs) -> list | None:
         """One call of each (entry, batch), other data than the run's, for optimize(example_inputs=)."""
@@ -277,7 +285,13 @@ class Program:
 
     @property
     def width_x(self) -> int:
-        return max(p.dim for p in self.pools)
+        return max([p.dim for p in self.pools] + [r.heads * max(r.k, r.v) for r in self.recurrent])
+
+    @property
+    def layouts(self) -> tuple:
+        """The layouts the property checks it in: DS and SD; with recurrent pools, the mappings
+        DS + VK and SD + KV (each kind in both of its layouts)."""
+        return R_LAYOUTS if self.recurrent else ("DS", "SD")
 
     @property
     def kinds(self) -> set[str]:
@@ -291,6 +305,7 @@ class Program:
             config |= {"config:identical layers"} if len(set(self.layers)) < len(self.layers) else set()
             config |= {"config:pool in a layer's child"} if any(p.owner == "self.inner" for p in self.pools) else set()
         config |= self.around.kinds() if self.around else set()
+        config |= {k for r in self.recurrent for k in r.kinds()}
         return {k for e in self.entries for k in e.kinds} | config
 
     def _holds(self, c: int | None) -> bool:
@@ -317,6 +332,7 @@ class Program:
         else:
             init += ["self.sub = nn.Module()"] if any(p.owner == "self.sub" for p in self.pools) else []
             init += [line for p in self.pools for line in p.init()]
+        init += [line for r in self.recurrent for line in r.init()]
         call = {"mode": "x, slots, mode", "keys": "x, slots, gate=gate, flag=flag", "kwargs": "x, slots, **kwargs",
                 "rank": "x, slots"}[self.dispatch]
         layers = ["        for layer in self.layers:", f"            outs.extend(layer({call}))"] if self.layers else []
@@ -325,7 +341,8 @@ class Program:
         hooks = [line for h in a.hooks for line in (*h.split("\n"), "", "")] if a else []
         return "\n".join([
             *head, "import torch", "import torch.nn.functional as F", "from torch import nn", "",
-            "from layoutpass.kernels import conv_prefill, conv_update", "", "", *hooks, *classes,
+            "from layoutpass.kernels import conv_prefill, conv_update" +
+            (", delta_rule_update, selective_state_update" if self.recurrent else ""), "", "", *hooks, *classes,
             "class Model(nn.Module):", "    def __init__(self):", "        super().__init__()",
             *_indented(init, "        "), "",
             *(_indented(a.methods(), "    ") + [""] if self._holds(None) else []),
@@ -373,12 +390,14 @@ class Program:
             lines.append(f"        return {args}, {kwargs}")
         return lines
 
-    def state_buffers(self) -> dict[str, str] | None:
+    def state_buffers(self) -> dict[str, str | tuple[str, ...]] | None:
+        recurrent = {r.path: r.axes for r in self.recurrent if r.named}
         if not self.named:
-            return None
+            return recurrent or None
         if self.layers:
-            return {f"layers.{k}.{self.pools[c].path}": self.pools[c].layout for k, c in enumerate(self.layers)}
-        return {p.path: p.layout for p in self.pools}
+            return {f"layers.{k}.{self.pools[c].path}": self.pools[c].layout for k, c in enumerate(self.layers)} | \
+                recurrent
+        return {p.path: p.layout for p in self.pools} | recurrent
 
     def script(self, layout: str, lower: bool) -> str:
         """The source and a driver that checks it against its untouched copy: a standalone repro."""
@@ -1019,6 +1038,293 @@ def store_use(draw, body: Body, p: Pool):
     body.kinds.append("write:store-tail")
 
 
+# ----------------------------------------------------------------------------- recurrent pools
+# Issue "Every state pool", item 6: recurrent states (Mamba2's SSM state, the gated delta rule's),
+# axes (slot, [snap], head, k, v) in the order the model gives them, stored KV (v contiguous) or VK
+# (k contiguous): allocated in that order, or allocated in the other one and transposed (so the
+# logical axes and the memory order differ). Their uses: the recurrence ops (in place by slot, the
+# pool passed as the op's (slot, snap, head, .., ..) view: a pool without a snap axis gains one by
+# `[:, None]` / `unsqueeze(1)`), a pure-torch per-slot update (gather, decay, add k (x) v, write
+# back: found only when named, so such pools always are), resets of fresh slots, gathers, one
+# head read, q . state outputs, memory-order reshapes and views of gathered rows. Kept by the
+# Model (as a buffer or a plain attribute), in every program shape.
+
+R_OPS = ("ssu", "delta", "")  # the op a pool's updates may use ("": pure-torch updates only)
+R_LAYOUTS = ({"conv": "DS", "recurrent": "VK"}, {"conv": "SD", "recurrent": "KV"})  # a recurrent program's checks
+
+
+@dataclass(frozen=True)
+class RPool:
+    index: int
+    order: str  # its logical axes after (slot, [snap], head): "kv" or "vk"
+    stored: str  # its memory order: "KV" (v contiguous) or "VK" (k contiguous)
+    slots: int
+    snaps: int  # 0: no snap axis
+    heads: int
+    k: int
+    v: int
+    op: str  # of R_OPS
+    named: bool  # named to optimize() (state_buffers={path: axes})
+    binding: str = "buffer"  # "buffer" | "attribute"
+
+    @property
+    def ref(self) -> str:
+        return f"self.r{self.index}"
+
+    @property
+    def path(self) -> str:
+        return f"r{self.index}"
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return ("slot",) + (("snap",) if self.snaps else ()) + ("head",) + \
+            (("k", "v") if self.order == "kv" else ("v", "k"))
+
+    def size(self, label: str) -> int:
+        return {"slot": self.slots, "snap": self.snaps, "head": self.heads, "k": self.k, "v": self.v}[label]
+
+    @property
+    def shape(self) -> str:
+        return ", ".join(str(self.size(a)) for a in self.axes)
+
+    @property
+    def dense(self) -> bool:
+        """Allocated in its logical order (contiguous), not transposed."""
+        return self.axes[-1] == self.stored[-1].lower()
+
+    def init(self) -> list[str]:
+        if self.dense:
+            made = f"torch.randn({self.shape}, generator=gen)"
+        else:
+            swapped = self.axes[:-2] + self.axes[-2:][::-1]
+            made = f"torch.randn({', '.join(str(self.size(a)) for a in swapped)}, generator=gen).transpose(-1, -2)"
+        note = f"  # {self.stored}, axes {self.axes}"
+        lines = [f"self.register_buffer('r{self.index}', {made}){note}" if self.binding == "buffer"
+                 else f"self.r{self.index} = {made}{note}"]
+        h, i = self.heads, self.index
+        return lines + [f"self.A{i} = nn.Parameter(-torch.rand({h}, generator=gen) - 0.5)",
+                        f"self.D{i} = nn.Parameter(torch.randn({h}, generator=gen))",
+                        f"self.dtb{i} = nn.Parameter(torch.randn({h}, generator=gen) * 0.1)"]
+
+    def kinds(self) -> set[str]:
+        return {"config:recurrent pools", f"config:recurrent-stored-{self.stored}",
+                f"config:recurrent-op-{self.op or 'none'}",
+                *({"config:recurrent-snap"} if self.snaps else ()),
+                *({"config:recurrent-named"} if self.named else ()),
+                *({"config:recurrent-transposed allocation"} if not self.dense else ()),
+                *({"config:recurrent-attribute"} if self.binding == "attribute" else ())}
+
+
+@st.composite
+def rpools_of(draw, index: int, slots: int):
+    op = draw(st.sampled_from(R_OPS))
+    snaps = draw(st.sampled_from([0, 0, 1, 2, 3]))
+    # a pool without a snap axis reaches the ops only through [:, None]: named, so that it moves
+    named = op == "" or draw(st.integers(0, 3)) >= (1 if snaps == 0 else 3)
+    return RPool(index, draw(st.sampled_from(["kv", "vk"])), draw(st.sampled_from(["KV", "VK"])), slots, snaps,
+                 draw(st.integers(1, 2)), draw(st.integers(2, 4)), draw(st.integers(1, 4)), op, named,
+                 draw(st.sampled_from(["buffer", "buffer", "attribute"])))
+
+
+def _xpart(draw, body: Body, n: int, dims: tuple[int, ...], last: bool = False) -> str:
+    """(batch, n, *dims) from the entry's x: its last n tokens, a range of its features."""
+    width = 1
+    for d in dims:
+        width *= d
+    start = draw(st.integers(0, body.width_x - width))
+    expr = f"x[:, -{n}:, {start}:{start + width}]"
+    expr += f".unflatten(-1, ({', '.join(map(str, dims))}))" if len(dims) > 1 else ""
+    return f"{expr}[:, 0]" if last else expr
+
+
+def _r_state(draw, r: RPool, want: tuple[str, ...]) -> str:
+    """The pool as an op takes it, in the op's axes (slot, snap, head, .., ..): a snap axis added
+    to a pool without one, then permuted, in one of the spellings that give it."""
+    base, have = r.ref, r.axes
+    if not r.snaps:
+        base += draw(st.sampled_from(["[:, None]", ".unsqueeze(1)", "[:, None, ...]"]))
+        have = ("slot", "snap") + have[1:]
+    return base + spell(draw, tuple(have.index(a) for a in want))
+
+
+def _r_extra(draw, r: RPool, n: int, indices: str, body: Body) -> str:
+    """The slot indices (or none, in a whole-pool entry: row b is slot b) and spec-decode counts."""
+    extra = "" if body.whole and draw(st.integers(0, 3)) == 0 else f", {indices}=slots"
+    if r.snaps > 1 and extra and draw(st.booleans()):
+        extra += f", num_accepted_tokens=slots % {r.snaps - n + 1} + 1"
+    return extra
+
+
+def _r_tokens(draw, body: Body, r: RPool) -> int:
+    return draw(st.integers(1, min(body.tokens, r.snaps))) if r.snaps else 1
+
+
+@st.composite
+def ssu_use(draw, body: Body, r: RPool):
+    """selective_state_update on the pool (as (slot, snap, head, v, k)), in place by slot."""
+    n = _r_tokens(draw, body, r)
+    groups = draw(st.sampled_from(sorted({1, r.heads})))
+    xr = body.let(_xpart(draw, body, n, (r.heads, r.v)), "xr")
+    dt = body.let(_xpart(draw, body, n, (r.heads,)), "dt")
+    b = body.let(_xpart(draw, body, n, (groups, r.k)), "B")
+    c = body.let(_xpart(draw, body, n, (groups, r.k)), "C")
+    d = f"self.D{r.index}" if draw(st.booleans()) else "None"
+    z = body.let(_xpart(draw, body, n, (r.heads, r.v)), "z") if draw(st.booleans()) else "None"
+    bias = f"self.dtb{r.index}" if draw(st.booleans()) else "None"
+    out = f", out=torch.zeros_like({xr})" if draw(st.booleans()) else ""
+    extra = _r_extra(draw, r, n, "state_batch_indices", body)
+    y = body.let(f"selective_state_update({_r_state(draw, r, ('slot', 'snap', 'head', 'v', 'k'))}, {xr}, {dt}, "
+                 f"self.A{r.index}, {b}, {c}, {d}, {z}, {bias}, dt_softplus=True{extra}{out})", "y")
+    body.lines.append(f"outs.append({y})")
+    body.kinds.append("rec:selective_state_update")
+
+
+@st.composite
+def delta_use(draw, body: Body, r: RPool):
+    """delta_rule_update on the pool (as (slot, snap, head, k, v)), in place by slot."""
+    n = _r_tokens(draw, body, r)
+    qk = draw(st.sampled_from(sorted({1, r.heads})))
+    norm = draw(st.booleans())  # else q and k normalized by the model (the state stays bounded)
+    q, k = (body.let(_xpart(draw, body, n, (qk, r.k)) if norm else f"F.normalize({_xpart(draw, body, n, (qk, r.k))}, "
+                                                                    "dim=-1)", s) for s in ("q", "k"))
+    v = body.let(_xpart(draw, body, n, (r.heads, r.v)), "vv")
+    per_k = draw(st.booleans())  # KDA: one decay per key channel
+    g = body.let(f"-F.softplus({_xpart(draw, body, n, (r.heads, r.k) if per_k else (r.heads,))})", "g")
+    beta = body.let(f"torch.sigmoid({_xpart(draw, body, n, (r.heads,))})", "beta")
+    scale = draw(st.sampled_from(["", ", scale=1.0", ", scale=0.5"]))
+    out = f", out=torch.zeros_like({v})" if draw(st.booleans()) else ""
+    extra = _r_extra(draw, r, n, "state_indices", body)
+    o = body.let(f"delta_rule_update({_r_state(draw, r, ('slot', 'snap', 'head', 'k', 'v'))}, {q}, {k}, {v}, {g}, "
+                 f"{beta}{scale}{extra}{', use_qk_l2norm=True' if norm else ''}{out})", "o")
+    body.lines.append(f"outs.append({o})")
+    body.kinds.append("rec:delta_rule_update" + ("-kda" if per_k else ""))
+
+
+def _r_gathered(draw, body: Body, r: RPool) -> tuple[str, tuple[str, ...]]:
+    """The call's slots' states (the last snapshot of a pool with snaps): (expression, axes)."""
+    how = draw(st.sampled_from(["index", "index", "index_select"]))
+    ref = f"{r.ref}[slots]" if how == "index" else f"{r.ref}.index_select(0, slots)"
+    if r.snaps:
+        ref = draw(st.sampled_from([f"{r.ref}[slots, -1]", f"{r.ref}[slots][:, -1]", f"{ref}.select(1, -1)"]))
+    return ref, ("b",) + tuple(a for a in r.axes[1:] if a != "snap")
+
+
+def _r_outer(draw, body: Body, r: RPool) -> str:
+    """k (x) v from x: (batch, head, k, v)."""
+    kk, vv = _xpart(draw, body, 1, (r.heads, r.k), last=True), _xpart(draw, body, 1, (r.heads, r.v), last=True)
+    return draw(st.sampled_from([f"{kk}[..., :, None] * {vv}[..., None, :]",
+                                 f"torch.einsum('bhk,bhv->bhkv', {kk}, {vv})",
+                                 f"{kk}.unsqueeze(-1) @ {vv}.unsqueeze(-2)"]))
+
+
+def _r_readout(draw, body: Body, r: RPool, h: str) -> str:
+    """q . state over k, from a (batch, head, k, v) state: (batch, head, v)."""
+    q = _xpart(draw, body, 1, (r.heads, r.k), last=True)
+    return draw(st.sampled_from([f"({h} * {q}[..., None]).sum(-2)", f"torch.einsum('bhk,bhkv->bhv', {q}, {h})",
+                                 f"({q}[:, :, None, :] @ {h})[:, :, 0]"]))
+
+
+@st.composite
+def torch_update_use(draw, body: Body, r: RPool):
+    """A pure-torch decode step: gather the call's states, decay them (per head or per key
+    channel), add k (x) v, write them back by slot, read q . state out."""
+    gathered, axes = _r_gathered(draw, body, r)
+    work = ("b", "head", "k", "v")
+    perm = spell(draw, tuple(axes.index(a) for a in work))
+    h = body.let(gathered + perm + (".contiguous()" if perm and draw(st.booleans()) else ""), "h")
+    per_k = draw(st.booleans())
+    decay = f"torch.exp(-F.softplus({_xpart(draw, body, 1, (r.heads, r.k) if per_k else (r.heads,), last=True)}))"
+    decay += "[..., None]" if per_k else "[:, :, None, None]"
+    new = body.let(f"{h} * {decay} + {_r_outer(draw, body, r)}", "h")
+    value = new + spell(draw, tuple(work.index(a) for a in axes))
+    if r.snaps:
+        if r.snaps > 1 and draw(st.booleans()):  # the snapshots shift down, the new state goes last
+            body.lines.append(f"{r.ref}[slots, :-1] = {r.ref}[slots, 1:]")
+        how = draw(st.sampled_from(["setitem", "index_put_"]))
+        body.lines.append(f"{r.ref}[slots, -1] = {value}" if how == "setitem" else
+                          f"{r.ref}.index_put_((slots, torch.full_like(slots, {r.snaps - 1})), {value})")
+    else:
+        how = draw(st.sampled_from(["setitem", "index_put_", "index_copy_"]))
+        body.lines.append({"setitem": f"{r.ref}[slots] = {value}",
+                           "index_put_": f"{r.ref}.index_put_((slots,), {value})",
+                           "index_copy_": f"{r.ref}.index_copy_(0, slots.long(), {value})"}[how])
+    y = body.let(_r_readout(draw, body, r, new), "y")
+    body.lines.append(f"outs.append({y})")
+    body.kinds.append(f"rec:torch-update-{how}" + ("-per-k" if per_k else ""))
+
+
+@st.composite
+def r_reset_use(draw, body: Body, r: RPool):
+    """Fresh sequences start from zeros (or a gathered copy is zeroed: nothing written)."""
+    how = draw(st.sampled_from(["setitem", "first", "index_fill_", "mul_", "gathered"]))
+    lead = ", None" * (len(r.axes) - 1)
+    body.lines.append({
+        "setitem": f"{r.ref}[slots] = 0.0", "first": f"{r.ref}[slots[:1]] = 0",
+        "index_fill_": f"{r.ref}.index_fill_(0, slots.long(), 0.0)",
+        "mul_": f"{r.ref}.mul_((torch.arange({r.slots}) != slots[0]).float()[:{lead}])",
+        "gathered": f"{r.ref}[slots].zero_()"}[how])
+    body.kinds.append(f"rec:reset-{how}")
+
+
+@st.composite
+def r_read_use(draw, body: Body, r: RPool):
+    """A read returned: gathered rows (permuted, copied), one head, q . state, a reduction, rows
+    reshaped or viewed in memory order, the pool itself reduced."""
+    how = draw(st.sampled_from(["gather", "head", "readout", "reduce", "reshape", "view", "pool"]))
+    if how == "view" and not r.dense:
+        how = "reshape"  # .view() of a transposed allocation's rows fails in the model itself
+    gathered, axes = _r_gathered(draw, body, r)
+    if how == "gather":
+        perm = tuple(draw(st.permutations(range(len(axes)))))
+        expr = gathered + spell(draw, perm) + draw(st.sampled_from(["", " * 1.0", ".clone()", ".contiguous()"]))
+    elif how == "head":
+        h = draw(st.integers(-r.heads, r.heads - 1))
+        expr = draw(st.sampled_from([f"{gathered}[:, {h}]", f"{gathered}.select(1, {h})"]))
+        expr += draw(st.sampled_from(["", ".sum(-1)", ".amax(-2)"]))
+    elif how == "readout":
+        expr = _r_readout(draw, body, r, body.let(gathered + spell(draw, tuple(axes.index(a) for a in
+                                                                             ("b", "head", "k", "v"))), "h"))
+    elif how == "reduce":
+        expr = f"{gathered}.{draw(st.sampled_from(['sum', 'mean', 'amax']))}({draw(st.integers(1, 3))})"
+    elif how == "reshape":
+        expr = draw(st.sampled_from([f"{gathered}.reshape({gathered}.shape[0], -1)", f"{gathered}.flatten(-2)",
+                                     f"{gathered}.flatten(1)"]))
+    elif how == "view":  # the rows' memory order: a view of contiguous rows in the model's order only
+        expr = f"{r.ref}[slots].view(slots.shape[0], -1)" if not r.snaps else f"{r.ref}[slots].view(-1)"
+    else:
+        expr = f"{r.ref}.sum({draw(st.integers(1, len(r.axes) - 1))})"
+    y = body.let(expr, "y")
+    body.lines.append(f"outs.append({y})")
+    body.kinds.append(f"rec:read-{how}")
+
+
+R_UPDATES = (ssu_use, delta_use, torch_update_use)
+R_OTHER_USES = (r_reset_use, r_read_use)
+
+
+def _r_applicable(use, r: RPool) -> bool:
+    return {ssu_use: r.op == "ssu", delta_use: r.op == "delta"}.get(use, True)
+
+
+def _recurrent_uses(draw, body: Body, recurrent: tuple[RPool, ...], max_other_uses: int) -> None:
+    """The recurrent pools' uses, one block inserted among the body's lines (each use keeps to its
+    own names): most pools updated, other uses between."""
+    if not recurrent:
+        return
+    lines, kinds, body.lines, body.kinds = body.lines, body.kinds, [], []
+    updated = [r for r in recurrent if draw(st.integers(0, 3)) > 0]
+    others = [draw(st.sampled_from(recurrent)) for _ in range(draw(st.integers(0, max_other_uses)))]
+    uses = [(r, R_UPDATES) for r in updated] + [(r, R_OTHER_USES) for r in others]
+    for r, group in draw(st.permutations(uses)):
+        # a pool with an op takes it most of the time; a pure-torch update sometimes (one state, two styles)
+        choices = [u for u in group if _r_applicable(u, r)]
+        if group is R_UPDATES and r.op and draw(st.integers(0, 3)) > 0:
+            choices = [u for u in choices if u is not torch_update_use]
+        draw(draw(st.sampled_from(choices))(body, r))
+    at = draw(st.integers(0, len(lines)))
+    body.lines, body.kinds = lines[:at] + body.lines + lines[at:], kinds + body.kinds
+
+
 UPDATES = (conv_update_use, conv_prefill_use, cat_update_use, roll_update_use, prompt_use)
 OTHER_USES = (read_use, write_use, store_use)
 
@@ -1031,7 +1337,8 @@ def _applicable(use, body: Body, p: Pool) -> bool:
     return True
 
 
-def _body(draw, pools: tuple[Pool, ...], tokens: int, whole: bool, width_x: int, max_other_uses: int) -> Body:
+def _body(draw, pools: tuple[Pool, ...], tokens: int, whole: bool, width_x: int, max_other_uses: int,
+          recurrent: tuple[RPool, ...] = ()) -> Body:
     """Most bodies update most of their pools (a layer's state each step), other uses between."""
     body = Body(pools, tokens, whole, width_x)
     updated = [p for p in pools if draw(st.integers(0, 3)) > 0]
@@ -1040,16 +1347,18 @@ def _body(draw, pools: tuple[Pool, ...], tokens: int, whole: bool, width_x: int,
     for p, group in draw(st.permutations(uses)):
         use = draw(st.sampled_from([u for u in group if _applicable(u, body, p)]))
         draw(use(body, p))
+    _recurrent_uses(draw, body, recurrent, max_other_uses)
     return body
 
 
 @st.composite
 def entries(draw, index: int, pools: tuple[Pool, ...], dispatch: str, width_x: int, max_other_uses: int,
-            layers: tuple[int, ...], around: Around | None = None):
+            layers: tuple[int, ...], around: Around | None = None, recurrent: tuple[RPool, ...] = ()):
     tokens = 1 if dispatch == "rank" and index == 0 else draw(st.integers(1, 4))
     whole = draw(st.integers(0, 5)) == 5
     if not layers:
-        body = _body(draw, spelled(draw, around, pools) if around else pools, tokens, whole, width_x, max_other_uses)
+        body = _body(draw, spelled(draw, around, pools) if around else pools, tokens, whole, width_x, max_other_uses,
+                     recurrent)
         if around:
             draw(around_lines(around, body))
         return Entry(index, tokens, whole, tuple(body.lines), tuple(body.kinds))
@@ -1068,6 +1377,7 @@ def entries(draw, index: int, pools: tuple[Pool, ...], dispatch: str, width_x: i
         model.program_pools = (outside,)
         draw(draw(st.sampled_from([read_use, write_use]))(model, outside))
         model.kinds[:] = [f"outside {kind}" for kind in model.kinds]
+    _recurrent_uses(draw, model, recurrent, max_other_uses)  # the Model keeps the recurrent pools
     return Entry(index, tokens, whole, tuple(model.lines), tuple(model.kinds + [k for b in inner for k in b.kinds]),
                  tuple(tuple(b.lines) for b in inner))
 
@@ -1082,10 +1392,11 @@ def pools_of(draw, index: int, slots: int, layered: bool):
 
 @st.composite
 def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int = 3, max_calls: int = 6,
-             python: bool = True, max_actions: int = 4):
+             python: bool = True, max_actions: int = 4, recurrent_share: float = 0.0, max_recurrent: int = 2):
     """A program; the bounds keep CI's examples small (the benchmark takes the defaults). A third
     keep each pool in a layer of its own (some layers twice: identical layers). With `python`, half
-    have the second axis: Python around the graph in one class that keeps pools, and a harness."""
+    have the second axis: Python around the graph in one class that keeps pools, and a harness.
+    A `recurrent_share` of them also have one to `max_recurrent` recurrent pools, kept by the Model."""
     slots = draw(st.integers(3, 6))
     layered = draw(st.integers(0, 2)) == 2
     pools = tuple(draw(pools_of(i, slots, layered)) for i in range(draw(st.integers(1, max_pools))))
@@ -1096,9 +1407,12 @@ def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int
         holder = draw(st.sampled_from(sorted(set(layers)))) if layers else None
         around = draw(arounds(holder, pools if holder is None else (pools[holder],)))
         pools = around.pools if holder is None else pools[:holder] + around.pools + pools[holder + 1:]
+    recurrent = ()  # (nothing drawn at share 0: the conv-only programs stay as they were)
+    if recurrent_share > 0 and (recurrent_share >= 1 or draw(st.integers(0, 999)) >= 1000 * (1 - recurrent_share)):
+        recurrent = tuple(draw(rpools_of(i, slots)) for i in range(draw(st.integers(1, max_recurrent))))
     dispatch = draw(st.sampled_from(DISPATCH))
-    width_x = max(p.dim for p in pools)
-    bodies = tuple(draw(entries(i, pools, dispatch, width_x, max_other_uses, layers, around))
+    width_x = max([p.dim for p in pools] + [r.heads * max(r.k, r.v) for r in recurrent])
+    bodies = tuple(draw(entries(i, pools, dispatch, width_x, max_other_uses, layers, around, recurrent))
                    for i in range(draw(st.integers(1, max_entries))))
     batch = st.integers(1, min(slots, 4))
     calls = draw(st.lists(st.tuples(st.integers(0, len(bodies) - 1), batch), min_size=1, max_size=max_calls))
@@ -1111,7 +1425,7 @@ def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int
             around = dataclasses.replace(around, shared=tuple(draw(st.permutations(instances)))[:2])
     return Program(pools, bodies, dispatch, draw(st.booleans()), draw(st.sampled_from(["int64", "int32"])),
                    calls, draw(st.integers(0, 2**16)), draw(st.integers(0, 3)) == 3, layers, layer_calls,
-                   draw(st.integers(0, 3)) == 3, around)
+                   draw(st.integers(0, 3)) == 3, around, recurrent)
 
 
 # ----------------------------------------------------------------------------- around the graph
@@ -1589,6 +1903,11 @@ def _variants(program: Program):
     for p in program.pools if not program.layers else ():
         if len(program.pools) > 1 and not re.search(rf"\bp{p.index}\b|\bw{p.index}\b|\bb{p.index}\b", text):
             yield replace(program, pools=tuple(q for q in program.pools if q is not p))
+    for r in program.recurrent:  # a recurrent pool no line names; a named one left to discovery
+        if not re.search(rf"\br{r.index}\b|\b(A|D|dtb){r.index}\b", text):
+            yield replace(program, recurrent=tuple(s for s in program.recurrent if s is not r))
+        elif r.named and r.op:
+            yield replace(program, recurrent=tuple(replace(s, named=False) if s is r else s for s in program.recurrent))
     yield from _smaller_arounds(program)
     if program.named:
         yield replace(program, named=False)
