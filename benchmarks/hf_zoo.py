@@ -67,9 +67,12 @@ def optimized(name: str, layout: dict, lower: bool, ids, tokens, logits, limit: 
     uses, pools = fast.report.uses, fast.report.pools.values()
     return dict(tokens_equal=bool(torch.equal(got, tokens)), logit_error=(got_logits - logits).abs().max().item(),
                 pools=f"{sum(p.kind == 'conv' for p in pools)} / {sum(p.kind == 'recurrent' for p in pools)}",
+                moved=dict(conv=sum(p.kind == "conv" and p.moves for p in pools),
+                           recurrent=sum(p.kind == "recurrent" and p.moves for p in pools)),
                 lowered=sum(u.action == "lowered" for u in uses),
                 not_lowered=sorted({u.detail for u in uses if u.action == "not lowered"}),
-                captures=len(fast.graphs), seconds=round(time.perf_counter() - start, 1))
+                captures=len(fast.graphs), notes=[note[:500] for note in fast.report.notes],
+                seconds=round(time.perf_counter() - start, 1))
 
 
 def guarded_graphs(name: str) -> dict:
@@ -139,12 +142,16 @@ def table(rows: dict) -> str:
             return f"no {note(_one_line(result['error']))}"
         return f"{'yes' if result['tokens_equal'] else '**no**'} ({result['logit_error']:.0e})"
 
-    lines = ["| class | pools found (conv / recurrent) | DS+VK tokens == transformers (lowered / not) "
-             "| SD+KV tokens == transformers | lowered conv updates | prompt graphs | time (DS+VK lowered / DS+VK / SD+KV) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| class | pools found (conv / recurrent) | conv pools moved (DS+VK / SD+KV) | recurrent pools moved "
+             "(DS+VK / SD+KV) | DS+VK tokens == transformers (lowered / not) | SD+KV tokens == transformers "
+             "| lowered conv updates | prompt graphs | time (DS+VK lowered / DS+VK / SD+KV) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         low, ds, sd = (row[key] for key, _, _ in MODES)
         pools = next((r["pools"] for r in (low, ds, sd) if "pools" in r), "-")
+        pools += "".join(f" {note(text)}" for text in sorted({t for r in (low, ds, sd) for t in r.get("notes", [])}))
+        moved = " | ".join(" / ".join(str(r.get("moved", {}).get(kind, "-")) for r in (ds, sd))
+                           for kind in ("conv", "recurrent"))
         lowered = str(low.get("lowered", "-"))
         lowered += "".join(f" {note('not lowered: ' + detail)}" for detail in low.get("not_lowered", []))
         graphs = row.get("prompt_graphs", {})
@@ -153,11 +160,13 @@ def table(rows: dict) -> str:
         elif "error" in graphs:
             captures = f"fails {note(_one_line(graphs['error']))}"
         elif graphs:
-            captures = f"{graphs['graphs']} (new at {', '.join(map(str, graphs['first_lengths']))})"
+            captures = str(graphs["graphs"])
+            if graphs["first_lengths"]:
+                captures += f" (new at {', '.join(map(str, graphs['first_lengths']))})"
         else:
             captures = "-"
         times = " / ".join(str(r.get("seconds", "-")) for r in (low, ds, sd))
-        lines.append(f"| {name} | {pools} | {cell(low)} / {cell(ds)} | {cell(sd)} | {lowered} | {captures} "
+        lines.append(f"| {name} | {pools} | {moved} | {cell(low)} / {cell(ds)} | {cell(sd)} | {lowered} | {captures} "
                      f"| {times} s |")
     return "\n".join(lines + [""] + [f"[{i + 1}] {text}" for i, text in enumerate(notes)])
 
