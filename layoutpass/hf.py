@@ -12,7 +12,6 @@ sliding windows keep the whole history too and the window is the mask's, so no P
 counter decides a branch. The position where a call's tokens start is an input tensor.
 Conv states are (batch, channels, kernel): DS pools whose slot is the batch row."""
 
-import copy
 import inspect
 import random
 
@@ -64,6 +63,8 @@ class CacheAsBuffers(nn.Module):
             primed = [dict(getattr(layer, "has_previous_state", {})) for layer in template.layers]
             model(input_ids=torch.zeros(batch_size, 1, dtype=torch.long, device=device), cache=template, use_cache=True)
         self._template, self._primed, self._device = template, primed, device
+        # every attribute each layer holds, listed here (outside the traced forward) for _bind's copy
+        self._attributes = [tuple(vars(layer)) for layer in template.layers]
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self._layers = [self._own_layer(i, layer) for i, layer in enumerate(template.layers)]
         self._blocks = [(i, m) for i, m in enumerate(_decoder_layers(model)) if _holds_state(m)]
@@ -134,8 +135,14 @@ class CacheAsBuffers(nn.Module):
         from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin, StaticIndexedLayer, StaticLayer
 
         layers = []
-        for template, names, primed in zip(self._template.layers, self._layers, self._primed):
-            layer = copy.copy(template)
+        for template, attributes, names, primed in zip(self._template.layers, self._attributes, self._layers,
+                                                       self._primed):
+            # a shallow copy of the template, as copy.copy makes one; written out because torch 2.11's
+            # Dynamo skips the standard library's copy module ("function marked as skipped") and the
+            # fullgraph capture then fails; 2.13 traces either
+            layer = type(template).__new__(type(template))
+            for attribute in attributes:
+                setattr(layer, attribute, getattr(template, attribute))
             if isinstance(layer, LinearAttentionCacheLayerMixin):
                 layer.conv_states, layer.recurrent_states = dict(layer.conv_states), dict(layer.recurrent_states)
                 layer.has_previous_state = {s: not fresh and primed.get(s, False) for s in layer.has_previous_state}
