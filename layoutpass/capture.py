@@ -20,6 +20,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 # counter kept as an int attribute of a module (`self.seen += n`) is an input, not a constant
 # that recompiles on every call.
 DYNAMO_SETTINGS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "allow_unspec_int_on_nn_module": True}
+# Dynamo's own default does not guard on modules' hook dicts: a graph captured before a hook was
+# registered (or on the rehearsal's copy, which runs without hooks) would run without it.
+HOOK_GUARDS = {"skip_nnmodule_hook_guards": False}
 
 # Tensor attributes whose values depend on memory order: Python code that reads them on a
 # relayouted pool could branch differently, which no graph shows. (A pool moves in its own
@@ -35,6 +38,8 @@ def configure_dynamo() -> None:
             setattr(config, name, value or current)
         else:
             setattr(config, name, max(value, current))
+    for name, value in HOOK_GUARDS.items():
+        setattr(config, name, value)
 
 
 @dataclass(frozen=True)

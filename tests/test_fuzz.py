@@ -213,14 +213,10 @@ FINDINGS = {
 }
 
 
-# Findings open now: a name here marks its test a strict xfail, and OPEN_CLASSES[name]
+# Findings open now (none): a name here marks its test a strict xfail, and OPEN_CLASSES[name]
 # (program, outcome) -> bool tells the property which failures are that finding's.
-F21 = next(name for name in FINDINGS if name.startswith("F21 "))
-OPEN_FINDINGS: set[str] = {F21}
-OPEN_CLASSES: dict = {
-    # a layered program whose Model keeps recurrent pools and whose layer class has hooks: any mismatch
-    F21: lambda prog, outcome: outcome.kind == "mismatch" and bool(prog.layers and prog.recurrent) and
-    prog.around is not None and bool(prog.around.hooks)}
+OPEN_FINDINGS: set[str] = set()
+OPEN_CLASSES: dict = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason="open: " + name)]

@@ -105,6 +105,30 @@ def test_hooks_see_each_call_once_and_the_random_streams_are_the_models(layout, 
     same_state(reference, fast)
 
 
+class KeepsStateItself(torch.nn.Module):
+    """State on the model itself: the whole model is captured as one unit, its layers inlined."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = pm.Conv()
+        self.register_buffer("seen", torch.zeros(pm.SLOTS, 1, 1))
+
+    def forward(self, x, slots):
+        self.seen[slots] += 1
+        return self.inner(x, slots)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_hook_registered_on_an_inlined_layer_after_the_first_call_runs(layout):
+    counts = []
+
+    def between(m, i):
+        if i == 2:
+            m.inner.register_forward_pre_hook(lambda mod, args: counts.append(id(mod)))
+    reference, fast = run_both(KeepsStateItself(), steps(4), layout, between)
+    assert counts.count(id(fast.inner)) == counts.count(id(reference.inner)) == 2
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_snapshot_hook_and_an_undo_method(layout):
     def undo(m, i):
