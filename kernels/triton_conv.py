@@ -262,62 +262,194 @@ def _ds_vec_kernel(x_ptr, w_ptr, b_ptr, state_ptr, idx_ptr, out_ptr, batch, grou
 
 
 @triton.jit
-def _prefill_tap(x_rows, wt_ptr, head_ptr, D2, T2, seq, start, mask, dim, sx_dim, sx_tok,
-                 k: tl.constexpr, WIDTH: tl.constexpr):
-    """Tap k's term: weight k times input position p = t - (WIDTH - 1) + k, from x inside the
-    sequence and from `head` before its start. One load: each row's pointer is chosen first
-    (the channel offsets agree whenever x's channel stride is 1, the usual case)."""
-    p = T2 - (WIDTH - 1) + k
-    inside = p >= start
-    row = tl.where(inside, x_rows + (k - (WIDTH - 1)) * sx_tok,
-                   head_ptr + (seq * (WIDTH - 1) + WIDTH - 1 - start + p) * dim)
-    v = tl.load(row + tl.where(inside, D2 * sx_dim, D2), mask=mask, other=0.0)
-    wk = tl.load(wt_ptr + k * dim + D2, mask=D2 < dim, other=0.0).to(tl.float32)
-    return wk * v.to(tl.float32)
+def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5):
+    """a_i, i a compile-time index < 6."""
+    if i == 0:
+        return a0
+    elif i == 1:
+        return a1
+    elif i == 2:
+        return a2
+    elif i == 3:
+        return a3
+    elif i == 4:
+        return a4
+    else:
+        return a5
 
 
 @triton.jit
-def _prefill_out_kernel(
-    x_ptr, wt_ptr, b_ptr, head_ptr, seq_ptr, qsl_ptr, idx_ptr, out_ptr,
-    num_tokens, dim, null_block_id,
-    sx_dim, sx_tok, so_dim, so_tok,
-    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_INDICES: tl.constexpr,
-    TOK_FAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr,
-):
-    """A (token block, channel block) of the varlen prefill output. Token blocks may span
-    sequences: each token finds its sequence; taps before a sequence's start read `head`, the
-    (batch, width - 1, dim) inputs before it (its initial state's tail, or zeros). The weights
-    come as (WIDTH, dim) rows, so every operand of a tap is a row of channels in the x tile's
-    layout: with BLOCK_D = 256 * num_warps (warps side by side along the channels) nothing
-    goes through shared memory. Null slots are zeroed at the end. The pool is not touched
-    here: the kernel is the same for every pool layout. WIDE: as in _conv_state_kernel."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    if WIDE:
-        t, d = t.to(tl.int64), d.to(tl.int64)
-    if TOK_FAST:
-        D2, T2 = d[:, None], t[None, :]
+def _slot(seq, idx_ptr, init_ptr, state_ptr, ss_slot, null_block_id, HAS_INDICES: tl.constexpr,
+          HAS_INIT: tl.constexpr):
+    """Sequence seq's pool block, whether it has a slot (else its outputs are zero) and whether
+    its initial state is read (else zeros)."""
+    slot = seq.to(tl.int64)
+    live = seq >= 0
+    if HAS_INDICES:
+        slot = tl.load(idx_ptr + seq).to(tl.int64)
+        live = slot != null_block_id
+    if HAS_INIT:
+        readable = live & (tl.load(init_ptr + seq) != 0)
     else:
-        D2, T2 = d[None, :], t[:, None]
-    mask = (T2 < num_tokens) & (D2 < dim)
-    x_rows = x_ptr + T2 * sx_tok
-    seq = tl.load(seq_ptr + T2, mask=T2 < num_tokens, other=0).to(tl.int64)
-    start = tl.load(qsl_ptr + seq, mask=T2 < num_tokens, other=0).to(tl.int64)
-    acc = tl.zeros(mask.shape, tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + D2, mask=D2 < dim, other=0.0).to(tl.float32)
-    # The aligned tap first; once it is in L1 the shifted taps re-read it from there.
-    acc += _prefill_tap(x_rows, wt_ptr, head_ptr, D2, T2, seq, start, mask, dim, sx_dim, sx_tok, WIDTH - 1, WIDTH)
-    tl.debug_barrier()
-    for k in tl.static_range(WIDTH - 1):
-        acc += _prefill_tap(x_rows, wt_ptr, head_ptr, D2, T2, seq, start, mask, dim, sx_dim, sx_tok, k, WIDTH)
+        readable = seq < 0
+    return state_ptr + slot * ss_slot, live, readable
+
+
+@triton.jit
+def _head(j: tl.constexpr, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN: tl.constexpr):
+    """The input j tokens before a sequence's first: its initial state's column STATE_LEN - j
+    (zeros where the state is not read), fp32."""
+    return tl.load(s_base + (STATE_LEN - j) * ss_tok + s_offs, mask=_when(readable, dmask), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _history(p, start, x_ptr, x_row, sx_tok, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN: tl.constexpr):
+    """Input position p of the sequence that starts at token `start`, fp32: x's token p inside
+    the sequence, the initial state's column STATE_LEN - (start - p) before it (zeros where
+    the state is not read)."""
+    inside = p >= start
+    vx = tl.load(x_ptr + p * sx_tok + x_row, mask=_when(inside, dmask), other=0.0)
+    vs = tl.load(s_base + (STATE_LEN - start + p) * ss_tok + s_offs, mask=_when(readable & (p < start), dmask),
+                 other=0.0)
+    return tl.where(inside, vx, vs).to(tl.float32)
+
+
+@triton.jit
+def _silu_live(acc, live, SILU: tl.constexpr, HAS_INDICES: tl.constexpr):
     if SILU:
         acc = acc / (1.0 + tl.exp(-acc))
     if HAS_INDICES:
-        slot = tl.load(idx_ptr + seq, mask=T2 < num_tokens, other=0)
-        acc = tl.where(slot != null_block_id, acc, 0.0)
-    tl.store(out_ptr + D2 * so_dim + T2 * so_tok, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc = tl.where(live, acc, 0.0)
+    return acc
 
+
+@triton.jit
+def _fast_step(v, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH: tl.constexpr, SILU: tl.constexpr,
+               HAS_INDICES: tl.constexpr):
+    """A token whose WIDTH - 1 inputs before it are carried (h1 the last): its output row (in
+    v's dtype) and the carried inputs for the next token."""
+    vf = v.to(tl.float32)
+    # The order of the tile kernel before (bias, the aligned tap, then taps 0..WIDTH-2).
+    acc = bias
+    acc += _pick(WIDTH - 1, w0, w1, w2, w3, w4, w5) * vf
+    for k in tl.static_range(WIDTH - 1):
+        acc += _pick(k, w0, w1, w2, w3, w4, w5) * _pick(WIDTH - 1 - k, vf, h1, h2, h3, h4, h5)
+    return _silu_live(acc, live, SILU, HAS_INDICES).to(v.dtype), vf, h1, h2, h3, h4
+
+
+@triton.jit
+def _prefill_scan_kernel(
+    x_ptr, w_ptr, b_ptr, state_ptr, init_ptr, qsl_ptr, idx_ptr, out_ptr,
+    num_tokens, batch, dim, null_block_id,
+    sx_dim, sx_tok, so_dim, so_tok, sw_dim, sw_k, ss_slot, ss_dim, ss_tok,
+    WIDTH: tl.constexpr, STATE_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    HAS_INDICES: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    WIDE: tl.constexpr,
+):
+    """BLOCK_T tokens x BLOCK_D channels of the varlen prefill output, scanned along the tokens
+    in chunks of 8: [BLOCK_D, 8] loads and stores (16-byte vectors along x's contiguous axis,
+    channels or tokens) split into rows of channels in registers (_cols8, _row8). The
+    WIDTH - 1 inputs before a token are carried from the rows before it, so x is read once
+    (plus WIDTH - 1 rows at the tile's start). A chunk inside one sequence takes the fast path
+    (carried inputs, no per-token work but the arithmetic); a chunk where a sequence starts
+    walks query_start_loc token by token and reads those taps from x or from the initial state
+    in the pool (read, never written, here: the next kernel writes the final states), then
+    reloads the carried inputs. The first token's sequence: a binary search. Weights, bias and
+    the pool are read in their own layouts. Null slots give zero outputs. The arithmetic is
+    the tile kernel's before it, in its order (bit-identical). WIDE: as in _conv_state_kernel."""
+    t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    t_end = tl.minimum(t0 + BLOCK_T, num_tokens)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if WIDE:
+        d = d.to(tl.int64)
+    dmask = d < dim
+    D2, C2 = d[:, None], tl.arange(0, 8)[None, :]
+    x_offs, o_offs, x_row, s_offs = D2 * sx_dim + C2 * sx_tok, D2 * so_dim + C2 * so_tok, d * sx_dim, d * ss_dim
+    mask = (D2 < dim) & (C2 < 8)
+    w0 = tl.load(w_ptr + d * sw_dim, mask=dmask, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + d * sw_dim + sw_k, mask=dmask, other=0.0).to(tl.float32)
+    w2, w3, w4, w5 = w1, w1, w1, w1
+    if WIDTH > 2:
+        w2 = tl.load(w_ptr + d * sw_dim + 2 * sw_k, mask=dmask, other=0.0).to(tl.float32)
+    if WIDTH > 3:
+        w3 = tl.load(w_ptr + d * sw_dim + 3 * sw_k, mask=dmask, other=0.0).to(tl.float32)
+    if WIDTH > 4:
+        w4 = tl.load(w_ptr + d * sw_dim + 4 * sw_k, mask=dmask, other=0.0).to(tl.float32)
+    if WIDTH > 5:
+        w5 = tl.load(w_ptr + d * sw_dim + 5 * sw_k, mask=dmask, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    # The sequence of token t0: the number of sequences that end at or before it.
+    lo = batch * 0
+    hi = batch
+    while lo < hi:
+        mid = (lo + hi) // 2
+        before = tl.load(qsl_ptr + mid + 1) <= t0
+        lo = tl.where(before, mid + 1, lo)
+        hi = tl.where(before, hi, mid)
+    seq = lo
+    start = tl.load(qsl_ptr + seq).to(tl.int64)
+    end = tl.load(qsl_ptr + seq + 1).to(tl.int64)
+    s_base, live, readable = _slot(seq, idx_ptr, init_ptr, state_ptr, ss_slot, null_block_id, HAS_INDICES, HAS_INIT)
+    h1 = _history(t0 - 1, start, x_ptr, x_row, sx_tok, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+    h2, h3, h4, h5 = h1, h1, h1, h1
+    if WIDTH > 2:
+        h2 = _history(t0 - 2, start, x_ptr, x_row, sx_tok, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+    if WIDTH > 3:
+        h3 = _history(t0 - 3, start, x_ptr, x_row, sx_tok, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+    if WIDTH > 4:
+        h4 = _history(t0 - 4, start, x_ptr, x_row, sx_tok, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+    if WIDTH > 5:
+        h5 = _history(t0 - 5, start, x_ptr, x_row, sx_tok, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+    # Invariant at each chunk's first token tc: seq, start, end are the sequence of token tc - 1
+    # (of t0 at the first chunk), and h1..h5 the inputs before tc in that sequence.
+    for c in range(0, BLOCK_T, 8):  # (constant bounds: the interpreter takes no tensor bounds)
+        tc = t0 + c
+        if (tc + 8 <= end) & (tc + 8 <= t_end):  # all 8 tokens in one sequence, and in this tile
+            v0, v1, v2, v3, v4, v5, v6, v7 = _cols8(tl.load(x_ptr + tc * sx_tok + x_offs, mask=mask, other=0.0))
+            o0, h1, h2, h3, h4, h5 = _fast_step(v0, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o1, h1, h2, h3, h4, h5 = _fast_step(v1, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o2, h1, h2, h3, h4, h5 = _fast_step(v2, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o3, h1, h2, h3, h4, h5 = _fast_step(v3, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o4, h1, h2, h3, h4, h5 = _fast_step(v4, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o5, h1, h2, h3, h4, h5 = _fast_step(v5, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o6, h1, h2, h3, h4, h5 = _fast_step(v6, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            o7, h1, h2, h3, h4, h5 = _fast_step(v7, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                SILU, HAS_INDICES)
+            tl.store(out_ptr + tc * so_tok + o_offs, _row8(o0, o1, o2, o3, o4, o5, o6, o7), mask=mask)
+        else:
+            # A sequence starts in this chunk: token by token (a loop: one row live), the inputs
+            # before a sequence's first token reloaded from its initial state.
+            t = tc
+            while t < tl.minimum(tc + 8, t_end):
+                if t >= end:
+                    while t >= end:
+                        seq += 1
+                        end = tl.load(qsl_ptr + seq + 1).to(tl.int64)
+                    s_base, live, readable = _slot(seq, idx_ptr, init_ptr, state_ptr, ss_slot, null_block_id,
+                                                   HAS_INDICES, HAS_INIT)
+                    h1 = _head(1, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+                    if WIDTH > 2:
+                        h2 = _head(2, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+                    if WIDTH > 3:
+                        h3 = _head(3, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+                    if WIDTH > 4:
+                        h4 = _head(4, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+                    if WIDTH > 5:
+                        h5 = _head(5, s_base, s_offs, ss_tok, readable, dmask, STATE_LEN)
+                v = tl.load(x_ptr + t * sx_tok + x_row, mask=dmask, other=0.0)
+                o, h1, h2, h3, h4, h5 = _fast_step(v, h1, h2, h3, h4, h5, w0, w1, w2, w3, w4, w5, bias, live, WIDTH,
+                                                   SILU, HAS_INDICES)
+                tl.store(out_ptr + t * so_tok + d * so_dim, o, mask=dmask)
+                t += 1
 
 def _wide(*tensors: torch.Tensor) -> bool:
     """Whether an element offset into one of these tensors can pass int32 (a prefill of
@@ -335,16 +467,19 @@ def _flat(conv_state: torch.Tensor) -> bool:
 # Block shapes, as data. UPDATE_BLOCKS[dense DS pool]: (largest batch, BLOCK_D, SEQS, num_warps,
 # path), the first match wins. Paths: "tiled" (any strides), "flat" (a dense DS block as one
 # run), "vec" (dense DS, one token, no spec, state_len == width - 1 <= 3, whole 8-channel
-# groups; else "flat"). PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps), channels
-# fastest with BLOCK_D = 256 * num_warps (no layout conversion; see _prefill_out_kernel). PDL:
-# programmatic dependent launch on the vec path (each kernel starts while the one before it
-# drains; Hopper and newer). Chosen on an H100 80GB HBM3 (benchmarks/results/, NOTES.md).
+# groups; else "flat"). PDL: programmatic dependent launch on the vec path (each kernel starts
+# while the one before it drains; Hopper and newer). Chosen on an H100 80GB HBM3 (benchmarks/
+# results/, NOTES.md). PREFILL_BLOCKS[tokens fastest]: (BLOCK_T, BLOCK_D, num_warps) of
+# _prefill_scan_kernel, BLOCK_T a multiple of 8; without layout conversions when each thread
+# holds whole 16-byte vectors of one warp's rows: channels fastest, BLOCK_D >= 8 * 32 *
+# num_warps in bf16; tokens fastest, BLOCK_D = 32 * num_warps (one channel per thread).
+# Chosen on an H200 by a sweep (NOTES.md, 2026-12-04 prefill scan).
 UPDATE_BLOCKS = {
     True: [(1 << 62, 256, 1, 1, "vec")],
     False: [(16, 128, 1, 4, "tiled"), (64, 256, 1, 1, "tiled"), (256, 128, 1, 2, "tiled"),
             (1 << 62, 256, 1, 1, "tiled")],
 }
-PREFILL_BLOCKS = {True: (64, 64, 4), False: (4, 512, 2)}
+PREFILL_BLOCKS = {True: (128, 64, 2), False: (128, 1024, 4)}
 PDL = True
 
 
@@ -398,7 +533,8 @@ def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_i
 
 def _heads(conv_states, cache_indices, has_initial_state, batch, width) -> torch.Tensor:
     """(batch, width - 1, dim): the inputs just before each sequence, channels contiguous (the
-    initial state's last columns where flagged, else zeros). Small; read by the output kernel."""
+    initial state's last columns where flagged, else zeros). Read by the tile kernel before
+    _prefill_scan_kernel, kept in benchmarks/prefill_variants.py ("before")."""
     slots = torch.arange(batch, device=conv_states.device) if cache_indices is None else cache_indices.long()
     tail = conv_states[slots, :, conv_states.shape[2] - (width - 1):].transpose(1, 2)
     if has_initial_state is None:
@@ -434,20 +570,19 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     batch = query_start_loc.shape[0] - 1
     if num_tokens == 0 or batch == 0:
         return out
-    seq_of_token = torch.searchsorted(query_start_loc[1:], torch.arange(num_tokens, device=x.device,
-                                                                        dtype=query_start_loc.dtype), right=True)
     tok_fast = x.stride(1) == 1 and x.stride(0) != 1
     block_t, block_d, warps = PREFILL_BLOCKS[tok_fast]
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
-    init = None if has_initial_state is None else has_initial_state.to(torch.int8)
-    wrap_triton(_prefill_out_kernel)[grid](
-        x, weight.t().contiguous(), bias,  # weights as (width, dim) rows: see _prefill_out_kernel
-        _heads(conv_states, cache_indices, has_initial_state, batch, weight.shape[1]),
-        seq_of_token, query_start_loc, cache_indices, out, num_tokens, dim, null_block_id,
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_INDICES=cache_indices is not None, TOK_FAST=tok_fast, BLOCK_T=block_t, BLOCK_D=block_d,
-        WIDE=_wide(x, out), num_warps=warps)
+    block_d = min(block_d, max(8, triton.next_power_of_2(dim)))
+    warps = max(1, min(warps, block_d // 64))
+    init = has_initial_state
+    if init is not None and init.dtype == torch.bool:
+        init = init.view(torch.int8)  # the same bytes, no copy
+    wrap_triton(_prefill_scan_kernel)[(triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))](
+        x, weight, bias, conv_states, init, query_start_loc, cache_indices, out, num_tokens, batch, dim, null_block_id,
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), weight.stride(0), weight.stride(1),
+        *conv_states.stride(), WIDTH=weight.shape[1], STATE_LEN=conv_states.shape[2], HAS_BIAS=bias is not None,
+        SILU=activation == "silu", HAS_INDICES=cache_indices is not None, HAS_INIT=init is not None,
+        BLOCK_T=block_t, BLOCK_D=block_d, WIDE=_wide(x, out), num_warps=warps)
     # Final states: the decode kernel's state shift over each sequence's tokens, without outputs;
     # sequences with no initial state read zeros.
     no_init = torch.zeros(batch, dtype=torch.int8, device=x.device) if init is None else init

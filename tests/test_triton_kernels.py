@@ -75,6 +75,20 @@ def test_prefill_interpreted(width, tokens_major, layout, blocks):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tokens_major", [False, True])
+@pytest.mark.parametrize("width", [2, 4, 6])
+@pytest.mark.parametrize("tile", [(8, 16, 1), (16, 8, 1), (24, 32, 2), (12, 16, 1)])
+def test_prefill_tiles_interpreted(tile, width, tokens_major, layout, monkeypatch):
+    """The prefill's token scan at small tiles (BLOCK_T, BLOCK_D, num_warps): tiles that start
+    inside a sequence (inputs carried in from x and from the initial state), 8-token chunks
+    wholly inside one sequence (the fast path) and chunks where sequences start (empty ones
+    among them), a tile of 12 tokens (chunks cut by the tile), channel blocks past dim."""
+    monkeypatch.setattr(triton_conv, "PREFILL_BLOCKS", {True: tile, False: tile})
+    prefill_case(width * 7 + tile[0] + tokens_major, layout=layout, width=width, dim=37, tokens_major=tokens_major,
+                 lens=[1, 0, width - 1, 40, 9, 0, 17, 8, 2]).check(triton_prefill)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("form", ["single", "varlen"])
 def test_wide_index_math_interpreted(form, layout, monkeypatch):
     """The 64-bit index path (taken for tensors past 2^31 elements, see the GPU test below) on
