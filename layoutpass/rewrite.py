@@ -54,8 +54,8 @@ class Rewriter:
     def rank(node) -> int:
         if not isinstance(node, torch.fx.Node):
             return 0
-        if "val" in node.meta and hasattr(node.meta["val"], "dim"):
-            return node.meta["val"].dim()
+        if "val" in node.meta:  # a tensor, or a number (a SymInt from a size: rank 0)
+            return node.meta["val"].dim() if hasattr(node.meta["val"], "dim") else 0
         return node.meta["lp_rank"]
 
 

@@ -205,6 +205,12 @@ FINDINGS = {
             "def snapshot(module, args):\n    module._ckpt = module.p0.detach().clone()"])),
         recurrent=(fm.RPool(0, "kv", "KV", 3, 0, 1, 2, 2, "", True),)),
         {"conv": "DS", "recurrent": "VK"}, False, "equivalent"),
+    "F22 a pool scaled by a Python counter the forward moves (a symbolic int in the graph): the rewrite asked "
+    "the number for its tensor rank and failed at capture (lowering on)": (program(
+        [pool("SD", 3, 2, 4, 3)],
+        [(1, ["self.seen += x.shape[0]", *DECODE_SD, "self.p0[slots] = self.p0[slots] * (0.5 + self.seen % 2)"])],
+        [(0, 2), (0, 2), (0, 1)], around=around(pool("SD", 3, 2, 4, 3), features=("counter",))),
+        "DS", True, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
