@@ -58,6 +58,8 @@ def logical_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     from .state import logical_state
 
     model = getattr(model, "_orig_mod", model)
+    if "_lp" in vars(model):  # raw pages a rebound pool left in its new order go back first
+        model.__dict__["_lp"].settle_unbound()
     pools = getattr(getattr(model, "report", None), "pools", {})
     return logical_state(model, {p.name: (p.axes, p.source) for p in pools.values() if p.moves and not p.argument})
 

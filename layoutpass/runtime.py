@@ -98,6 +98,20 @@ class Unit:
     eager: str | None = None  # why it runs as written, when Dynamo cannot capture it
 
 
+@dataclass(frozen=True)
+class Region:
+    """Where a moved pool sits inside raw pages (a container), as it moved: if the pool is later
+    rebound to another tensor, these bytes are left in its new order and are put back."""
+
+    tree: object  # weak reference to the optimized model (or twin) it moved in
+    pool: str
+    containers: tuple[str, ...]
+    place: tuple  # state.place_key of the pool
+    strides: tuple[int, ...]
+    axes: Layout
+    order: Layout  # the model's
+
+
 class Session:
     """The compiler state behind one optimized model: units, pools, report, pending moves."""
 
@@ -117,6 +131,7 @@ class Session:
         self.rehearsed = False  # the first call (or the example calls) ran on a twin
         self.reverted: str | None = None  # why every pool went back to the model's order
         self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
+        self.regions: list[Region] = []  # moved pools inside raw pages
         for unit in units:
             unit.compiled = torch.compile(_own_code(unit.forward), backend=functools.partial(_backend, self, unit),
                                           fullgraph=True, dynamic=options.dynamic)
@@ -306,11 +321,13 @@ class Session:
         if self.warming or not (self.calls or self.rehearsed) or self.reverted or \
                 any(p.argument and p.moves for p in self.pools.values()):
             return False
+        self.settle_unbound()
         moved = [p for p in self.pools.values() if p.moves]
         for tree in self._live_trees():
             for pool in moved:
                 move(tree, pool.name, pool.axes, pool.source)
         self.reverted = f"every pool is back in the model's order after a later call was refused: {err}"
+        self.regions = []
         self.pools.update({n: dataclasses.replace(p, target=p.source) for n, p in self.pools.items()})
         for unit in self.units:
             unit.pools = {k: dataclasses.replace(p, target=p.source) for k, p in unit.pools.items()}
@@ -343,6 +360,12 @@ class Session:
                 move(tree, name, pool.axes, pool.target)
         for tree in self._live_trees():
             _guard_pages(self, tree, [name for name, _ in pending])
+            for name, pool in pending:
+                t = resolve(tree, name)
+                pages = tuple(path for path, r in aliases(tree, t).items() if r == "container")
+                if pages:
+                    self.regions.append(Region(weakref.ref(tree), name, pages, place_key(t), tuple(t.stride()),
+                                               pool.axes, pool.source))
         moved = {name for name, _ in pending}
         for unit in self.units:  # Dynamo's guards on strides keep them from running again
             unit.entries = [e for e in unit.entries if not e.reads & moved]
@@ -350,11 +373,35 @@ class Session:
         self.report.entry_uses = {k: v for k, v in self.report.entry_uses.items() if k in live}
         log.info("moved %d pool(s): %s", len(pending), ", ".join(f"{n} -> {p.target}" for n, p in pending))
 
+    def settle_unbound(self) -> None:
+        """Raw pages whose moved pool was rebound to another tensor since (the model set a new
+        one at its path): the bytes the pool left there go back to the model's order."""
+        keep = []
+        for r in self.regions:
+            tree = r.tree()
+            if tree is None:
+                continue
+            now = _resolved(tree, r.pool)
+            if isinstance(now, torch.Tensor) and place_key(now) == r.place and tuple(now.stride()) == r.strides:
+                keep.append(r)
+                continue
+            pages = next((t for c in r.containers if isinstance(t := _resolved(tree, c), torch.Tensor) and
+                          storage_key(t) == r.place[:2]), None)
+            if pages is not None:
+                _, _, offset, shape, dtype = r.place
+                inside = torch.empty(0, dtype=dtype, device=pages.device).set_(pages.untyped_storage(), offset,
+                                                                                shape, r.strides)
+                with torch.no_grad():
+                    pages.copy_(relaid(pages, pages, [(inside, r.axes, r.order)]))
+        self.regions = keep
+
     def _refused(self) -> None:
         """inplace: a refusal hands the model back as it was, its moved pools in their old order
         (their values never changed); a copy keeps its pools where they are."""
         if not self.options.inplace:
             return
+        self.settle_unbound()
+        self.regions = []
         moved = [p for p in self.pools.values() if p.moves and not p.argument]
         for tree in self._live_trees():
             for pool in moved:
@@ -386,6 +433,14 @@ class Session:
         when = "in the example calls" if strict else "in the first call"
         raise PoolNotFound(f"no state pool found {when}: no rank-3 state tensor reaches a conv op or is written back "
                            f"shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
+
+
+def _resolved(tree: nn.Module, path: str):
+    """The object at `path`, or None where the model no longer has it."""
+    try:
+        return resolve(tree, path)
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
 
 
 def _first_line(err: Exception) -> str:
@@ -458,6 +513,8 @@ class _Pages:
         return out
 
     def __call__(self, module, state_dict, prefix, *_):  # a state_dict hook, or a load pre-hook
+        if (session := self.session()) is not None:
+            session.settle_unbound()
         for name, pages in module._buffers.items():
             value = state_dict.get(prefix + name)
             if isinstance(value, torch.Tensor) and value.shape == pages.shape and (pools := self._pools(pages)):
@@ -538,6 +595,8 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         session: Session = self.__dict__["_lp"]
+        if session.regions and not session.calling:
+            session.settle_unbound()
         if not (session.rehearsed or session.calls or session.calling or session.warming or
                 torch.compiler.is_compiling()):
             _rehearse(self, args, kwargs)
@@ -565,6 +624,7 @@ class OptimizedModule(nn.Module):
         """pickle and copy.deepcopy: the model as it stands (its class, state and attributes),
         optimized again where it is loaded."""
         session: Session = self.__dict__["_lp"]
+        session.settle_unbound()
         plain = session.model_class.__new__(session.model_class)
         plain.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_lp"})
         o = session.options

@@ -211,6 +211,12 @@ FINDINGS = {
         [(1, ["self.seen += x.shape[0]", *DECODE_SD, "self.p0[slots] = self.p0[slots] * (0.5 + self.seen % 2)"])],
         [(0, 2), (0, 2), (0, 1)], around=around(pool("SD", 3, 2, 4, 3), features=("counter",))),
         "DS", True, "equivalent"),
+    "F23 a pool carved out of raw pages, moved, then rebound to a copy of itself: the pages keep the old pool's "
+    "bytes in its new order, and the pages read back differ from the model's": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, [line.replace("self.p0", "self.kv_cache[0][0]") for line in DECODE_SD])],
+        [(0, 2), (0, 2)], around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="list",
+                                        actions=[(1, "rebind-clone", "m.kv_cache = [tuple(c.clone() for c in "
+                                                                         "m.kv_cache[0])]")])), "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
