@@ -375,16 +375,21 @@ class Session:
 
     def settle_unbound(self) -> None:
         """Raw pages whose moved pool was rebound to another tensor since (the model set a new
-        one at its path): the bytes the pool left there go back to the model's order."""
-        keep = []
+        one at its path): the bytes the pool left there go back to the model's order, once, and
+        only when no other name still holds the pool there."""
+        bound, unbound = [], []
         for r in self.regions:
+            tree, now = r.tree(), None
+            if tree is not None:
+                now = _resolved(tree, r.pool)
+                held = isinstance(now, torch.Tensor) and place_key(now) == r.place and tuple(now.stride()) == r.strides
+                (bound if held else unbound).append(r)
+        held = {(r.tree(), r.place, r.strides) for r in bound}
+        for r in unbound:
             tree = r.tree()
-            if tree is None:
+            if (tree, r.place, r.strides) in held:
                 continue
-            now = _resolved(tree, r.pool)
-            if isinstance(now, torch.Tensor) and place_key(now) == r.place and tuple(now.stride()) == r.strides:
-                keep.append(r)
-                continue
+            held.add((tree, r.place, r.strides))
             pages = next((t for c in r.containers if isinstance(t := _resolved(tree, c), torch.Tensor) and
                           storage_key(t) == r.place[:2]), None)
             if pages is not None:
@@ -393,7 +398,7 @@ class Session:
                                                                                 shape, r.strides)
                 with torch.no_grad():
                     pages.copy_(relaid(pages, pages, [(inside, r.axes, r.order)]))
-        self.regions = keep
+        self.regions = bound
 
     def _refused(self) -> None:
         """inplace: a refusal hands the model back as it was, its moved pools in their old order
@@ -576,7 +581,11 @@ def _restore(plain: nn.Module, layouts: dict, options: dict, moved: list, pages:
     optimized again in place; graphs are captured anew. (pickle keeps no storage shared between
     two tensors, deepcopy does: pages still sharing the pool's memory come back with its move.)"""
     _drop_stale(plain)
+    done = set()
     for path, name, offset, shape, strides, axes, order in pages:
+        if (path, offset, shape, strides) in done:  # one pool under two names
+            continue
+        done.add((path, offset, shape, strides))
         container, pool = resolve(plain, path), resolve(plain, name)
         if storage_key(container) != storage_key(pool):
             inside = torch.empty(0, dtype=pool.dtype, device=pool.device).set_(

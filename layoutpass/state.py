@@ -184,7 +184,8 @@ def relaid(values: torch.Tensor, container: torch.Tensor, pools: list, into_mode
                           device=container.device).untyped_storage()
     out = _on(storage, container, container.stride())
     out.copy_(values)
-    for pool, axes, order in pools:
+    regions = {(p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.dtype): (p, a, o) for p, a, o in pools}
+    for pool, axes, order in regions.values():  # a pool under two names is rewritten once
         model = dense_strides(axes, order, tuple(pool.shape), pool.stride(axes.axes.index("slot")))
         src, dst = (pool.stride(), model) if into_model else (model, pool.stride())
         _on(storage, pool, dst).copy_(_on(storage, pool, src).clone())

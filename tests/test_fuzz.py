@@ -217,6 +217,13 @@ FINDINGS = {
         [(0, 2), (0, 2)], around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="list",
                                         actions=[(1, "rebind-clone", "m.kv_cache = [tuple(c.clone() for c in "
                                                                          "m.kv_cache[0])]")])), "DS", False, "equivalent"),
+    "F24 one moved pool under two names (two layers share one state) inside raw pages: its bytes were put "
+    "back in the model's order once per name when the pages were read logically (found by the long run)": (
+        dataclasses.replace(program(
+            [pool("SD", 3, 2, 4, 3)], [(1, [line.replace("self.p0", "self.kv_cache[0][0]") for line in DECODE_SD])],
+            [(0, 2), (0, 2)], layers=(0, 0)), around=dataclasses.replace(around(
+                pool("SD", 3, 2, 4, 3), holder=0, backing="raw", binding="list"), shared=(0, 1))),
+        "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
