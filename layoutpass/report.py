@@ -26,6 +26,7 @@ class Action(StrEnum):
     FOLDED = "permutation folded"  # a permutation that is the pool's own memory order: a free dense view
     REMAPPED = "remapped"  # rewritten onto the kernel-order view (canonicalized for lowering)
     KEPT = "kept"  # a permuted view the rest of the graph reads as it is (correct, not free)
+    MATERIALIZED = "materialized"  # a read of memory order given a copy in the model's order
     LOGICAL = "logical"  # computes on logical indices: the same values in any memory order
     PROVEN = "proven"  # may copy or alias depending on strides: shown to give the same values
     REFUSED = "refused"  # cannot be proven: optimize raised, nothing moved

@@ -337,7 +337,7 @@ class Program:
                 "rank": "x, slots"}[self.dispatch]
         layers = ["        for layer in self.layers:", f"            outs.extend(layer({call}))"] if self.layers else []
         layers *= 2 if self.layer_calls == "twice" else 1
-        head = ["import copy", "import pickle", ""] if a else []
+        head = ["import copy", "import pickle", ""] if a else ["import copy", ""]  # the driver deep-copies the model
         hooks = [line for h in a.hooks for line in (*h.split("\n"), "", "")] if a else []
         return "\n".join([
             *head, "import torch", "import torch.nn.functional as F", "from torch import nn", "",

@@ -224,6 +224,10 @@ FINDINGS = {
             [(0, 2), (0, 2)], layers=(0, 0)), around=dataclasses.replace(around(
                 pool("SD", 3, 2, 4, 3), holder=0, backing="raw", binding="list"), shared=(0, 1))),
         "DS", False, "equivalent"),
+    "F25 a memory-order read of a pool in a graph lowered to the kernel's order: the report's action for its copy "
+    "(materialized) was missing, so the capture failed (found by the long run)": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, [*CAT_DECODE_SD, "outs.append(self.p0.reshape(3, -1) * 1.0)"])],
+        [(0, 2), (0, 1)]), "DS", True, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
