@@ -500,8 +500,9 @@ class _Pages:
     loaded back into the pools' order, so a state_dict moves between the model and the optimized
     one as it would between two copies of the model."""
 
-    def __init__(self, session: Session, tree: nn.Module, loading: bool):
-        self.session, self.tree, self.loading = weakref.ref(session), weakref.ref(tree), loading
+    def __init__(self, session: Session, tree: nn.Module, module: nn.Module, loading: bool):
+        self.session, self.tree, self.module = weakref.ref(session), weakref.ref(tree), weakref.ref(module)
+        self.loading = loading
 
     def _pools(self, pages: torch.Tensor) -> list:
         """(pool, axes, the model's order) for the moved pools inside `pages`, as they are now."""
@@ -517,8 +518,12 @@ class _Pages:
                     out.append((t, pool.axes, pool.source))
         return out
 
-    def __call__(self, module, state_dict, prefix, *_):  # a state_dict hook, or a load pre-hook
-        if (session := self.session()) is not None:
+    def __call__(self, *args):  # a state_dict hook (module, state_dict, prefix, ...), or a load pre-hook
+        state_dict, prefix = args[1:3] if not self.loading else args[:2]  # (state_dict, prefix, ...)
+        module, session = self.module(), self.session()
+        if module is None:
+            return
+        if session is not None:
             session.settle_unbound()
         for name, pages in module._buffers.items():
             value = state_dict.get(prefix + name)
@@ -538,8 +543,9 @@ def _guard_pages(session: Session, tree: nn.Module, moved: list[str]) -> None:
             if module is None or attr not in module._buffers or \
                     any(isinstance(h, _Pages) for h in module._state_dict_hooks.values()):
                 continue
-            module._register_state_dict_hook(_Pages(session, tree, loading=False))
-            module._register_load_state_dict_pre_hook(_Pages(session, tree, loading=True), with_module=True)
+            module._register_state_dict_hook(_Pages(session, tree, module, loading=False))
+            # without the module: a hook holding it would pickle the optimized model a second time
+            module._register_load_state_dict_pre_hook(_Pages(session, tree, module, loading=True))
 
 
 def _drop_stale(model: nn.Module) -> None:
@@ -575,18 +581,24 @@ def _pages_of(model: nn.Module, moved: list) -> list:
     return out
 
 
+_RELAID: dict[int, set] = {}  # id of raw pages (while they live) -> the regions _restore put back in them
+
+
 def _restore(plain: nn.Module, layouts: dict, options: dict, moved: list, pages: list) -> "OptimizedModule":
     """An optimized model unpickled or copied: the model (its state as the optimized one kept it)
     with its moved pools back in the model's order, and the raw pages that held them too,
     optimized again in place; graphs are captured anew. (pickle keeps no storage shared between
     two tensors, deepcopy does: pages still sharing the pool's memory come back with its move.)"""
     _drop_stale(plain)
-    done = set()
     for path, name, offset, shape, strides, axes, order in pages:
-        if (path, offset, shape, strides) in done:  # one pool under two names
-            continue
-        done.add((path, offset, shape, strides))
         container, pool = resolve(plain, path), resolve(plain, name)
+        key = (offset, shape, strides)  # one pool under two names; pages reached twice in one unpickling
+        if key in _RELAID.get(id(container), ()):
+            continue
+        if id(container) not in _RELAID:
+            _RELAID[id(container)] = set()
+            weakref.finalize(container, _RELAID.pop, id(container), None)
+        _RELAID[id(container)].add(key)
         if storage_key(container) != storage_key(pool):
             inside = torch.empty(0, dtype=pool.dtype, device=pool.device).set_(
                 container.untyped_storage(), offset, shape, strides)

@@ -228,6 +228,12 @@ FINDINGS = {
     "(materialized) was missing, so the capture failed (found by the long run)": (program(
         [pool("SD", 3, 2, 4, 3)], [(1, [*CAT_DECODE_SD, "outs.append(self.p0.reshape(3, -1) * 1.0)"])],
         [(0, 2), (0, 1)]), "DS", True, "equivalent"),
+    "F26 a pickled optimized model whose raw pages are a registered buffer: the load_state_dict hook on it held the "
+    "model, which was pickled a second time inside itself, and its pages were put back twice (found by the long "
+    "run)": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, [line.replace("self.p0", "self.kv_cache[0][0]") for line in DECODE_SD])],
+        [(0, 2), (0, 2)], around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="list", raw_buffer=True,
+                                        actions=[(1, "pickle")])), "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
