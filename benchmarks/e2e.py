@@ -13,8 +13,8 @@ both kinds side by side:
                               model's own code inline, on its moved pools, through the same ops)
 
 Every row runs the same ops: the conv and recurrence decode kernels update their pools in place by
-slot (kernels/triton_conv.py, kernels/triton_recurrent.py), attention runs on
-scaled_dot_product_attention. The byte floor of a step: every parameter read once (the embedding:
+slot (kernels/triton_conv.py, kernels/triton_recurrent.py), decode attention reads each
+sequence's positions in place in its slot, up to its length (examples/attention.py). The byte floor of a step: every parameter read once (the embedding:
 the batch's rows), every touched slot's pool rows (conv and recurrent states, attention keys and
 values up to its context) read once and written once, the logits written once, at the copy
 bandwidth measured in the same run. Before timing, each optimized row is checked against the model
@@ -30,7 +30,6 @@ The compiled row's compile time is the wall time of its first call at each batch
 """
 
 import argparse
-import contextlib
 import json
 import random
 import statistics
@@ -113,30 +112,6 @@ def check(model: LM, fast, step: Step) -> dict:
                 logits_max_abs=want.abs().max().item())
 
 
-@contextlib.contextmanager
-def without_pdl():
-    """layoutpass's decode kernels launched without programmatic dependent launch while inductor
-    compiles the model (the flag is read when the kernels' wrappers are traced, so the compiled
-    code keeps it off; the eager rows read it at each call and keep it on). Why: PDL is inline
-    asm (gdc_wait, gdc_launch_dependents), which torch 2.11's analysis of a Triton kernel's
-    mutations cannot read ("ttir analysis hit an op we do not know how to analyze:
-    tt.elementwise_inline_asm"); it then takes every input as mutated and copies each one
-    (clone_preserve_strides), and in the H200 run of 2026-12-04 the compiled step with PDL on gave
-    wrong logits and states at B=64 (right at B=1, where no batch stride is read). That this
-    alone makes the compiled step right is not yet checked on a GPU."""
-    try:
-        from layoutpass.kernels import triton_conv, triton_recurrent
-    except ImportError:  # no Triton (the CPU smoke run): nothing is launched with PDL
-        yield
-        return
-    saved = triton_conv.PDL, triton_recurrent.PDL
-    triton_conv.PDL = triton_recurrent.PDL = False
-    try:
-        yield
-    finally:
-        triton_conv.PDL, triton_recurrent.PDL = saved
-
-
 def _no_cpu_inductor(err: BaseException) -> bool:
     """Whether the error (or one it wraps) is inductor finding no C++ compiler that builds for the CPU."""
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
@@ -209,7 +184,7 @@ def run(args) -> tuple[list, list, float | None, list]:
                 try:
                     if row == COMPILED:  # its first call at this batch size compiles it
                         start = time.perf_counter()
-                        with torch.no_grad(), without_pdl():
+                        with torch.no_grad():
                             fast(**step.inputs)
                         torch.cuda.synchronize() if device == "cuda" else None
                         seconds = time.perf_counter() - start

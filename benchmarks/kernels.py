@@ -5,8 +5,7 @@ extracts vLLM 0.33's) and FLA's causal_conv1d_update (--fla). First everything i
 data: ours (SD and DS) against a float64 pure-torch step, SD and DS bit-identical, every peer
 against ours; then everything is timed. Figures are fractions of the copy bandwidth measured in
 the same run (bytes: every input read once, every output written once). Ours are the Triton
-ops as users call them (on CUDA their Triton kernels; triton_op launches them without the
-dispatch that a bare wrap_triton call costs in eager mode, ~0.1-1 ms of host time).
+ops as users call them (custom ops launching their Triton kernels on CUDA).
 
     python benchmarks/kernels.py --out DIR             # checks, timings, kernels.json + kernels.md
     python benchmarks/kernels.py --sweep --out DIR     # first choose the DS block shapes and the prefill tile

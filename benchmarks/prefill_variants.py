@@ -2,12 +2,11 @@
 beside ours and checked bit-identical to it (results/kernels.md): `before`, the prefill as
 shipped before the output kernel was rewritten (its kernel and host code kept verbatim), and
 the shipped kernel at another tile. Each has conv_prefill's signature and launches its kernels
-without wrap_triton's dispatch, as the public op does."""
+directly, as the public op does."""
 
 import torch
 import triton
 import triton.language as tl
-from torch._library.triton import set_wrap_triton_enabled
 
 from layoutpass.kernels import triton_conv
 
@@ -99,8 +98,7 @@ def _before(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
 
 def before(x, weight, bias, conv_states, qsl, idx, has_init, activation):
     """The prefill as shipped before: 16 x 256 tiles, weights read in their (dim, width) layout."""
-    with set_wrap_triton_enabled(False):
-        return _before(x, weight, bias, conv_states, qsl, idx, has_init, activation, 0)
+    return _before(x, weight, bias, conv_states, qsl, idx, has_init, activation, 0)
 
 
 def _tile(tile):
@@ -109,8 +107,7 @@ def _tile(tile):
         shipped = triton_conv.PREFILL_BLOCKS[False]
         triton_conv.PREFILL_BLOCKS[False] = tile
         try:
-            with set_wrap_triton_enabled(False):
-                return triton_conv.prefill(x, weight, bias, conv_states, qsl, idx, has_init, activation, 0)
+            return triton_conv.prefill(x, weight, bias, conv_states, qsl, idx, has_init, activation, 0)
         finally:
             triton_conv.PREFILL_BLOCKS[False] = shipped
     run.__doc__ %= (tile,)

@@ -1,9 +1,12 @@
 """Causal self-attention over a per-slot KV cache, for the hybrid model. Like vLLM's attention
 backend it is one opaque op that writes this step's keys/values into the cache and attends
-over each sequence's context."""
+over each sequence's context: on CUDA a decode step reads each sequence's positions in place
+in its slot, up to its own length (a Triton kernel); a prefill gathers and runs torch's SDPA."""
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import nn
 
 from layoutpass.examples.common import Batch, pad_tokens, unpad_tokens
@@ -22,6 +25,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     rows = slots[:, None].expand_as(pos)
     if query_start_loc is None:  # decode: every token is real; no boolean mask (no sync, CUDA-graph safe)
         k_cache[rows, pos], v_cache[rows, pos] = kp, vp
+        if q.is_cuda:
+            return decode_attention(q, k_cache, v_cache, slots, context_lens)
     else:
         k_cache[rows[valid], pos[valid]] = kp[valid]
         v_cache[rows[valid], pos[valid]] = vp[valid]
@@ -44,6 +49,57 @@ def _sdpa(q, keys, values, visible):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                          attn_mask=visible[:, None])
     return out.transpose(1, 2)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, slots_ptr, ctx_ptr, tokens, scale,
+                   sq_b, sq_t, sq_h, sq_d, sk_slot, sk_pos, sk_h, sk_d, sv_slot, sv_pos, sv_h, sv_d,
+                   so_b, so_t, so_h, so_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """One (sequence, token) x one head: online softmax over the slot's positions 0..pos in
+    blocks of BLOCK_N, fp32 throughout."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    b, t = row // tokens, row % tokens
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    pos = tl.load(ctx_ptr + b) + t  # the last position this token sees
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * sq_b + t * sq_t + head * sq_h + d * sq_d, mask=dmask, other=0.0).to(tl.float32)
+    q = q * (scale * 1.4426950408889634)  # scores in base 2
+    k_base = k_ptr + slot * sk_slot + head * sk_h + d[None, :] * sk_d
+    v_base = v_ptr + slot * sv_slot + head * sv_h + d[None, :] * sv_d
+    m = tl.full((), float("-inf"), tl.float32)
+    total = tl.full((), 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    start = 0
+    while start <= pos:  # (a range() bounded by a loaded value does not run in the interpreter)
+        n = start + tl.arange(0, BLOCK_N)
+        live = n <= pos
+        mask = live[:, None] & dmask[None, :]
+        keys = tl.load(k_base + n[:, None].to(tl.int64) * sk_pos, mask=mask, other=0.0).to(tl.float32)
+        scores = tl.where(live, tl.sum(keys * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new)
+        values = tl.load(v_base + n[:, None].to(tl.int64) * sv_pos, mask=mask, other=0.0).to(tl.float32)
+        total = total * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * values, 0)
+        m = m_new
+        start += BLOCK_N
+    tl.store(out_ptr + b * so_b + t * so_t + head * so_h + d * so_d, acc / total, mask=dmask)
+
+
+def decode_attention(q, k_cache, v_cache, slots, context_lens):
+    """Decode attention read in place: q (batch, tokens, heads, head_dim); token t of sequence b
+    sees positions 0..context_lens[b] + t of slot slots[b] in the (slot, position, head,
+    head_dim) caches, any strides (this step's keys and values already written)."""
+    batch, tokens, heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    _decode_kernel[(batch * tokens, heads)](
+        q, k_cache, v_cache, out, slots, context_lens, tokens, head_dim ** -0.5,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        HEAD_DIM=head_dim, BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+    return out
 
 
 @cached_attention.register_fake

@@ -4,7 +4,6 @@
 vLLM's `causal_conv1d_update` / `causal_conv1d_fn` runs on them unchanged."""
 
 import torch
-from torch.library import triton_op
 
 from . import reference, triton_conv
 from .checks import (activation_name, check_float, check_index, check_pool, check_query_start_loc,
@@ -61,42 +60,10 @@ def _check_update_values(x, conv_state, weight, conv_state_indices, num_accepted
             raise ArgumentError("num_accepted_tokens", f"values must lie in 1..{most} (state_len - width + 2)")
 
 
-# The pure-torch references as opaque ops: the CPU path, which torch.compile must not trace
-# into (it reads index values to size its padding).
-@torch.library.custom_op("layoutpass::conv_update_reference", mutates_args=("conv_state", "out"))
-def conv_update_reference(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          activation: str | None, conv_state_indices: torch.Tensor | None,
-                          num_accepted_tokens: torch.Tensor | None, query_start_loc: torch.Tensor | None,
-                          null_block_id: int, out: torch.Tensor) -> None:
-    _check_update_values(x, conv_state, weight, conv_state_indices, num_accepted_tokens, query_start_loc,
-                         null_block_id)
-    reference.conv_update(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens,
-                          query_start_loc, null_block_id, out)
-
-
-@conv_update_reference.register_fake
-def _(*args):
-    pass
-
-
-@torch.library.custom_op("layoutpass::conv_prefill_reference", mutates_args=("conv_states",))
-def conv_prefill_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           conv_states: torch.Tensor, query_start_loc: torch.Tensor,
-                           cache_indices: torch.Tensor | None, has_initial_state: torch.Tensor | None,
-                           activation: str | None, null_block_id: int) -> torch.Tensor:
-    check_token_counts(query_start_loc, x.shape[1])
-    check_slots("cache_indices", cache_indices, conv_states.shape[0], null_block_id)
-    return reference.conv_prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
-                                  activation, null_block_id)
-
-
-@conv_prefill_reference.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
-
-
-# The public ops: Triton on CUDA (traceable through wrap_triton), the reference elsewhere.
-@triton_op("layoutpass::conv_update", mutates_args={"conv_state", "out"})
+# The public ops: Triton on CUDA, the pure-torch reference elsewhere. Opaque custom ops, so
+# torch.compile passes them real tensors (a traced Triton wrapper would bake in strides that
+# inductor may later change: wrong results under torch.compile on CUDA, see benchmarks/NOTES.md).
+@torch.library.custom_op("layoutpass::conv_update", mutates_args=("conv_state", "out"))
 def conv_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    activation: str | None, conv_state_indices: torch.Tensor | None,
                    num_accepted_tokens: torch.Tensor | None, query_start_loc: torch.Tensor | None,
@@ -106,9 +73,11 @@ def conv_update_op(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tens
     if x.is_cuda:
         triton_conv.update(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens,
                            query_start_loc, max_query_len, null_block_id, out)
-    else:
-        conv_update_reference(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens,
-                              query_start_loc, null_block_id, out)
+        return
+    _check_update_values(x, conv_state, weight, conv_state_indices, num_accepted_tokens, query_start_loc,
+                         null_block_id)
+    reference.conv_update(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_tokens,
+                          query_start_loc, null_block_id, out)
 
 
 @conv_update_op.register_fake
@@ -118,7 +87,7 @@ def _(x, conv_state, weight, bias, activation, conv_state_indices, num_accepted_
                   null_block_id, out)
 
 
-@triton_op("layoutpass::conv_prefill", mutates_args={"conv_states"})
+@torch.library.custom_op("layoutpass::conv_prefill", mutates_args=("conv_states",))
 def conv_prefill_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_states: torch.Tensor,
                     query_start_loc: torch.Tensor, cache_indices: torch.Tensor | None,
                     has_initial_state: torch.Tensor | None, activation: str | None,
@@ -127,7 +96,9 @@ def conv_prefill_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if x.is_cuda:
         return triton_conv.prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
                                    activation, null_block_id)
-    return conv_prefill_reference(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
+    check_token_counts(query_start_loc, x.shape[1])
+    check_slots("cache_indices", cache_indices, conv_states.shape[0], null_block_id)
+    return reference.conv_prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_initial_state,
                                   activation, null_block_id)
 
 

@@ -18,7 +18,6 @@ fp32 accumulation; the states are stored back in the pool's dtype."""
 
 import torch
 import torch.nn.functional as F
-from torch.library import triton_op
 
 from . import triton_recurrent
 from .checks import FLOAT_DTYPES, check_float, check_index, check_slots
@@ -191,43 +190,10 @@ def delta_rule_reference(state, q, k, v, g, beta, scale, state_indices, num_acce
         state[slots, num_snaps - tokens + t] = h.to(state.dtype)
 
 
-# The references as opaque ops: the CPU path, which torch.compile must not trace into (it reads
-# index values).
-@torch.library.custom_op("layoutpass::selective_state_update_reference", mutates_args=("state", "out"))
-def selective_state_update_reference(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-                                     B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None,
-                                     z: torch.Tensor | None, dt_bias: torch.Tensor | None, dt_softplus: bool,
-                                     state_batch_indices: torch.Tensor | None,
-                                     num_accepted_tokens: torch.Tensor | None, null_block_id: int,
-                                     out: torch.Tensor) -> None:
-    _check_values(state, "state_batch_indices", state_batch_indices, num_accepted_tokens, null_block_id)
-    ssu_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, num_accepted_tokens,
-                  null_block_id, out)
-
-
-@selective_state_update_reference.register_fake
-def _(*args):
-    pass
-
-
-@torch.library.custom_op("layoutpass::delta_rule_update_reference", mutates_args=("state", "out"))
-def delta_rule_update_reference(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                g: torch.Tensor, beta: torch.Tensor, scale: float,
-                                state_indices: torch.Tensor | None, num_accepted_tokens: torch.Tensor | None,
-                                null_block_id: int, use_qk_l2norm: bool, out: torch.Tensor) -> None:
-    _check_values(state, "state_indices", state_indices, num_accepted_tokens, null_block_id)
-    delta_rule_reference(state, q, k, v, g, beta, scale, state_indices, num_accepted_tokens, null_block_id,
-                         use_qk_l2norm, out)
-
-
-@delta_rule_update_reference.register_fake
-def _(*args):
-    pass
-
-
 # ---------------------------------------------------------------- the public ops
+# Triton on CUDA, the reference elsewhere; opaque custom ops, as the conv's (kernels/ops.py).
 
-@triton_op("layoutpass::selective_state_update", mutates_args={"state", "out"})
+@torch.library.custom_op("layoutpass::selective_state_update", mutates_args=("state", "out"))
 def selective_state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                               B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
                               dt_bias: torch.Tensor | None, dt_softplus: bool,
@@ -237,9 +203,10 @@ def selective_state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Te
     if state.is_cuda:
         triton_recurrent.ssu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
                              num_accepted_tokens, null_block_id, out)
-    else:
-        selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
-                                         num_accepted_tokens, null_block_id, out)
+        return
+    _check_values(state, "state_batch_indices", state_batch_indices, num_accepted_tokens, null_block_id)
+    ssu_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, num_accepted_tokens,
+                  null_block_id, out)
 
 
 @selective_state_update_op.register_fake
@@ -248,7 +215,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, nu
     _check_ssu(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, num_accepted_tokens, out)
 
 
-@triton_op("layoutpass::delta_rule_update", mutates_args={"state", "out"})
+@torch.library.custom_op("layoutpass::delta_rule_update", mutates_args=("state", "out"))
 def delta_rule_update_op(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                          beta: torch.Tensor, scale: float, state_indices: torch.Tensor | None,
                          num_accepted_tokens: torch.Tensor | None, null_block_id: int, use_qk_l2norm: bool,
@@ -257,9 +224,10 @@ def delta_rule_update_op(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     if state.is_cuda:
         triton_recurrent.delta_rule(state, q, k, v, g, beta, scale, state_indices, num_accepted_tokens,
                                     null_block_id, use_qk_l2norm, out)
-    else:
-        delta_rule_update_reference(state, q, k, v, g, beta, scale, state_indices, num_accepted_tokens,
-                                    null_block_id, use_qk_l2norm, out)
+        return
+    _check_values(state, "state_indices", state_indices, num_accepted_tokens, null_block_id)
+    delta_rule_reference(state, q, k, v, g, beta, scale, state_indices, num_accepted_tokens, null_block_id,
+                         use_qk_l2norm, out)
 
 
 @delta_rule_update_op.register_fake

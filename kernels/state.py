@@ -11,7 +11,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from layoutpass.errors import ArgumentError
 from layoutpass.layout import DS, Layout, parse_layout
@@ -41,7 +40,7 @@ def _box_copy_kernel(src_ptr, dst_ptr, src_slots, dst_slots, shifts, box_dim, bo
     tl.store(dst_ptr + dst_slot * sd_slot + (dst_d0 + d) * sd_dim + j * sd_tok, v, mask=mask)
 
 
-@triton_op("layoutpass::box_copy", mutates_args={"dst"})
+@torch.library.custom_op("layoutpass::box_copy", mutates_args=("dst",))
 def box_copy(src: torch.Tensor, dst: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor,
              shifts: torch.Tensor | None, src_d0: int, dst_d0: int, box_dim: int) -> None:
     """src, dst: logical (slot, dim, tok) views in any strides. Copies, for every pair i,
@@ -60,7 +59,7 @@ def launch_box_copy(src, dst, src_slots, dst_slots, shifts, src_d0, dst_d0, box_
         return
     block_d = min(256, triton.next_power_of_2(box_dim))
     grid = (src_slots.shape[0], triton.cdiv(box_dim, block_d))
-    wrap_triton(_box_copy_kernel)[grid](src, dst, src_slots, dst_slots, shifts, box_dim, src.shape[2], src_d0,
+    _box_copy_kernel[grid](src, dst, src_slots, dst_slots, shifts, box_dim, src.shape[2], src_d0,
                                         dst_d0, *src.stride(), *dst.stride(), HAS_SHIFT=shifts is not None,
                                         BLOCK_D=block_d, TOK_P2=triton.next_power_of_2(src.shape[2]), num_warps=4)
 

@@ -12,7 +12,6 @@ Semantics: kernels/reference.py."""
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 
 @triton.jit
@@ -519,7 +518,7 @@ def _launch_state(x, weight, bias, conv_state, indices, num_accepted, qsl, has_i
     flat = path != "tiled"
     block_d = min(block_d, triton.next_power_of_2(dim))
     grid = (triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))
-    wrap_triton(_conv_state_kernel)[grid](
+    _conv_state_kernel[grid](
         x, weight, bias, conv_state, indices, num_accepted, qsl, has_init, out,
         batch, dim, seqlen, null_block_id,
         *sx, weight.stride(0), weight.stride(1), *conv_state.stride(), *so,
@@ -554,7 +553,7 @@ def _launch_vec(x, weight, bias, conv_state, indices, activation, null_block_id,
     dim, batch = conv_state.shape[1], x.shape[0]
     block_d = max(8, min(block_d, triton.next_power_of_2(dim)))
     pdl = PDL and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-    wrap_triton(_ds_vec_kernel)[(triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))](
+    _ds_vec_kernel[(triton.cdiv(batch, seqs), triton.cdiv(dim, block_d))](
         x, weight, bias, conv_state, indices, out, batch, dim // 8, null_block_id,
         x.stride(0) // 8, conv_state.stride(0) // 8, out.stride(0) // 8,
         STATE_LEN=conv_state.shape[2], HAS_BIAS=bias is not None, SILU=activation == "silu",
@@ -577,7 +576,7 @@ def prefill(x, weight, bias, conv_states, query_start_loc, cache_indices, has_in
     init = has_initial_state
     if init is not None and init.dtype == torch.bool:
         init = init.view(torch.int8)  # the same bytes, no copy
-    wrap_triton(_prefill_scan_kernel)[(triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))](
+    _prefill_scan_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))](
         x, weight, bias, conv_states, init, query_start_loc, cache_indices, out, num_tokens, batch, dim, null_block_id,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), weight.stride(0), weight.stride(1),
         *conv_states.stride(), WIDTH=weight.shape[1], STATE_LEN=conv_states.shape[2], HAS_BIAS=bias is not None,

@@ -29,7 +29,6 @@ friendly: no host sync, no .item())."""
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 VK, KV, ANY = 0, 1, 2
 ORDER_NAMES = {VK: "VK", KV: "KV", ANY: "any"}
@@ -292,7 +291,7 @@ def ssu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, 
     wide = _wide(((V, state.stride(3)), (K, state.stride(4))), ((V, x.stride(3)),), ((V, out.stride(3)),),
                  ((K, B.stride(3)),), ((K, C.stride(3)),), ((V, zs[3]),))
     pdl = _pdl(state)
-    wrap_triton(_ssu_kernel)[(batch * heads * nvb,)](
+    _ssu_kernel[(batch * heads * nvb,)](
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, num_accepted_tokens, out,
         heads, V, K, nvb, heads // B.shape[2], state.shape[1], null_block_id,
         *state.stride(), *x.stride(), *dt.stride(),
@@ -320,7 +319,7 @@ def delta_rule(state, q, k, v, g, beta, scale, state_indices, num_accepted_token
     wide = _wide(((K, state.stride(3)), (V, state.stride(4))), ((K, q.stride(3)),), ((K, k.stride(3)),),
                  ((V, v.stride(3)),), ((V, out.stride(3)),), ((K if kda else 1, gs[3]),))
     pdl = _pdl(state)
-    wrap_triton(_delta_kernel)[(batch * heads * nvb,)](
+    _delta_kernel[(batch * heads * nvb,)](
         state, q, k, v, g, beta, state_indices, num_accepted_tokens, out,
         heads, V, K, nvb, heads // q.shape[2], state.shape[1], null_block_id, float(scale),
         *state.stride(), *q.stride(), *k.stride(), *v.stride(), *gs, *beta.stride(), *out.stride(),

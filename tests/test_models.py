@@ -170,6 +170,28 @@ def test_sdpa_attention_matches_the_torch_scores(prefill):
     assert _relative_error(got, expected) < 1e-3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_attention_kernel_against_float64(tokens, device):
+    """The decode kernel (interpreted on the CPU) reads each slot in place up to its own length:
+    caches in a permuted memory order, a head_dim that is no power of two, contexts from 0 to
+    past a block, against softmax(q k^T) v in float64."""
+    from layoutpass.examples.attention import decode_attention
+
+    gen = torch.Generator().manual_seed(tokens)
+    batch, heads, hd, num_slots, max_len = 4, 3, 80, 7, 150
+    q = torch.randn(batch, tokens, heads, hd, generator=gen)
+    caches = [torch.randn(num_slots, heads, max_len, hd, generator=gen).transpose(1, 2) for _ in range(2)]
+    slots, ctx = ints(5, 0, 3, 6), ints(0, 1, 70, max_len - tokens)
+    got = decode_attention(*(t.to(device) for t in (q, *caches, slots, ctx)))
+    for b, (slot, start) in enumerate(zip(slots.tolist(), ctx.tolist())):
+        for t in range(tokens):
+            keys, values = (c[slot, :start + t + 1].double() for c in caches)  # (positions, heads, hd)
+            weights = torch.softmax(torch.einsum("hd,phd->hp", q[b, t].double(), keys) / hd ** 0.5, -1)
+            want = torch.einsum("hp,phd->hd", weights, values)
+            assert (got[b, t].cpu().double() - want).abs().max() < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mamba2", "hybrid"])
 @torch.no_grad()
