@@ -29,9 +29,10 @@ from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
 from .errors import ArgumentError, LayoutPassError
 from .layout import KINDS, Layout, dense_strides, parse_layout
+from .pages import Region, drop_stale, guard, pages_of, put_back, regions_of, settle, stale
 from .prove import StrideDependent
 from .report import Considered, Pool, Report
-from .state import (aliases, move, own_state, place_key, refuse_overlaps, relaid, relation, resolve, state_tensors,
+from .state import (aliases, move, own_state, place_key, refuse_overlaps, relation, resolve, state_tensors,
                     storage_key)
 
 log = logging.getLogger("layoutpass")
@@ -96,20 +97,6 @@ class Unit:
     entries: list[Entry] = field(default_factory=list)
     count: int = 0  # graphs captured so far (names them)
     eager: str | None = None  # why it runs as written, when Dynamo cannot capture it
-
-
-@dataclass(frozen=True)
-class Region:
-    """Where a moved pool sits inside raw pages (a container), as it moved: if the pool is later
-    rebound to another tensor, these bytes are left in its new order and are put back."""
-
-    tree: object  # weak reference to the optimized model (or twin) it moved in
-    pool: str
-    containers: tuple[str, ...]
-    place: tuple  # state.place_key of the pool
-    strides: tuple[int, ...]
-    axes: Layout
-    order: Layout  # the model's
 
 
 class Session:
@@ -359,13 +346,8 @@ class Session:
             for tree in self._live_trees():
                 move(tree, name, pool.axes, pool.target)
         for tree in self._live_trees():
-            _guard_pages(self, tree, [name for name, _ in pending])
-            for name, pool in pending:
-                t = resolve(tree, name)
-                pages = tuple(path for path, r in aliases(tree, t).items() if r == "container")
-                if pages:
-                    self.regions.append(Region(weakref.ref(tree), name, pages, place_key(t), tuple(t.stride()),
-                                               pool.axes, pool.source))
+            guard(self, tree, [name for name, _ in pending])
+            self.regions += regions_of(tree, pending)
         moved = {name for name, _ in pending}
         for unit in self.units:  # Dynamo's guards on strides keep them from running again
             unit.entries = [e for e in unit.entries if not e.reads & moved]
@@ -374,31 +356,8 @@ class Session:
         log.info("moved %d pool(s): %s", len(pending), ", ".join(f"{n} -> {p.target}" for n, p in pending))
 
     def settle_unbound(self) -> None:
-        """Raw pages whose moved pool was rebound to another tensor since (the model set a new
-        one at its path): the bytes the pool left there go back to the model's order, once, and
-        only when no other name still holds the pool there."""
-        bound, unbound = [], []
-        for r in self.regions:
-            tree, now = r.tree(), None
-            if tree is not None:
-                now = _resolved(tree, r.pool)
-                held = isinstance(now, torch.Tensor) and place_key(now) == r.place and tuple(now.stride()) == r.strides
-                (bound if held else unbound).append(r)
-        held = {(r.tree(), r.place, r.strides) for r in bound}
-        for r in unbound:
-            tree = r.tree()
-            if (tree, r.place, r.strides) in held:
-                continue
-            held.add((tree, r.place, r.strides))
-            pages = next((t for c in r.containers if isinstance(t := _resolved(tree, c), torch.Tensor) and
-                          storage_key(t) == r.place[:2]), None)
-            if pages is not None:
-                _, _, offset, shape, dtype = r.place
-                inside = torch.empty(0, dtype=dtype, device=pages.device).set_(pages.untyped_storage(), offset,
-                                                                                shape, r.strides)
-                with torch.no_grad():
-                    pages.copy_(relaid(pages, pages, [(inside, r.axes, r.order)]))
-        self.regions = bound
+        """Put back the raw-page bytes a moved pool left when it was rebound (pages.settle)."""
+        self.regions = settle(self.regions)
 
     def _refused(self) -> None:
         """inplace: a refusal hands the model back as it was, its moved pools in their old order
@@ -438,14 +397,6 @@ class Session:
         when = "in the example calls" if strict else "in the first call"
         raise PoolNotFound(f"no state pool found {when}: no rank-3 state tensor reaches a conv op or is written back "
                            f"shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
-
-
-def _resolved(tree: nn.Module, path: str):
-    """The object at `path`, or None where the model no longer has it."""
-    try:
-        return resolve(tree, path)
-    except (AttributeError, KeyError, IndexError, TypeError):
-        return None
 
 
 def _first_line(err: Exception) -> str:
@@ -491,119 +442,15 @@ class _LayerCall:
         return self.session.call(self.unit, self.path, self.module, args, kwargs)
 
     def __reduce__(self):  # pickled or copied with its model: optimize() binds a new one
-        return _stale, ()
-
-
-class _Pages:
-    """state_dict and load_state_dict hooks of a module whose registered buffer holds moved
-    pools in its slot rows (raw per-slot pages): those bytes are saved in the model's order and
-    loaded back into the pools' order, so a state_dict moves between the model and the optimized
-    one as it would between two copies of the model."""
-
-    def __init__(self, session: Session, tree: nn.Module, module: nn.Module, loading: bool):
-        self.session, self.tree, self.module = weakref.ref(session), weakref.ref(tree), weakref.ref(module)
-        self.loading = loading
-
-    def _pools(self, pages: torch.Tensor) -> list:
-        """(pool, axes, the model's order) for the moved pools inside `pages`, as they are now."""
-        session, tree = self.session(), self.tree()
-        if session is None or tree is None:
-            return []
-        pending = {n for n, _ in session.pending}
-        out = []
-        for pool in session.pools.values():
-            if pool.moves and not pool.argument and pool.name not in pending:
-                t = resolve(tree, pool.name)
-                if storage_key(t) == storage_key(pages) and relation(t, pages) == "container":
-                    out.append((t, pool.axes, pool.source))
-        return out
-
-    def __call__(self, *args):  # a state_dict hook (module, state_dict, prefix, ...), or a load pre-hook
-        state_dict, prefix = args[1:3] if not self.loading else args[:2]  # (state_dict, prefix, ...)
-        module, session = self.module(), self.session()
-        if module is None:
-            return
-        if session is not None:
-            session.settle_unbound()
-        for name, pages in module._buffers.items():
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.shape == pages.shape and (pools := self._pools(pages)):
-                state_dict[prefix + name] = relaid(value, pages, pools, into_model=not self.loading)
-
-    def __reduce__(self):  # pickled or copied with its module: _restore drops it
-        return _stale, ()
-
-
-def _guard_pages(session: Session, tree: nn.Module, moved: list[str]) -> None:
-    """Hook the modules whose registered buffers hold the pools just moved (see _Pages)."""
-    for name in moved:
-        for path, r in aliases(tree, resolve(tree, name)).items():
-            owner, _, attr = path.rpartition(".")
-            module = tree.get_submodule(owner) if r == "container" and "[" not in path else None
-            if module is None or attr not in module._buffers or \
-                    any(isinstance(h, _Pages) for h in module._state_dict_hooks.values()):
-                continue
-            module._register_state_dict_hook(_Pages(session, tree, module, loading=False))
-            # without the module: a hook holding it would pickle the optimized model a second time
-            module._register_load_state_dict_pre_hook(_Pages(session, tree, module, loading=True))
-
-
-def _drop_stale(model: nn.Module) -> None:
-    """What a pickled or copied optimized model kept of its binding: the layers' forward and the
-    raw-page hooks (optimize() binds new ones)."""
-    for module in model.modules():
-        if vars(module).get("forward") is _STALE:
-            del module.forward
-        for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
-            for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is _STALE]:
-                del hooks[key]
-
-
-class _Stale:
-    """Where a layer's bound forward was when its model was pickled or copied."""
-
-
-_STALE = _Stale()
-
-
-def _stale() -> _Stale:
-    return _STALE
-
-
-def _pages_of(model: nn.Module, moved: list) -> list:
-    """Where each moved pool sits in the raw pages that hold it: (pages path, pool name, offset,
-    shape, strides now, axes, the model's order)."""
-    out = []
-    for name, axes, order in moved:
-        pool = resolve(model, name)
-        out += [(path, name, pool.storage_offset(), tuple(pool.shape), tuple(pool.stride()), axes, order)
-                for path, r in aliases(model, pool).items() if r == "container"]
-    return out
-
-
-_RELAID: dict[int, set] = {}  # id of raw pages (while they live) -> the regions _restore put back in them
+        return stale, ()
 
 
 def _restore(plain: nn.Module, layouts: dict, options: dict, moved: list, pages: list) -> "OptimizedModule":
     """An optimized model unpickled or copied: the model (its state as the optimized one kept it)
     with its moved pools back in the model's order, and the raw pages that held them too,
-    optimized again in place; graphs are captured anew. (pickle keeps no storage shared between
-    two tensors, deepcopy does: pages still sharing the pool's memory come back with its move.)"""
-    _drop_stale(plain)
-    for path, name, offset, shape, strides, axes, order in pages:
-        container, pool = resolve(plain, path), resolve(plain, name)
-        key = (offset, shape, strides)  # one pool under two names; pages reached twice in one unpickling
-        if key in _RELAID.get(id(container), ()):
-            continue
-        if id(container) not in _RELAID:
-            _RELAID[id(container)] = set()
-            weakref.finalize(container, _RELAID.pop, id(container), None)
-        _RELAID[id(container)].add(key)
-        if storage_key(container) != storage_key(pool):
-            inside = torch.empty(0, dtype=pool.dtype, device=pool.device).set_(
-                container.untyped_storage(), offset, shape, strides)
-            with torch.no_grad():
-                container.copy_(relaid(container, container, [(inside, axes, order)]))
+    optimized again in place; graphs are captured anew."""
+    drop_stale(plain)
+    put_back(plain, pages)
     for name, axes, order in moved:
         move(plain, name, axes, order)
     return optimize(plain, layouts, inplace=True, **options)
@@ -654,7 +501,7 @@ class OptimizedModule(nn.Module):
         named = {**{p.name: p.axes for p in pools}, **o.named}  # the copy knows the pools found so far
         options = dict(options, state_buffers=named or None)
         moved = [(p.name, p.axes, p.source) for p in pools if p.moves]
-        return _restore, (plain, dict(o.layouts), options, moved, _pages_of(self, moved))
+        return _restore, (plain, dict(o.layouts), options, moved, pages_of(self, moved))
 
     @property
     def graphs(self) -> dict[str, Graph]:
@@ -840,7 +687,7 @@ def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict, grad: bool = Fals
         twin, args, kwargs = copy.deepcopy((plain, args, kwargs), {id(p): p for p in fast.parameters()})
     except Exception as err:  # an attribute deepcopy cannot copy (a lock, a process group), or memory
         raise _Uncopyable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    _drop_stale(twin)
+    drop_stale(twin)
     for module in twin.modules():  # your hooks run once per call, on your model (their closures are shared)
         for hooks in (module._forward_pre_hooks, module._forward_hooks, module._forward_pre_hooks_with_kwargs,
                       module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
