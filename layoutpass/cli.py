@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("demo", parents=[verbose], help="optimize an example model, show the rewrite, "
                                                               "check equivalence", description=demo.__doc__)
     run.add_argument("--model", default="hybrid", choices=MODELS, help="example model (default: hybrid)")
-    run.add_argument("--layout", default="DS", help="target pool layout: DS or SD (default: DS)")
+    run.add_argument("--layout", default="DS", help="target pool layout: DS, SD, KV, VK or auto (default: DS)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the serving scenario: prompt tokens and lengths, slots, accepted draft tokens "
                           "(default: 0)")
@@ -303,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=[verbose], help=HELP[name], description=func.__doc__)
         sub.add_argument("factory", help="MODULE:FACTORY, e.g. mymodel:build (mymodel.py in the current directory) "
                                          "or layoutpass.examples.models:hybrid")
-        sub.add_argument("--layout", default="DS", help="target pool layout: DS or SD (default: DS)")
+        sub.add_argument("--layout", default="DS", help="target pool layout: DS, SD, KV, VK or auto (default: DS)")
         sub.add_argument("--lower", choices=("auto", "yes", "no"), default="auto",
                          help="put pure-torch conv updates and the conv ops' pool views on the conv kernels: auto "
                               "(on CUDA inputs), yes, no (default: auto)")
@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = _logging(getattr(args, "verbose", 0))
     try:
-        from .layout import parse_layout
+        from .layout import requested
 
-        args.layout = parse_layout(args.layout)  # before anything is loaded, captured or printed
+        requested(args.layout)  # checked before anything is loaded, captured or printed
         if getattr(args, "draw", None):
             from .drawing import check_target
 

@@ -87,26 +87,30 @@ def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
         elif seen:
             found[name] = Found(seen[0][0], seen[0][1], kind_of(seen[0][0]))
         reason = found[name].evidence if name in found else (
-            "written, but never from its own contents shifted along one axis, and it reaches no conv op"
-            if name in written else "never written and reaches no conv op")
+            "written, but never from its own contents shifted along one axis, and it reaches no state op"
+            if name in written else "never written and reaches no state op")
         considered[name] = Considered(name, shape, name in found, reason)
     return found, considered
 
 
 def _through_views(state, by_pool, op_axes: tuple[str, ...]) -> Layout | None:
     """The axes of a pool a permutation of which is an op's state, read in `op_axes`; the dim or
-    head axis may start past 0 (a tensor-parallel rank's shard of the channels or heads)."""
+    head axis may start past 0 (a tensor-parallel rank's shard of the channels or heads), and an
+    op axis of size 1 the pool lacks may be added by a view (`pool[:, None]`: no snapshots)."""
     if not isinstance(state, Val) or state.root.pool not in by_pool or len(op_axes) != len(state.shape) or \
-            len(by_pool[state.root.pool]) != len(op_axes):
+            len(by_pool[state.root.pool]) != len(state.coords):
         return None
     op_index = index_symbols(len(state.shape))
-    axes = []
+    axes, used = [], set()
     for c in state.coords:
         index = [k for k, i in enumerate(op_index) if i in sympy.sympify(c).free_symbols]
         if len(index) != 1 or sympy.expand(c - op_index[index[0]]).free_symbols or \
                 (op_axes[index[0]] not in ("dim", "head") and sympy.expand(c - op_index[index[0]]) != 0):
             return None
         axes.append(op_axes[index[0]])
+        used.add(index[0])
+    if any(state.shape[k] != 1 for k in range(len(op_axes)) if k not in used):
+        return None
     return Layout(tuple(axes)) if len(set(axes)) == len(axes) else None
 
 

@@ -137,6 +137,10 @@ LAYOUTS = {"SD": SD, "DS": DS, "KV": KV, "VK": VK}
 INNER = {("tok", "dim"): "SD", ("dim", "tok"): "DS", ("k", "v"): "KV", ("v", "k"): "VK"}
 NAMES = {SD.axes: "SD", DS.axes: "DS"}
 KINDS = {"conv": ("SD", "DS"), "recurrent": ("KV", "VK")}  # pool kind -> the layouts it may take
+# layout="auto": each kind in the order layoutpass's kernels were measured fastest in on the H200
+# (benchmarks/results/kernels.md: the conv on DS never slower than on SD beyond 1%;
+# recurrent.md: VK ahead of KV in 26 of 30 cells, the Mamba2 SSM update in all 10)
+AUTO = {"conv": "DS", "recurrent": "VK"}
 
 
 def parse_layout(name: "str | Layout", argument: str = "layout", kind: str | None = None) -> Layout:
@@ -148,6 +152,30 @@ def parse_layout(name: "str | Layout", argument: str = "layout", kind: str | Non
     if isinstance(name, str) and name.upper() in allowed:
         return LAYOUTS[name.upper()]
     raise ArgumentError(argument, f"unknown layout {name!r}; expected one of {list(allowed)}")
+
+
+def requested(layout) -> dict[str, Layout]:
+    """optimize()'s layout= as kind -> Layout: a conv layout ("DS", "SD"), a recurrent one ("KV",
+    "VK"), "auto" (AUTO), or a mapping kind -> one of those or "auto"."""
+    if isinstance(layout, Mapping):
+        unknown = [k for k in layout if k not in KINDS]
+        if unknown:
+            raise ArgumentError("layout", f"unknown pool kinds {unknown}; expected some of {list(KINDS)}")
+        return {kind: LAYOUTS[AUTO[kind]] if _is_auto(v) else parse_layout(v, f"layout[{kind!r}]", kind)
+                for kind, v in layout.items()}
+    if _is_auto(layout):
+        return {kind: LAYOUTS[name] for kind, name in AUTO.items()}
+    if not isinstance(layout, Layout) and not (isinstance(layout, str) and layout.upper() in LAYOUTS):
+        raise ArgumentError("layout", f"unknown layout {layout!r}; expected one of {[*LAYOUTS, 'auto']}, or a "
+                                      f"mapping {{kind: layout}}")
+    parsed = parse_layout(layout)
+    kind = next(k for k, names in KINDS.items() if str(parsed) in names or parsed.axes[-2:] in (
+        parse_layout(n).axes[-2:] for n in names))
+    return {kind: parsed}
+
+
+def _is_auto(layout) -> bool:
+    return isinstance(layout, str) and layout.lower() == "auto"
 
 
 def arrange(axes: Layout, request: Layout) -> Layout:

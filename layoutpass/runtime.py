@@ -28,7 +28,7 @@ from .capture import Unanalyzable, configure_dynamo
 from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
 from .errors import ArgumentError, LayoutPassError
-from .layout import KINDS, Layout, dense_strides, parse_layout
+from .layout import Layout, dense_strides, parse_layout, requested
 from .pages import Region, drop_stale, guard, pages_of, put_back, regions_of, settle, stale
 from .prove import StrideDependent
 from .report import Considered, Pool, Report
@@ -395,8 +395,8 @@ class Session:
         eager = [u.eager for u in self.units if u.eager]
         why = f" ({'; '.join(eager)})" if eager else ""
         when = "in the example calls" if strict else "in the first call"
-        raise PoolNotFound(f"no state pool found {when}: no rank-3 state tensor reaches a conv op or is written back "
-                           f"shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
+        raise PoolNotFound(f"no state pool found {when}: no state tensor reaches a conv or recurrence op or is "
+                           f"written back shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
 
 
 def _first_line(err: Exception) -> str:
@@ -582,26 +582,15 @@ def _copy(model: nn.Module, inplace: bool) -> nn.Module:
     return fast
 
 
-def _layouts(layout) -> dict[str, Layout]:
-    """layout= : a conv layout ("DS", "SD"), a recurrent one ("KV", "VK"), or a mapping kind -> layout."""
-    if isinstance(layout, Mapping):
-        unknown = [k for k in layout if k not in KINDS]
-        if unknown:
-            raise ArgumentError("layout", f"unknown pool kinds {unknown}; expected some of {list(KINDS)}")
-        return {kind: parse_layout(v, f"layout[{kind!r}]", kind) for kind, v in layout.items()}
-    parsed = parse_layout(layout)
-    kind = next(k for k, names in KINDS.items() if str(parsed) in names or parsed.axes[-2:] in (
-        parse_layout(n).axes[-2:] for n in names))
-    return {kind: parsed}
-
-
 def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None = None,
              state_buffers: Sequence[str] | Mapping[str, str] | None = None, allow_missing: bool = False,
              lower: "bool | str" = "auto", dynamic: bool | None = None, inplace: bool = False) -> OptimizedModule:
     """The model with its state pools stored in `layout` and every use of them rewritten.
 
-    layout: "DS" or "SD" for conv-state pools, "KV" or "VK" for recurrent-state pools, or a
-    mapping {"conv": ..., "recurrent": ...}; a kind not named keeps the model's order.
+    layout: "DS" or "SD" for conv-state pools, "KV" or "VK" for recurrent-state pools, "auto"
+    (each kind in the order layoutpass's kernels were measured fastest in: DS and VK), or a
+    mapping {"conv": ..., "recurrent": ...} (a value may be "auto"); a kind not named keeps the
+    model's order.
     Graphs are captured on the first call of each call structure (Dynamo's guards decide what
     a new structure is). example_inputs: calls (dicts of keyword arguments, tuples of positional
     ones, or (args, kwargs)) to capture now, run on a throwaway copy of the optimized model's
@@ -619,7 +608,7 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
         hint = raw_transformers_hint(model)
         if hint:
             raise ArgumentError("model", hint)
-    layouts = _layouts(layout)
+    layouts = requested(layout)
     if lower not in (True, False, "auto"):
         raise ArgumentError("lower", f"expected True, False or 'auto', got {lower!r}")
     dynamic = getattr(model, "layoutpass_dynamic", None) if dynamic is None else dynamic

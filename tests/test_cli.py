@@ -105,7 +105,8 @@ def test_bad_layout_before_anything_runs(capsys, monkeypatch):
     monkeypatch.setattr(layoutpass, "optimize", None)  # loading or capturing would fail otherwise
     for argv in (("demo",), ("check", "cli_factories:one_conv"), ("inspect", "nosuch:thing")):
         line = mistake(capsys, *argv, "--layout", "XY")
-        assert line == "layoutpass: layout: unknown layout 'XY'; expected one of ['SD', 'DS', 'KV', 'VK']"
+        assert line == ("layoutpass: layout: unknown layout 'XY'; expected one of ['SD', 'DS', 'KV', 'VK', 'auto'], "
+                        "or a mapping {kind: layout}")
 
 
 def test_demo_models_listed_and_checked(capsys):

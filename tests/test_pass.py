@@ -72,6 +72,20 @@ def test_recurrent_pools_move_too(name, layouts):
         assert fast.get_buffer(name_).shape == model.get_buffer(name_).shape
 
 
+@pytest.mark.parametrize("layout", ["auto", "AUTO", {"conv": "auto", "recurrent": "auto"}])
+def test_auto_stores_each_kind_in_the_order_its_kernels_read_fastest(layout):
+    """layout="auto": conv pools DS, recurrent pools VK (the kernels' measured preferences),
+    exact against the original; a mapping may name "auto" for one kind only."""
+    model = build("hybrid", num_spec=1)
+    fast = optimize(model, layout)
+    assert check_equivalence(model, fast, prefills=3, steps=12).ok
+    targets = {(p.kind, str(p.target)) for p in fast.report.pools.values()}
+    assert targets == {("conv", "DS"), ("recurrent", "VK")}
+    only_conv = optimize(model, {"conv": "auto"})
+    only_conv(**make_scenario(model.cfg)[0].inputs)
+    assert {p.kind for p in only_conv.report.pools.values() if p.moves} == {"conv"}
+
+
 @pytest.mark.parametrize("name", ["mamba2", "short_conv"])
 def test_golden_code(name):
     """Before/after code of the decode entry, compared with the committed golden files

@@ -192,3 +192,38 @@ def test_a_graph_runs_only_where_the_branches_it_took_are_taken():
         torch.testing.assert_close(fast(x), reference(x), rtol=0, atol=0)
         torch.testing.assert_close(logical_buffers(fast)["pool"], reference.pool, rtol=0, atol=0)
     assert len(fast.graphs) <= 3  # 7 tokens; then odd and even lengths, each once
+
+
+class _NoSnapshots(nn.Module):
+    """Recurrent pools without a snapshot axis, (slot, head, v, k) and (slot, head, k, v): the
+    ops take a snapshot axis, so the model adds one of size 1 by a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("ssm", torch.randn(6, 2, 4, 3))
+        self.register_buffer("delta", torch.randn(6, 2, 3, 5))
+        self.A, self.D = nn.Parameter(-torch.rand(2)), nn.Parameter(torch.rand(2))
+
+    def forward(self, x, dt, B, C, k, v, slots):
+        from layoutpass.kernels.recurrent import delta_rule_update, selective_state_update
+
+        y = selective_state_update(self.ssm.unsqueeze(1), x, dt, self.A, B, C, self.D, state_batch_indices=slots)
+        o = delta_rule_update(self.delta[:, None], k, k, v, -dt, dt, state_indices=slots)
+        return y.sum() + o
+
+
+@pytest.mark.parametrize("layout", ["KV", "VK"])
+def test_a_recurrent_pool_without_snapshots_is_found_through_the_view_that_adds_them(layout):
+    def call(b):
+        g = torch.Generator().manual_seed(b)
+        r = lambda *s: torch.randn(*s, generator=g)
+        return dict(x=r(b, 1, 2, 4), dt=torch.rand(b, 1, 2, generator=g), B=r(b, 1, 1, 3), C=r(b, 1, 1, 3),
+                    k=r(b, 1, 2, 3), v=r(b, 1, 2, 5), slots=torch.randperm(6, generator=g)[:b].int())
+
+    model = _NoSnapshots()
+    fast = optimize(model, layout)
+    assert check_equivalence(model, fast, [call(3), call(2), call(3)]).ok
+    pools = fast.report.pools
+    assert sorted(pools) == ["delta", "ssm"] and all("snap" not in p.axes.axes for p in pools.values())
+    assert all(str(p.target) == layout for p in pools.values())
+    assert [p.name for p in pools.values() if p.moves] == [n for n, p in pools.items() if str(p.source) != layout]
