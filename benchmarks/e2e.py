@@ -5,6 +5,7 @@ both kinds side by side:
   as written                  the model itself (conv pools SD, recurrent pools in the order its ops use)
   DS + VK                     optimize(model, {"conv": "DS", "recurrent": "VK"})
   SD + KV                     optimize(model, {"conv": "SD", "recurrent": "KV"})
+  (layout="auto" is DS + VK today, layoutpass.layout.AUTO: it has no row of its own)
   DS + VK, compiled           the DS + VK model (called eagerly first: its graphs captured, its pools
                               moved) then wrapped in torch.compile (inductor, static shapes: one
                               compile per batch size): inductor fuses the model's own elementwise
