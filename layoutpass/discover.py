@@ -95,8 +95,8 @@ def discover(graph: torch.fx.Graph, candidates: dict[str, tuple[str, tuple]],
 
 def _through_views(state, by_pool, op_axes: tuple[str, ...]) -> Layout | None:
     """The axes of a pool a permutation of which is an op's state, read in `op_axes`; the dim or
-    head axis may start past 0 (a tensor-parallel rank's shard of the channels or heads), and an
-    op axis of size 1 the pool lacks may be added by a view (`pool[:, None]`: no snapshots)."""
+    head axis may start past 0 (a tensor-parallel rank's shard of the channels or heads), and a
+    snapshot axis of size 1 the pool lacks may be added by a view (`pool[:, None]`)."""
     if not isinstance(state, Val) or state.root.pool not in by_pool or len(op_axes) != len(state.shape) or \
             len(by_pool[state.root.pool]) != len(state.coords):
         return None
@@ -109,7 +109,7 @@ def _through_views(state, by_pool, op_axes: tuple[str, ...]) -> Layout | None:
             return None
         axes.append(op_axes[index[0]])
         used.add(index[0])
-    if any(state.shape[k] != 1 for k in range(len(op_axes)) if k not in used):
+    if any(op_axes[k] != "snap" or state.shape[k] != 1 for k in range(len(op_axes)) if k not in used):
         return None
     return Layout(tuple(axes)) if len(set(axes)) == len(axes) else None
 

@@ -227,3 +227,22 @@ def test_a_recurrent_pool_without_snapshots_is_found_through_the_view_that_adds_
     assert sorted(pools) == ["delta", "ssm"] and all("snap" not in p.axes.axes for p in pools.values())
     assert all(str(p.target) == layout for p in pools.values())
     assert [p.name for p in pools.values() if p.moves] == [n for n, p in pools.items() if str(p.source) != layout]
+
+
+class _SlotsAsSnapshots(_NoSnapshots):
+    """The view adds the op's slot axis (size 1) and hands the pool's slots in as snapshots."""
+
+    def forward(self, x, dt, B, C, k, v, slots):
+        from layoutpass.kernels.recurrent import selective_state_update
+
+        return selective_state_update(self.ssm[None], x[:1], dt[:1], self.A, B[:1], C[:1], self.D,
+                                      num_accepted_tokens=slots[:1] % 5 + 1)
+
+
+def test_only_a_snapshot_axis_may_be_added_by_a_view():
+    g = torch.Generator().manual_seed(0)
+    call = dict(x=torch.randn(1, 1, 2, 4, generator=g), dt=torch.rand(1, 1, 2, generator=g),
+                B=torch.randn(1, 1, 1, 3, generator=g), C=torch.randn(1, 1, 1, 3, generator=g), k=None, v=None,
+                slots=torch.tensor([2], dtype=torch.int32))
+    with pytest.raises(LayoutPassError, match="no state pool found"):
+        optimize(_SlotsAsSnapshots(), "KV", example_inputs=[call])
