@@ -85,10 +85,12 @@ def demo(args: argparse.Namespace) -> int:
 
     from . import check_equivalence, optimize
     from .examples import build
+    from .layout import requested
 
     model = build(args.model, num_spec=1)
     steps = model.scenario(seed=args.seed)
-    print(f"model {args.model!r}: layers {', '.join(model.cfg.layers)}; optimizing to {args.layout} ...", flush=True)
+    target = ", ".join(f"{kind} pools {layout}" for kind, layout in requested(args.layout).items())
+    print(f"model {args.model!r}: layers {', '.join(model.cfg.layers)}; optimizing to {target} ...", flush=True)
     start = time.perf_counter()
     decode = next(s.inputs for s in steps if s.kind == "decode")
     fast = optimize(model, args.layout, lower=True, example_inputs=[next(s.inputs for s in steps if s.kind == kind)
