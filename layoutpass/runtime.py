@@ -32,8 +32,8 @@ from .layout import Layout, dense_strides, parse_layout, requested
 from .pages import Region, drop_stale, guard, pages_of, put_back, regions_of, settle, stale
 from .prove import StrideDependent
 from .report import Considered, Pool, Report
-from .state import (aliases, move, own_state, place_key, refuse_overlaps, relation, resolve, state_tensors,
-                    storage_key)
+from .state import (aliases, move, own_state, place_key, refuse_in_graph_capture, refuse_overlaps, relation, resolve,
+                    state_tensors, storage_key)
 
 log = logging.getLogger("layoutpass")
 ROOT = ""
@@ -264,6 +264,7 @@ class Session:
             out = self._call(unit, path, module, args, kwargs)
         except LayoutPassError as err:
             self.pending.clear()
+            refuse_in_graph_capture(f"a refusal ({err}) would put every pool back in the model's order")
             if not self._back_to_the_models_order(err):
                 self._refused()
                 raise err.with_traceback(None) from None
@@ -340,6 +341,7 @@ class Session:
         return unit.forward(module, *args, **kwargs)
 
     def _move_pending(self) -> None:
+        refuse_in_graph_capture(f"pools found in this call ({', '.join(n for n, _ in self.pending)}) cannot move")
         pending, self.pending = self.pending, []
         self.moves += len(pending)
         for name, pool in pending:
@@ -467,6 +469,7 @@ class OptimizedModule(nn.Module):
             session.settle_unbound()
         if not (session.rehearsed or session.calls or session.calling or session.warming or
                 torch.compiler.is_compiling()):
+            refuse_in_graph_capture("the first call, which runs on a copy of the model and moves its pools, cannot run")
             _rehearse(self, args, kwargs)
         session.calling.append(self)
         try:

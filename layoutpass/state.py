@@ -94,6 +94,18 @@ def place_key(t: torch.Tensor) -> tuple:
     return storage_key(t) + (t.storage_offset(), tuple(t.shape), t.dtype)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_in_graph_capture(what: str) -> None:
+    """State rewritten while a CUDA graph is being captured would be recorded, not done, and then
+    done again at every replay of the graph: refused, before anything is recorded."""
+    if _capturing():
+        raise LayoutPassError(f"{what} inside a CUDA graph capture: the graph would redo it at every replay; run "
+                              f"this call once outside the capture first (nothing moved)")
+
+
 def move(module: nn.Module, path: str, axes: Layout, order: Layout, chunk_bytes: int = 1 << 28) -> tuple[str, ...]:
     """Store the pool at `path` (shaped along `axes`) in memory `order`, in its own storage:
     each slot's state is rewritten in place, a chunk of slots at a time (bounded scratch), and

@@ -97,3 +97,23 @@ def test_torch_compile_over_the_optimized_model_on_cuda(name):
     theirs = logical_buffers(fast)
     for key, buf in logical_buffers(model).items():
         assert (buf.float() - theirs[key].float()).abs().max() < 0.05 * buf.float().abs().max(), key
+
+
+def test_a_first_call_inside_a_cuda_graph_capture_is_refused():
+    """The first call rehearses on a copy and moves pools: inside a capture that work would be
+    recorded, not done, and redone at every replay. Refused before anything is recorded."""
+    from layoutpass import LayoutPassError
+    from layoutpass.equivalence import logical_buffers
+
+    model = build("mamba2", num_spec=1, device="cuda")
+    fill_state(model)
+    fast = optimize(model, "DS")
+    decode = next(s.inputs for s in make_scenario(model.cfg, device="cuda") if s.kind == "decode")
+    before = {k: v.clone() for k, v in logical_buffers(fast).items()}
+    with pytest.raises(LayoutPassError, match="inside a CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            fast(**decode)
+    torch.cuda.synchronize()
+    assert not fast.report.pools
+    assert all(torch.equal(v, before[k]) for k, v in logical_buffers(fast).items())
+    torch.testing.assert_close(fast(**decode), model(**decode), rtol=0, atol=0)

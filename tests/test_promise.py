@@ -3,6 +3,7 @@ after step, in both layouts, on code around the graph -- Python flags and counte
 caches in lists, shared storage, other methods, custom ops -- or a clear refusal before
 anything changes. One test per defect class."""
 
+import contextlib
 import copy
 import pickle
 import random
@@ -351,3 +352,67 @@ def test_the_raw_pages_read_as_a_layout_inside_forward_is_refused():
     with pytest.raises(LayoutPassError, match=r"raw holds conv_state, which moves: .*slice.*promise_models.py:\d+"):
         optimize(model, "DS", example_inputs=[pm.step()])
     run_both(pm.RawInForward(peek=True), steps(3), "SD")
+
+
+class TwoPools(pm.Conv):
+    """A second pool that only some calls use: found (and moved) by the first call that does."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("other_state", torch.randn(pm.SLOTS, pm.TOK, pm.DIM))
+
+    def forward(self, x, slots, other: bool = False):
+        return self.conv(x, slots, self.other_state if other else None)
+
+
+@pytest.fixture
+def graph_capture(monkeypatch):
+    """A CUDA graph being captured, as layoutpass sees it (a real capture: tests/test_pass_gpu.py)."""
+    from layoutpass import state
+
+    @contextlib.contextmanager
+    def capture():
+        with monkeypatch.context() as m:
+            m.setattr(state, "_capturing", lambda: True)
+            yield
+    return capture
+
+
+def test_nothing_moves_inside_a_cuda_graph_capture(graph_capture):
+    """Work launched while a CUDA graph is captured is recorded, not done, and redone at every
+    replay: a pool moved then would be moved again by each replay. The first call (rehearsal,
+    moves) and a call that finds a new pool are refused there; outside the capture they go on."""
+    model = TwoPools()
+    reference, fast = copy.deepcopy(model), optimize(model, "DS")
+    before = {k: v.clone() for k, v in logical_buffers(fast).items()}
+    with graph_capture(), pytest.raises(LayoutPassError, match="inside a CUDA graph capture"):
+        fast(**pm.step(seed=0))
+    assert not fast.report.pools and all(torch.equal(v, before[k]) for k, v in logical_buffers(fast).items())
+    for i in range(2):
+        torch.testing.assert_close(fast(**pm.step(seed=i)), reference(**pm.step(seed=i)), rtol=0, atol=0)
+    assert [p.name for p in fast.report.pools.values() if p.moves] == ["conv_state"]
+    with graph_capture():  # nothing to move: runs
+        torch.testing.assert_close(fast(**pm.step(seed=5)), reference(**pm.step(seed=5)), rtol=0, atol=0)
+        with pytest.raises(LayoutPassError, match=r"pools found in this call \(other_state\) cannot move"):
+            fast(**pm.step(seed=6), other=True)  # (on the CPU its work ran: in a capture it is only recorded)
+    reference(**pm.step(seed=6), other=True)
+    assert fast.other_state.stride() == reference.other_state.stride()  # not moved
+    torch.testing.assert_close(fast(**pm.step(seed=7), other=True), reference(**pm.step(seed=7), other=True),
+                               rtol=0, atol=0)
+    assert {p.name for p in fast.report.pools.values() if p.moves} == {"conv_state", "other_state"}
+    assert fast.other_state.stride() != reference.other_state.stride()  # moved after the call outside the capture
+    same_state(reference, fast)
+
+
+def test_a_refusal_inside_a_cuda_graph_capture_moves_nothing_back(graph_capture):
+    """A later call structure refused while a graph is captured: putting the pools back in the
+    model's order would be recorded too, so the refusal is raised as is; outside the capture the
+    same call puts them back and goes on."""
+    fast = optimize(CountsThenRefused(), "DS")
+    fast(**pm.step(seed=0))
+    moved = fast.conv_state.stride()
+    with graph_capture(), pytest.raises(LayoutPassError, match="would put every pool back .* CUDA graph capture"):
+        fast(**pm.step(seed=1), peek=True)
+    assert fast.conv_state.stride() == moved and any(p.moves for p in fast.report.pools.values())
+    fast(**pm.step(seed=2), peek=True)
+    assert fast.conv_state.stride() == CountsThenRefused().conv_state.stride()
