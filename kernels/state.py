@@ -59,9 +59,9 @@ def launch_box_copy(src, dst, src_slots, dst_slots, shifts, src_d0, dst_d0, box_
         return
     block_d = min(256, triton.next_power_of_2(box_dim))
     grid = (src_slots.shape[0], triton.cdiv(box_dim, block_d))
-    _box_copy_kernel[grid](src, dst, src_slots, dst_slots, shifts, box_dim, src.shape[2], src_d0,
-                                        dst_d0, *src.stride(), *dst.stride(), HAS_SHIFT=shifts is not None,
-                                        BLOCK_D=block_d, TOK_P2=triton.next_power_of_2(src.shape[2]), num_warps=4)
+    _box_copy_kernel[grid](src, dst, src_slots, dst_slots, shifts, box_dim, src.shape[2], src_d0, dst_d0,
+                           *src.stride(), *dst.stride(), HAS_SHIFT=shifts is not None, BLOCK_D=block_d,
+                           TOK_P2=triton.next_power_of_2(src.shape[2]), num_warps=4)
 
 
 def _logical(pool: torch.Tensor, layout: Layout, name: str = "pool") -> torch.Tensor:
