@@ -59,7 +59,7 @@ def settle(regions: list[Region]) -> list[Region]:
         pages = next((t for c in r.containers if isinstance(t := _resolved(tree, c), torch.Tensor) and
                       storage_key(t) == r.place[:2]), None)
         if pages is not None:
-            refuse_in_graph_capture("raw pages a moved pool left when it was rebound would go back to the model's order")
+            refuse_in_graph_capture("the raw pages a rebound pool left would go back to the model's order")
             _, _, offset, shape, dtype = r.place
             inside = torch.empty(0, dtype=dtype, device=pages.device).set_(pages.untyped_storage(), offset,
                                                                             shape, r.strides)

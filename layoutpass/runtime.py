@@ -398,7 +398,8 @@ class Session:
         why = f" ({'; '.join(eager)})" if eager else ""
         when = "in the example calls" if strict else "in the first call"
         raise PoolNotFound(f"no state pool found {when}: no state tensor reaches a conv or recurrence op or is "
-                           f"written back shifted along one axis{why}; nothing moved (pass state_buffers=, or allow_missing=True)")
+                           f"written back shifted along one axis{why}; nothing moved (pass state_buffers=, or "
+                           f"allow_missing=True)")
 
 
 def _first_line(err: Exception) -> str:
