@@ -466,27 +466,9 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         session: Session = self.__dict__["_lp"]
-        if session.regions and not session.calling:
-            session.settle_unbound()
-        if not (session.rehearsed or session.calls or session.calling or session.warming or
-                torch.compiler.is_compiling()):
-            refuse_in_graph_capture("the first call, which runs on a copy of the model and moves its pools, cannot run")
-            _rehearse(self, args, kwargs)
-        session.calling.append(self)
-        try:
-            if session.root is not None:
-                out = session.call(session.root, ROOT, self, args, kwargs)
-            else:
-                out = session.model_class.forward(self, *args, **kwargs)
-        finally:
-            session.calling.pop()
-        if session.pending and not session.calling:  # every layer's call succeeded: the pools found move now
-            session._move_pending()
-        if not session.calls:
-            session.calls += 1
-            if not session.warming and not session.rehearsed:
-                session.check_found(strict=False)
-        return out
+        if not (session.rehearsed or session.calls or session.calling or session.warming):
+            return _first_call(self, args, kwargs)
+        return _call_model(self, session, args, kwargs)
 
     @property
     def report(self) -> Report:
@@ -522,6 +504,34 @@ class OptimizedModule(nn.Module):
 
         return {p.name: (p.target, dense_strides(p.axes, p.target, p.shape))
                 for p in self.report.pools.values() if p.argument}
+
+
+@torch.compiler.disable  # eager under your own torch.compile too: it captures, proves and moves pools
+def _first_call(fast: OptimizedModule, args: tuple, kwargs: dict):
+    """The model's first call: rehearsed on a copy of the model (_rehearse), then run."""
+    refuse_in_graph_capture("the first call, which runs on a copy of the model and moves its pools, cannot run")
+    _rehearse(fast, args, kwargs)
+    return _call_model(fast, fast.__dict__["_lp"], args, kwargs)
+
+
+def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: dict):
+    if session.regions and not session.calling:
+        session.settle_unbound()
+    session.calling.append(fast)
+    try:
+        if session.root is not None:
+            out = session.call(session.root, ROOT, fast, args, kwargs)
+        else:
+            out = session.model_class.forward(fast, *args, **kwargs)
+    finally:
+        session.calling.pop()
+    if session.pending and not session.calling:  # every layer's call succeeded: the pools found move now
+        session._move_pending()
+    if not session.calls:
+        session.calls += 1
+        if not session.warming and not session.rehearsed:
+            session.check_found(strict=False)
+    return out
 
 
 @functools.cache

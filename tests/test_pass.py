@@ -317,6 +317,19 @@ def test_torch_compile_of_the_optimized_model():
     assert result.ok, str(result)
 
 
+@torch.no_grad()
+def test_torch_compile_before_the_first_call():
+    """Your torch.compile around the optimized model before it ever ran: its first call runs
+    eagerly all the same (rehearsal, captures, moves), the later ones compiled."""
+    model = build("short_conv")
+    steps = make_scenario(model.cfg)[:4]
+    fast = optimize(model, "DS")
+    compiled = torch.compile(fast, fullgraph=False)
+    result = check_equivalence(model, compiled, steps, rtol=1e-4, atol=1e-5)
+    assert result.ok, str(result)
+    assert fast.report.pools and all(p.moves for p in fast.report.pools.values())
+
+
 @pytest.mark.parametrize("model_class, op", [(pm.CatIdiom, "cat"), (pm.RollIdiom, "roll")])
 def test_pure_torch_updates_are_lowered_to_the_kernel(model_class, op):
     model = model_class()
