@@ -592,8 +592,12 @@ def _copy(model: nn.Module, inplace: bool) -> nn.Module:
     """The model's structure copied, its parameters shared; its state copied too, unless
     inplace (then shared: its pools move in the model's own memory)."""
     shared = list(model.parameters()) + ([t for _, t in state_tensors(model)] if inplace else [])
-    fast = copy.deepcopy(model, memo={id(t): t for t in shared})
-    return fast
+    try:
+        return copy.deepcopy(model, memo={id(t): t for t in shared})
+    except Exception as err:  # an attribute deepcopy cannot copy: a lock, a process group, an open file
+        raise ArgumentError("model", f"copy.deepcopy cannot copy it ({type(err).__name__}: {_first_line(err)}); "
+                                     f"optimize() copies the model's structure (parameters shared): keep such "
+                                     f"objects outside the model") from None
 
 
 def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None = None,

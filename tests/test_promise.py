@@ -416,3 +416,54 @@ def test_a_refusal_inside_a_cuda_graph_capture_moves_nothing_back(graph_capture)
     assert fast.conv_state.stride() == moved and any(p.moves for p in fast.report.pools.values())
     fast(**pm.step(seed=2), peek=True)
     assert fast.conv_state.stride() == CountsThenRefused().conv_state.stride()
+
+
+class HoldsALock(pm.Conv):
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+class Context:
+    """A server's per-call object that cannot be copied (it holds a lock)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock, self.calls = threading.Lock(), 0
+
+
+class TakesAContext(pm.Conv):
+    def forward(self, x, slots, ctx: Context):
+        ctx.calls += 1
+        return self.conv(x, slots)
+
+
+def test_a_model_deepcopy_cannot_copy_is_refused_in_one_line():
+    with pytest.raises(LayoutPassError, match=r"^model: copy.deepcopy cannot copy it \(TypeError: cannot pickle"):
+        optimize(HoldsALock(), "DS")
+
+
+@pytest.mark.parametrize("why", ["an argument deepcopy cannot copy", "out of memory for a second copy"])
+def test_a_first_call_that_cannot_be_rehearsed_runs_directly_and_says_so(why, monkeypatch):
+    """No copy of the model and the call for the rehearsal (an argument holding a lock; the state
+    not fitting twice in memory): the first call runs on the model itself, reported, and every
+    call is still the model's."""
+    model = TakesAContext()
+    reference, fast = copy.deepcopy(model), optimize(model, "DS")
+    if why.startswith("out of memory"):
+        from layoutpass import runtime
+
+        def no_room(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        monkeypatch.setattr(runtime.copy, "deepcopy", no_room)
+    ctx, ref_ctx = Context(), Context()
+    for i in range(3):
+        torch.testing.assert_close(fast(**pm.step(seed=i), ctx=ctx), reference(**pm.step(seed=i), ctx=ref_ctx),
+                                   rtol=0, atol=0)
+    assert ctx.calls == ref_ctx.calls == 3  # the call ran once on the model, not on a copy as well
+    assert any(note.startswith("the first call was not rehearsed on a copy of the model") for note in fast.report.notes)
+    assert [p.name for p in fast.report.pools.values() if p.moves] == ["conv_state"]
+    same_state(reference, fast)
