@@ -9,12 +9,15 @@ the compiler (layoutpass/compiler.py) proves and rewrites each graph Dynamo capt
 move like a tensor going channels_last: same shape, new strides, so code outside the graphs
 (other methods, hooks, state_dict, pickle) still computes what it was written for."""
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import io
 import logging
 import random
 import re
+import threading
 import time
 import types
 import weakref
@@ -588,16 +591,41 @@ def _units(model: nn.Module, model_class: type) -> tuple[list[Unit], Unit | None
     return list(kinds.values()), None
 
 
+def _handle_types() -> tuple[type, ...]:
+    """What deepcopy cannot copy that is a handle, not state: a copy of the model (and the first
+    call's rehearsal) shares these with it."""
+    found = [type(threading.Lock()), type(threading.RLock()), torch.Stream, torch.Event, torch.cuda.Stream,
+             torch.cuda.Event, io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.FileIO]
+    if torch.distributed.is_available():
+        found.append(torch.distributed.ProcessGroup)
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def _handles_shared():
+    """copy.deepcopy returns handles (_handle_types) as they are while this lasts (its dispatch
+    table is keyed by exact type, which is what a handle has)."""
+    added = [t for t in _handle_types() if t not in copy._deepcopy_dispatch]
+    copy._deepcopy_dispatch.update({t: lambda x, memo: x for t in added})
+    try:
+        yield
+    finally:
+        for t in added:
+            copy._deepcopy_dispatch.pop(t, None)
+
+
 def _copy(model: nn.Module, inplace: bool) -> nn.Module:
     """The model's structure copied, its parameters shared; its state copied too, unless
     inplace (then shared: its pools move in the model's own memory)."""
     shared = list(model.parameters()) + ([t for _, t in state_tensors(model)] if inplace else [])
     try:
-        return copy.deepcopy(model, memo={id(t): t for t in shared})
-    except Exception as err:  # an attribute deepcopy cannot copy: a lock, a process group, an open file
+        with _handles_shared():
+            return copy.deepcopy(model, memo={id(t): t for t in shared})
+    except Exception as err:  # an attribute deepcopy cannot copy that is no handle (a generator, say)
         raise ArgumentError("model", f"copy.deepcopy cannot copy it ({type(err).__name__}: {_first_line(err)}); "
-                                     f"optimize() copies the model's structure (parameters shared): keep such "
-                                     f"objects outside the model") from None
+                                     f"optimize() copies the model's structure (parameters and handles such as "
+                                     f"locks, streams and process groups shared): keep such objects outside the "
+                                     f"model") from None
 
 
 def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None = None,
@@ -691,8 +719,9 @@ def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict, grad: bool = Fals
     plain = session.model_class.__new__(session.model_class)
     plain.__dict__.update({k: v for k, v in fast.__dict__.items() if k != "_lp"})
     try:
-        twin, args, kwargs = copy.deepcopy((plain, args, kwargs), {id(p): p for p in fast.parameters()})
-    except Exception as err:  # an attribute deepcopy cannot copy (a lock, a process group), or memory
+        with _handles_shared():
+            twin, args, kwargs = copy.deepcopy((plain, args, kwargs), {id(p): p for p in fast.parameters()})
+    except Exception as err:  # something deepcopy cannot copy that is no handle (a generator), or memory
         raise _Uncopyable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
     drop_stale(twin)
     for module in twin.modules():  # your hooks run once per call, on your model (their closures are shared)

@@ -418,21 +418,48 @@ def test_a_refusal_inside_a_cuda_graph_capture_moves_nothing_back(graph_capture)
     assert fast.conv_state.stride() == CountsThenRefused().conv_state.stride()
 
 
-class HoldsALock(pm.Conv):
-    def __init__(self):
+class HoldsHandles(pm.Conv):
+    """A server's layer keeps a lock, a condition, a stream and a log file beside its state."""
+
+    def __init__(self, log):
         super().__init__()
         import threading
 
-        self.lock = threading.Lock()
+        self.lock, self.ready, self.stream, self.log = threading.Lock(), threading.Condition(), torch.Stream(), log
+
+
+class HoldsAGenerator(pm.Conv):
+    def __init__(self):
+        super().__init__()
+        self.pending = (i for i in range(3))  # deepcopy cannot copy a generator, and it is no handle
+
+
+def test_handles_are_shared_by_the_copy_and_the_rehearsal(tmp_path):
+    """Locks, streams, process groups, files: copy.deepcopy cannot copy them, and a copy of the
+    model should not have its own. optimize() and the first call's rehearsal share them."""
+    with open(tmp_path / "log", "w") as log:
+        model = HoldsHandles(log)
+        reference, fast = HoldsHandles(log), optimize(model, "DS")
+        reference.load_state_dict(model.state_dict())
+        assert fast.lock is model.lock and fast.stream is model.stream and fast.log is log
+        assert fast.ready is not model.ready and fast.ready._lock is model.ready._lock  # copied around its lock
+        for i in range(3):
+            torch.testing.assert_close(fast(**pm.step(seed=i)), reference(**pm.step(seed=i)), rtol=0, atol=0)
+        assert not fast.report.notes and [p.name for p in fast.report.pools.values() if p.moves] == ["conv_state"]
+    same_state(reference, fast)
+
+
+def test_a_model_deepcopy_cannot_copy_is_refused_in_one_line():
+    with pytest.raises(LayoutPassError, match=r"^model: copy.deepcopy cannot copy it \(TypeError: cannot pickle "
+                                              r"'generator' object\)"):
+        optimize(HoldsAGenerator(), "DS")
 
 
 class Context:
-    """A server's per-call object that cannot be copied (it holds a lock)."""
+    """A server's per-call object that cannot be copied (it holds a generator)."""
 
     def __init__(self):
-        import threading
-
-        self.lock, self.calls = threading.Lock(), 0
+        self.pending, self.calls = (i for i in range(3)), 0
 
 
 class TakesAContext(pm.Conv):
@@ -441,15 +468,10 @@ class TakesAContext(pm.Conv):
         return self.conv(x, slots)
 
 
-def test_a_model_deepcopy_cannot_copy_is_refused_in_one_line():
-    with pytest.raises(LayoutPassError, match=r"^model: copy.deepcopy cannot copy it \(TypeError: cannot pickle"):
-        optimize(HoldsALock(), "DS")
-
-
 @pytest.mark.parametrize("why", ["an argument deepcopy cannot copy", "out of memory for a second copy"])
 def test_a_first_call_that_cannot_be_rehearsed_runs_directly_and_says_so(why, monkeypatch):
-    """No copy of the model and the call for the rehearsal (an argument holding a lock; the state
-    not fitting twice in memory): the first call runs on the model itself, reported, and every
+    """No copy of the model and the call for the rehearsal (an argument holding a generator; the
+    state not fitting twice in memory): the first call runs on the model itself, reported, and every
     call is still the model's."""
     model = TakesAContext()
     reference, fast = copy.deepcopy(model), optimize(model, "DS")
