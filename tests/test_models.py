@@ -5,6 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from layoutpass import ArgumentError
 from layoutpass.examples import ZOO, build
@@ -170,6 +172,18 @@ def test_sdpa_attention_matches_the_torch_scores(prefill):
     assert _relative_error(got, expected) < 1e-3
 
 
+def _attention_oracle(q, caches, slots, ctx):
+    """softmax(q k^T / sqrt(hd)) v in float64, token t of sequence b over positions 0..ctx[b] + t."""
+    batch, tokens, heads, hd = q.shape
+    out = torch.empty(batch, tokens, heads, hd, dtype=torch.float64)
+    for b, (slot, start) in enumerate(zip(slots.tolist(), ctx.tolist())):
+        for t in range(tokens):
+            keys, values = (c[slot, :start + t + 1].double() for c in caches)  # (positions, heads, hd)
+            weights = torch.softmax(torch.einsum("hd,phd->hp", q[b, t].double(), keys) / hd ** 0.5, -1)
+            out[b, t] = torch.einsum("hp,phd->hd", weights, values)
+    return out
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_decode_attention_kernel_against_float64(tokens, device):
@@ -184,12 +198,28 @@ def test_decode_attention_kernel_against_float64(tokens, device):
     caches = [torch.randn(num_slots, heads, max_len, hd, generator=gen).transpose(1, 2) for _ in range(2)]
     slots, ctx = ints(5, 0, 3, 6), ints(0, 1, 70, max_len - tokens)
     got = decode_attention(*(t.to(device) for t in (q, *caches, slots, ctx)))
-    for b, (slot, start) in enumerate(zip(slots.tolist(), ctx.tolist())):
-        for t in range(tokens):
-            keys, values = (c[slot, :start + t + 1].double() for c in caches)  # (positions, heads, hd)
-            weights = torch.softmax(torch.einsum("hd,phd->hp", q[b, t].double(), keys) / hd ** 0.5, -1)
-            want = torch.einsum("hp,phd->hd", weights, values)
-            assert (got[b, t].cpu().double() - want).abs().max() < 1e-5
+    assert (got.cpu().double() - _attention_oracle(q, caches, slots, ctx)).abs().max() < 1e-5
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(st.data())
+def test_decode_attention_kernel_any_shape_and_memory_order(data):
+    """Random batch, tokens, heads, head_dim, slots, contexts and cache memory orders."""
+    from layoutpass.examples.attention import decode_attention
+
+    batch, tokens, heads = (data.draw(st.integers(1, n)) for n in (4, 3, 3))
+    hd, max_len = data.draw(st.sampled_from([8, 24, 64, 80])), data.draw(st.integers(tokens, 140))
+    num_slots = batch + data.draw(st.integers(0, 3))
+    order = data.draw(st.permutations(range(4)))  # memory order of the (slot, position, head, hd) caches
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    shape = (num_slots, max_len, heads, hd)
+    caches = [torch.randn([shape[i] for i in order], generator=gen).permute(*[order.index(i) for i in range(4)])
+              for _ in range(2)]
+    q = torch.randn(batch, tokens, heads, hd, generator=gen)
+    slots = torch.randperm(num_slots, generator=gen)[:batch].int()
+    ctx = torch.tensor([data.draw(st.integers(0, max_len - tokens)) for _ in range(batch)], dtype=torch.int32)
+    got = decode_attention(q, *caches, slots, ctx)
+    assert (got.double() - _attention_oracle(q, caches, slots, ctx)).abs().max() < 1e-5
 
 
 @pytest.mark.gpu
