@@ -648,6 +648,10 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
     the new strides; its values are unchanged). A refused rewrite raises LayoutPassError."""
     if not isinstance(model, nn.Module):
         raise ArgumentError("model", f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, OptimizedModule):
+        to = ", ".join(f"{kind} pools {layout}" for kind, layout in model.layout.items())
+        raise ArgumentError("model", f"is already optimized by layoutpass (to {to}): optimize the model you "
+                                     f"optimized it from")
     if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
         from .hf import raw_transformers_hint  # a cache object passed to forward cannot be captured
 

@@ -260,6 +260,8 @@ def test_bad_input():
         optimize(pm.OneConv(), lower="yes")
     with pytest.raises(ArgumentError, match="^dynamic:"):
         optimize(pm.OneConv(), dynamic="yes")
+    with pytest.raises(ArgumentError, match=r"^model: is already optimized by layoutpass \(to conv pools DS\)"):
+        optimize(optimize(pm.OneConv(), "DS"), "SD")
 
 
 def test_report_reads_well():
