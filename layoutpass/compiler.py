@@ -243,7 +243,23 @@ def _dense_in(user: torch.fx.Node, pool: Pool) -> bool:
 
 def _lower(b: Build) -> None:
     if b.kernel_views:
-        b.uses += lower_updates(b.gm, b.name, dict(b.kernel_views))
+        b.uses += lower_updates(b.gm, b.name, dict(b.kernel_views), _autograd_records(b))
+
+
+def _autograd_records(b: Build) -> str | None:
+    """Why autograd may record this graph (the kernels have no backward, so a lowered update
+    would drop gradients the model's own code computes): grad mode on at the capture (Dynamo
+    guards it, so a call with grad mode off captures anew) or turned on inside the graph, and
+    a tensor input that requires grad. None when it cannot record."""
+    enabled = torch.is_grad_enabled() or any(n.target is torch._C._set_grad_enabled and n.args[0]
+                                             for n in b.captured.graph.nodes)
+    needs = [i.path for i in b.inputs if isinstance(i.tensor, torch.Tensor) and i.tensor.requires_grad]
+    if not (enabled and needs):
+        return None
+    names = ", ".join(needs[:2]) + (f" and {len(needs) - 2} more" if len(needs) > 2 else "")
+    return (f"autograd records this call (grad mode is on; {names} require{'s' if len(needs) == 1 else ''} grad) "
+            f"and the kernels have no "
+            f"backward: the update runs as written (call under torch.no_grad() or torch.inference_mode() to lower it)")
 
 
 def _report_kernels(b: Build) -> None:

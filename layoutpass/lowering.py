@@ -396,9 +396,11 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
         pass
 
 
-def lower_updates(gm: torch.fx.GraphModule, entry: str, pools: dict[torch.fx.Node, str]) -> list:
+def lower_updates(gm: torch.fx.GraphModule, entry: str, pools: dict[torch.fx.Node, str],
+                  refused: str | None = None) -> list:
     """Every pure-torch conv update on a DS pool (placeholder -> pool name) -> one kernel call,
-    by the LOWERINGS table run through the rewrite driver; near misses are reported."""
+    by the LOWERINGS table run through the rewrite driver; near misses are reported, and so is
+    every update left as written because of `refused` (why none may be lowered)."""
     graph, uses, order = gm.graph, [], {}
 
     def step(node):
@@ -409,7 +411,9 @@ def lower_updates(gm: torch.fx.GraphModule, entry: str, pools: dict[torch.fx.Nod
             order.clear()
             order.update((n, i) for i, n in enumerate(graph.nodes))
         match = matcher(node, set(pools), order)
-        if isinstance(match, Update):
+        if isinstance(match, Update) and refused:
+            uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.NOT_LOWERED, refused))
+        elif isinstance(match, Update):
             idiom = node.target.__name__.split(".")[0]
             uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.LOWERED,
                             f"pure-torch {idiom} update -> {match.kernel}"))

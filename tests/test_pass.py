@@ -346,6 +346,44 @@ def test_pure_torch_updates_are_lowered_to_the_kernel(model_class, op):
     assert f"aten.{op}" in next(iter(unlowered.graphs.values())).after
 
 
+@pytest.mark.parametrize("model_class", [pm.CatIdiom, pm.RollIdiom])
+def test_an_update_autograd_records_is_not_lowered(model_class):
+    """The kernels have no backward: a pure-torch update that autograd records (grad mode on,
+    an input that requires grad) runs as written, with the same outputs and the same gradients
+    through several steps of state; under no_grad the same model is lowered (grad mode is
+    guarded, so each mode has its graph), and grad mode again finds its own graph."""
+    torch.manual_seed(0)
+    model = model_class()
+    fast = optimize(model, "DS", lower=True)
+    reference = model_class()
+    reference.load_state_dict(model.state_dict())
+    steps = [pm.inputs() for _ in range(3)]
+
+    def unroll(m):
+        """Three steps in grad mode, one loss: the first step's input reaches it through the pool."""
+        first = steps[0]["x"].clone().requires_grad_(True)
+        outputs = [m(**(dict(s, x=first) if i == 0 else s)) for i, s in enumerate(steps)]
+        sum(o.square().sum() for o in outputs).backward()
+        return outputs, first.grad, m.weight.grad.clone()
+
+    for round in range(2):
+        (ref_out, ref_dx, ref_dw), (out, dx, dw) = unroll(reference), unroll(fast)
+        assert all(o.grad_fn is not None for o in out)
+        assert all(torch.equal(a, b) for a, b in zip(ref_out, out))
+        assert torch.equal(dx, ref_dx) and torch.equal(dw, ref_dw)
+        for m in (reference, fast):
+            m.weight.grad = None
+            m.pool.detach_()
+        with torch.no_grad():  # lowered: the kernel sums the taps in another order (rounding only)
+            assert torch.allclose(reference(**steps[0]), fast(**steps[0]), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(reference.pool, fast.pool, rtol=1e-5, atol=1e-6)
+        fast.pool.copy_(reference.pool)
+    refused = [u.detail for u in fast.report.uses if u.action == Action.NOT_LOWERED]
+    assert refused and all(d.startswith("autograd records this call (grad mode is on; ") for d in refused)
+    code = [g.after for g in fast.graphs.values()]
+    assert any("layoutpass.conv_update" in c for c in code) and any("layoutpass.conv_update" not in c for c in code)
+
+
 def test_a_pure_torch_prompt_is_lowered_to_the_prefill_kernel():
     """conv1d over the prompt (any length, shorter than the state too) and its tail written to
     the pool: one conv_prefill from zero history. Sizes are specialized (dynamic=False): the
