@@ -169,12 +169,14 @@ class Session:
         """Take the build's new pools (for every instance of the unit) and its graph; queue the
         moves for after the call. Raises, moving nothing, when a new pool cannot move."""
         trees = self._live_trees()
-        moves = []
+        moves, kept = [], set()
         for local, pool in b.found.items():
             for path in b.unit.paths:
                 name = pool.name if pool.argument else self.qualified(path, local)
                 instance = dataclasses.replace(pool, name=name)
-                if pool.moves and not pool.argument:
+                if pool.moves and not pool.argument and self._held_as_written([name]):
+                    kept.add(name)
+                elif pool.moves and not pool.argument:
                     for tree in trees:
                         _check_movable(tree, name)
                     moves.append((name, instance))
@@ -187,6 +189,8 @@ class Session:
                 for tree in trees:
                     if not pool.argument:
                         self._remember(resolve(tree, name), self.pools[name])
+        if kept:
+            self._keep(self._held_as_written(sorted(kept)))
         self.report.pools = self.pools
         for name, c in b.considered.items():
             qualified = self.qualified(b.instance, name) if not name.startswith("argument ") else name
@@ -341,7 +345,49 @@ class Session:
         unit.eager = f"{unit.label} is not captured and runs as written: {type(err).__name__}: {_first_line(err)}"
         self.report.notes.append(unit.eager)
         log.warning("%s", unit.eager)
+        self._keep_held_as_written()
         return unit.forward(module, *args, **kwargs)
+
+    def _held_as_written(self, names: list[str]) -> dict[str, str]:
+        """Those of the pools `names` whose bytes a layer that runs as written holds: name -> the
+        layer (its code is proven for nothing, so these pools stay in the model's order)."""
+        tree, held = self.tree(), {}
+        for unit in self.units:
+            for path in unit.paths if unit.eager is not None else ():
+                layer = tree.get_submodule(path)
+                held.update({n: path for n in names if n not in held and aliases(layer, resolve(tree, n))})
+        return held
+
+    def _keep_held_as_written(self) -> None:
+        """Pools a layer that runs as written holds: those about to move stay in the model's
+        order; one that moved already is a refusal (its code would now run on the new order)."""
+        held = self._held_as_written([n for n, _ in self.pending])
+        if held:
+            self.pending = [(n, p) for n, p in self.pending if n not in held]
+            self._keep(held)
+        moved = self._held_as_written([n for n, p in self.pools.items() if p.moves and not p.argument])
+        if moved:
+            name, layer = next(iter(moved.items()))
+            raise StrideDependent(f"{name!r} moved, and {layer!r}, which holds it, now runs as written: its code is "
+                                  f"not proven for the pool's new order ({self.report.notes[-1]})")
+
+    def _keep(self, held: dict[str, str]) -> None:
+        """Pools (name -> the layer run as written that holds them) stay in the model's order:
+        their records and the graphs' reports say so."""
+        kept = {n: dataclasses.replace(self.pools[n], target=self.pools[n].source) for n in held}
+        self.pools.update(kept)
+        self._places = {k: kept.get(p.name, p) for k, p in self._places.items()}
+        for unit in self.units:
+            for entry in unit.entries:
+                b = entry.build
+                if any(p.name in kept for p in b.pools.values()):
+                    b.pools.update({ph: kept[p.name] for ph, p in b.pools.items() if p.name in kept})
+                    rebuild(b)
+                    entry.runner.gm, entry.graph = b.gm, _graph(b)
+                    self.report.entry_uses[entry.name] = b.uses
+        for name, layer in held.items():
+            self.report.notes.append(f"{name} stays in the model's order: {layer!r} holds it and runs as written, "
+                                     f"so its code is not proven for another order")
 
     def _move_pending(self) -> None:
         refuse_in_graph_capture(f"pools found in this call ({', '.join(n for n, _ in self.pending)}) cannot move")

@@ -151,6 +151,39 @@ class Shared(nn.Module):
         return self.a(x, slots) + self.b(x * 0.5, slots)
 
 
+class Uncaptured(nn.Module):
+    """A layer Dynamo cannot capture (a graph break on the `debug` call, or on every call) that
+    holds the conv layer's pool and writes it through a flat view, as if the pool were SD: run
+    as written, it is right only while the pool keeps the model's order."""
+
+    def __init__(self, pool, always=False):
+        super().__init__()
+        self.register_buffer("conv_state", pool)
+        self.always = always
+
+    def forward(self, x, slots, debug=False):
+        if debug or self.always:
+            torch._dynamo.graph_break()
+            flat = self.conv_state.flatten(1)  # a view of the SD pool; a copy of a moved one
+            flat[slots, :DIM] *= 0.5
+        else:
+            self.conv_state[slots, 0] *= 0.5
+        return x + self.conv_state[slots, 1]
+
+
+class WithUncaptured(nn.Module):
+    def __init__(self, uncaptured_first=False, always=False):
+        super().__init__()
+        self.conv = Conv()
+        self.side = Uncaptured(self.conv.conv_state, always)
+        self.uncaptured_first = uncaptured_first
+
+    def forward(self, x, slots, debug=False):
+        if self.uncaptured_first:
+            return self.conv(self.side(x, slots, debug), slots)
+        return self.side(self.conv(x, slots), slots, debug)
+
+
 class Server(Conv):
     """Methods a server calls outside forward, written for the SD pool."""
 

@@ -190,6 +190,33 @@ def test_server_methods_outside_forward(layout):
     run_both(pm.Server(), steps(5), layout, server)
 
 
+@pytest.mark.parametrize("uncaptured_first", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_pool_held_by_a_layer_that_runs_as_written_stays_in_the_models_order(layout, uncaptured_first):
+    """A layer Dynamo cannot capture runs as written, and its code is proven for nothing: a pool
+    it holds does not move (whichever layer the call reaches first), and the report says why."""
+    _, fast = run_both(pm.WithUncaptured(uncaptured_first, always=True), steps(4), layout)
+    assert not fast.report.pools["conv.conv_state"].moves
+    assert any("Uncaptured is not captured and runs as written" in n for n in fast.report.notes)
+    kept = [n for n in fast.report.notes if "stays in the model's order" in n and "conv.conv_state" in n]
+    assert len(kept) == (layout == "DS")  # in SD it has nowhere to move
+
+
+@pytest.mark.parametrize("uncaptured_first", [False, True])
+def test_a_layer_that_stops_being_captured_after_its_pool_moved_puts_it_back(uncaptured_first):
+    """The pool moved while the layer was captured; a later call the layer cannot be captured in
+    would run its code as written on the moved pool: every pool goes back to the model's order
+    first, and that call and the later ones go on as the model wrote them."""
+    calls = [dict(s, debug=i == 2) for i, s in enumerate(steps(5))]
+    model = pm.WithUncaptured(uncaptured_first)
+    _, fast = run_both(model, calls[:2], "DS")
+    (pool,) = fast.report.pools.values()  # found by whichever layer the call reaches first
+    assert pool.moves
+    _, fast = run_both(model, calls, "DS")
+    assert not any(p.moves for p in fast.report.pools.values())
+    assert any("every pool is back in the model's order" in n and pool.name in n for n in fast.report.notes)
+
+
 # 6. what used to crash at run time
 
 @pytest.mark.parametrize("layout", LAYOUTS)
