@@ -116,10 +116,12 @@ def _through_views(state, by_pool, op_axes: tuple[str, ...]) -> Layout | None:
 
 def _shifted_axis(contents: sympy.Expr, pool: str) -> int | None:
     """The one non-slot axis along which a pool's written contents read the pool itself shifted
-    (`P(c0, c1 + 1, c2)`, `P(c0, Mod(c1 + 1, n), c2)`), or None."""
+    (`P(c0, c1 + 1, c2)`, `P(c0, Mod(c1 + 1, n), c2)`), or None. A read at a fixed position
+    (`P(c0, 0, c2)`: a row scaled or copied in place) is no shift."""
     c = index_symbols(3, "c")
     shifted = set()
     for call in contents.atoms(sympy.core.function.AppliedUndef):
         if str(call.func) == f"P[{pool}]":
-            shifted |= {d for d in (1, 2) if sympy.expand(call.args[d] - c[d]) != 0}
+            shifted |= {d for d in (1, 2) if c[d] in sympy.sympify(call.args[d]).free_symbols and
+                        sympy.expand(call.args[d] - c[d]) != 0}
     return shifted.pop() if len(shifted) == 1 else None

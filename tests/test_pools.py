@@ -116,6 +116,26 @@ def test_every_buffer_considered_is_reported():
     assert SLOTS == 6
 
 
+class FixedRows(nn.Module):
+    """A rank-3 table written only at fixed positions of its second axis: scaled in place, and
+    one row copied onto another. Neither is a window shifted along an axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(pm.SLOTS, 3, 4))
+
+    def forward(self, x, slots):
+        self.table[slots, 0] *= 0.5
+        self.table[:, 2] = self.table[:, 1]
+        return x + self.table[slots].sum(1)
+
+
+def test_a_write_at_fixed_positions_is_no_shift():
+    fast = optimize(FixedRows(), example_inputs=[(torch.randn(2, 4), torch.tensor([1, 3]))], allow_missing=True)
+    assert not fast.report.pools
+    assert fast.report.considered["table"].reason.startswith("written, but never from its own contents shifted")
+
+
 class TrimsFlat(pm.Modes):
     """Its trim also writes the pool through an SD memory-order view."""
 
