@@ -187,6 +187,8 @@ class Around:
             lines += ["self._ckpt = None", "self.register_forward_pre_hook(snapshot)"]
         if "after" in self.features:
             lines.append("self.register_forward_hook(after)")
+        if "debug" in self.features:
+            lines.append("self.debug = False  # a server turns on debugging: the forward breaks Dynamo's graph")
         return ["self.allocate(gen)"] + lines
 
     def methods(self) -> list[str]:
@@ -1434,7 +1436,7 @@ def programs(draw, max_pools: int = 3, max_entries: int = 3, max_other_uses: int
 # pool; between calls the harness acts like a server (the same on both models).
 
 BINDINGS = ("buffer", "attribute", "list", "dict")
-FEATURES = ("flag", "counter", "drain", "snapshot", "after")
+FEATURES = ("flag", "counter", "drain", "snapshot", "after", "debug")
 
 
 def _hook(draw, name: str, p: Pool) -> str:
@@ -1519,6 +1521,13 @@ def around_lines(draw, around: Around, body: Body) -> None:
                      "branch": f"if len(self.history) % 2 == 0:\n    {p.ref}[slots[:1]] = 0.0",
                      "sum": "outs.append(x[:, 0, 0] * float(sum(self.history)))"}[how])
         kinds.append(f"py:counter-{how}")
+    if "debug" in around.features:  # from then on the holder runs as written, its code proven for nothing
+        p = draw(st.sampled_from(pools))
+        sub = Body(pools, body.tokens, body.whole, body.width_x, count=200 + body.count)
+        draw(draw(st.sampled_from([u for u in UPDATES + OTHER_USES if _applicable(u, sub, p)]))(sub, p))
+        body.count = sub.count
+        pre.append("\n".join(["if self.debug:", "    torch._dynamo.graph_break()", *(f"    {x}" for x in sub.lines)]))
+        kinds += ["py:debug-break", *(f"debug {k}" for k in sub.kinds)]
     if around.backing == "raw" and draw(st.booleans()):  # the pages used in the forward, slot by slot
         how = draw(st.sampled_from(["reset", "scale", "copy row", "copy row", "peek"]))
         pre.append({"reset": "self.raw[slots[:1]] = 0.0", "scale": "self.raw[slots] *= 0.5",
@@ -1546,6 +1555,7 @@ def actions(draw, around: Around, layers: tuple[int, ...], calls: int, max_actio
     kinds += ["counter-reset"] if "counter" in around.features else []
     kinds += ["queue-free"] if "drain" in around.features else []
     kinds += ["undo"] if "snapshot" in around.features else []
+    kinds += ["debug-on"] if "debug" in around.features else []
     kinds += ["raw-scale", "raw-copy-row"] if around.backing == "raw" else []
     kinds += ["alias-write"] if around.alias else []
     kinds += ["rebind-same", "rebind-clone"] if around.binding in ("list", "dict") else []
@@ -1591,6 +1601,8 @@ def _action_code(draw, kind: str, t: str, around: Around, chosen: list[int]) -> 
         return f"{t}.allocate(torch.Generator().manual_seed({draw(st.integers(0, 999))}))  # new, the model's order"
     if kind == "realloc-one":
         return f"{ref} = torch.randn({p.shape}, generator=torch.Generator().manual_seed({draw(st.integers(0, 999))}))"
+    if kind == "debug-on":
+        return f"{t}.debug = True"
     if kind == "flag-clear":
         return f"{t}.has_previous_state = False  # new sequences"
     if kind == "flag-continue":

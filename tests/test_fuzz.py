@@ -234,6 +234,13 @@ FINDINGS = {
         [pool("SD", 3, 2, 4, 3)], [(1, [line.replace("self.p0", "self.kv_cache[0][0]") for line in DECODE_SD])],
         [(0, 2), (0, 2)], around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="list", raw_buffer=True,
                                         actions=[(1, "pickle")])), "DS", False, "equivalent"),
+    "F27 a holder Dynamo stops capturing (a debug switch breaks its graph) after its pool moved ran its debug "
+    "code, written for the model's order, on the moved pool: a write through flatten was lost": (program(
+        [pool("SD", 3, 2, 4, 3)],
+        [(1, ["if self.debug:", "    torch._dynamo.graph_break()", "    flat = self.p0.flatten(1)",
+              "    flat[slots, :4] *= 0.5", *DECODE_SD])],
+        [(0, 2), (0, 2), (0, 2)], around=around(pool("SD", 3, 2, 4, 3), features=("debug",),
+                                                actions=[(1, "debug-on", "m.debug = True")])), "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
