@@ -294,7 +294,7 @@ class Session:
             if not isinstance(inner, Unanalyzable):
                 raise
             return self._run_as_written(unit, module, args, kwargs, inner)
-        except torch._dynamo.exc.TorchDynamoException as err:
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
             del self.pending[queued:]
             moved = self._moved_in(unit, path)
             if moved and isinstance(err, torch._dynamo.exc.TorchRuntimeError):
@@ -343,8 +343,9 @@ class Session:
         """Dynamo cannot capture this unit: it runs as the model wrote it (correct whatever its
         pools' strides), and the report says so."""
         unit.eager = f"{unit.label} is not captured and runs as written: {type(err).__name__}: {_first_line(err)}"
-        self.report.notes.append(unit.eager)
-        log.warning("%s", unit.eager)
+        if unit.eager not in self.report.notes:  # a second time when its pools went back to the model's order
+            self.report.notes.append(unit.eager)
+            log.warning("%s", unit.eager)
         self._keep_held_as_written()
         return unit.forward(module, *args, **kwargs)
 
@@ -355,7 +356,8 @@ class Session:
         for unit in self.units:
             for path in unit.paths if unit.eager is not None else ():
                 layer = tree.get_submodule(path)
-                held.update({n: path for n in names if n not in held and aliases(layer, resolve(tree, n))})
+                held.update({n: repr(path) if path else "the model" for n in names
+                             if n not in held and aliases(layer, resolve(tree, n))})
         return held
 
     def _keep_held_as_written(self) -> None:
@@ -368,7 +370,7 @@ class Session:
         moved = self._held_as_written([n for n, p in self.pools.items() if p.moves and not p.argument])
         if moved:
             name, layer = next(iter(moved.items()))
-            raise StrideDependent(f"{name!r} moved, and {layer!r}, which holds it, now runs as written: its code is "
+            raise StrideDependent(f"{name!r} moved, and {layer}, which holds it, now runs as written: its code is "
                                   f"not proven for the pool's new order ({self.report.notes[-1]})")
 
     def _keep(self, held: dict[str, str]) -> None:
@@ -386,7 +388,7 @@ class Session:
                     entry.runner.gm, entry.graph = b.gm, _graph(b)
                     self.report.entry_uses[entry.name] = b.uses
         for name, layer in held.items():
-            self.report.notes.append(f"{name} stays in the model's order: {layer!r} holds it and runs as written, "
+            self.report.notes.append(f"{name} stays in the model's order: {layer} holds it and runs as written, "
                                      f"so its code is not proven for another order")
 
     def _move_pending(self) -> None:
@@ -452,6 +454,8 @@ class Session:
 
 
 def _first_line(err: Exception) -> str:
+    if isinstance(err, torch._dynamo.exc.FailOnRecompileLimitHit):
+        return f"Dynamo's recompile limit ({torch._dynamo.config.recompile_limit} graphs of one code) is reached"
     if isinstance(err, torch._dynamo.exc.TorchRuntimeError):  # the op's own error, not Dynamo's wrapper
         found = re.search(r"got (\w+)\((['\"])(.+?)\2\)", f"{err}\n{err.__context__}")
         if found:

@@ -184,6 +184,22 @@ class WithUncaptured(nn.Module):
         return self.side(self.conv(x, slots), slots, debug)
 
 
+class Tagged(Conv):
+    """A layer whose code branches on a string the server sets before each call (each new value
+    is a new graph), with a rare branch written for SD memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.tag = "t0"
+
+    def forward(self, x, slots):
+        y = self.conv(x, slots)
+        if self.tag == "rare":
+            flat = self.conv_state.flatten(1)  # a view of the SD pool; a copy of a moved one
+            flat[slots, :DIM] *= 0.5
+        return y
+
+
 class Server(Conv):
     """Methods a server calls outside forward, written for the SD pool."""
 

@@ -217,6 +217,23 @@ def test_a_layer_that_stops_being_captured_after_its_pool_moved_puts_it_back(unc
     assert any("every pool is back in the model's order" in n and pool.name in n for n in fast.report.notes)
 
 
+def test_a_layer_past_dynamos_recompile_limit_runs_as_written_in_the_models_order():
+    """Each new tag is a new graph; past Dynamo's limit the layer runs as written (Dynamo raised
+    its own error out of the call), so its pool goes back to the model's order first and the
+    rare branch, written for SD memory, stays right."""
+    tags = [f"t{i}" for i in range(6)] + ["rare", "t1", "rare"]
+    model = pm.Tagged()
+    reference, fast = copy.deepcopy(model), optimize(model, "DS")  # optimize() raises the limit to 64
+    with torch._dynamo.config.patch(recompile_limit=4):
+        for tag, call in zip(tags, steps(len(tags))):
+            reference.tag = fast.tag = tag
+            torch.testing.assert_close(fast(**call), reference(**call), rtol=0, atol=0)
+            same_state(reference, fast)
+    assert not fast.report.pools["conv_state"].moves
+    assert any("recompile limit (4 graphs of one code) is reached" in n for n in fast.report.notes)
+    assert any("every pool is back in the model's order" in n for n in fast.report.notes)
+
+
 # 6. what used to crash at run time
 
 @pytest.mark.parametrize("layout", LAYOUTS)
