@@ -267,6 +267,10 @@ class Session:
     def call(self, unit: Unit, path: str, module: nn.Module, args: tuple, kwargs: dict):
         if torch.compiler.is_compiling() or unit.eager is not None:
             return unit.forward(module, *args, **kwargs)
+        if torch._dynamo.config.disable:
+            raise LayoutPassError(f"torch Dynamo is disabled (torch._dynamo.config.disable, TORCHDYNAMO_DISABLE=1), and "
+                                  f"the optimized model runs {f'{unit.label} {path!r}' if path else 'its forward'} through "
+                                  f"it: enable it (that did not run)")
         try:
             out = self._call(unit, path, module, args, kwargs)
         except LayoutPassError as err:

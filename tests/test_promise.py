@@ -234,6 +234,18 @@ def test_a_layer_past_dynamos_recompile_limit_runs_as_written_in_the_models_orde
     assert any("every pool is back in the model's order" in n for n in fast.report.notes)
 
 
+def test_a_call_with_dynamo_disabled_is_refused_before_the_layer_runs():
+    reference, fast = run_both(pm.Conv(), steps(2), "DS")
+    before = {k: v.clone() for k, v in logical_buffers(fast).items()}
+    with torch._dynamo.config.patch(disable=True):
+        with pytest.raises(LayoutPassError, match=r"torch Dynamo is disabled .*runs its forward through it"):
+            fast(**pm.step())
+    assert all(torch.equal(v, logical_buffers(fast)[k]) for k, v in before.items())
+    for call in steps(2):  # enabled again, it goes on
+        torch.testing.assert_close(fast(**call), reference(**call), rtol=0, atol=0)
+        same_state(reference, fast)
+
+
 # 6. what used to crash at run time
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -262,9 +274,12 @@ def test_state_dict_round_trips_both_ways(layout):
     fresh = pm.Conv()
     fresh.load_state_dict(fast.state_dict())
     same_state(fast, fresh)
+    reference.conv_state.mul_(-1.5)  # a state the optimized model never held, loaded in the model's order
     fast.load_state_dict(reference.state_dict())
-    run_both(fast, steps(2), layout) if False else None
     same_state(reference, fast)
+    for call in steps(2):
+        torch.testing.assert_close(fast(**call), reference(**call), rtol=0, atol=0)
+        same_state(reference, fast)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
