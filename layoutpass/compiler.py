@@ -258,8 +258,8 @@ def _autograd_records(b: Build) -> str | None:
         return None
     names = ", ".join(needs[:2]) + (f" and {len(needs) - 2} more" if len(needs) > 2 else "")
     return (f"autograd records this call (grad mode is on; {names} require{'s' if len(needs) == 1 else ''} grad) "
-            f"and the kernels have no "
-            f"backward: the update runs as written (call under torch.no_grad() or torch.inference_mode() to lower it)")
+            f"and the kernels have no backward: the update runs as written (call under torch.no_grad() or "
+            f"torch.inference_mode() to lower it)")
 
 
 def _report_kernels(b: Build) -> None:

@@ -169,13 +169,14 @@ class Session:
         """Take the build's new pools (for every instance of the unit) and its graph; queue the
         moves for after the call. Raises, moving nothing, when a new pool cannot move."""
         trees = self._live_trees()
-        moves, kept = [], set()
+        moves, kept = [], {}
         for local, pool in b.found.items():
             for path in b.unit.paths:
                 name = pool.name if pool.argument else self.qualified(path, local)
                 instance = dataclasses.replace(pool, name=name)
-                if pool.moves and not pool.argument and self._held_as_written([name]):
-                    kept.add(name)
+                held = self._held_as_written([name]) if pool.moves and not pool.argument else {}
+                if held:
+                    kept.update(held)
                 elif pool.moves and not pool.argument:
                     for tree in trees:
                         _check_movable(tree, name)
@@ -189,8 +190,6 @@ class Session:
                 for tree in trees:
                     if not pool.argument:
                         self._remember(resolve(tree, name), self.pools[name])
-        if kept:
-            self._keep(self._held_as_written(sorted(kept)))
         self.report.pools = self.pools
         for name, c in b.considered.items():
             qualified = self.qualified(b.instance, name) if not name.startswith("argument ") else name
@@ -201,6 +200,8 @@ class Session:
         self.report.entry_uses[b.name] = b.uses
         if b.found:
             self._rewrite_earlier(b.unit.entries[:-1], {name for name, _ in moves})
+        if kept:
+            self._keep(kept)
         self.pending += moves
         why = self._why(b)
         self.moves_seen[id(b.unit)] = self.moves
@@ -344,8 +345,8 @@ class Session:
                 all(n != name for name, _ in self.pending)]
 
     def _run_as_written(self, unit: Unit, module: nn.Module, args: tuple, kwargs: dict, err: Exception):
-        """Dynamo cannot capture this unit: it runs as the model wrote it (correct whatever its
-        pools' strides), and the report says so."""
+        """Dynamo cannot capture this unit: it runs as the model wrote it, the report says so, and
+        the pools it holds stay in (or go back to) the model's order."""
         unit.eager = f"{unit.label} is not captured and runs as written: {type(err).__name__}: {_first_line(err)}"
         if unit.eager not in self.report.notes:  # a second time when its pools went back to the model's order
             self.report.notes.append(unit.eager)
