@@ -443,7 +443,10 @@ class Session:
         tree = self.tree()
         for path, t in state_tensors(tree):
             if t.dim() >= 3 and path not in self.pools and path not in self.report.considered:
-                self.report.considered[path] = Considered(path, tuple(t.shape), False, "no captured graph uses it")
+                known = self.pool_of(t)  # a second name of a pool (a layer holding another's state)
+                self.report.considered[path] = Considered(path, tuple(t.shape), known is not None,
+                                                          f"another name of pool {known.name}" if known else
+                                                          "no captured graph uses it")
         missing = [name for name in self.options.named if name not in self.pools]
         if missing:
             self.report.notes.append(f"state_buffers {missing}: no captured graph reads or writes them yet; they keep "

@@ -197,6 +197,8 @@ def test_a_pool_held_by_a_layer_that_runs_as_written_stays_in_the_models_order(l
     it holds does not move (whichever layer the call reaches first), and the report says why."""
     _, fast = run_both(pm.WithUncaptured(uncaptured_first, always=True), steps(4), layout)
     assert not fast.report.pools["conv.conv_state"].moves
+    assert fast.report.considered["side.conv_state"].reason == "another name of pool conv.conv_state"
+    assert "not a pool" not in str(fast.report)
     assert any("Uncaptured is not captured and runs as written" in n for n in fast.report.notes)
     kept = [n for n in fast.report.notes if "stays in the model's order" in n and "conv.conv_state" in n]
     assert len(kept) == (layout == "DS")  # in SD it has nowhere to move
