@@ -1524,7 +1524,12 @@ def around_lines(draw, around: Around, body: Body) -> None:
     if "debug" in around.features:  # from then on the holder runs as written, its code proven for nothing
         p = draw(st.sampled_from(pools))
         sub = Body(pools, body.tokens, body.whole, body.width_x, count=200 + body.count)
-        draw(draw(st.sampled_from([u for u in UPDATES + OTHER_USES if _applicable(u, sub, p)]))(sub, p))
+        if draw(st.booleans()):  # debug code written for the model's memory order: a write through a flat view
+            how = draw(st.sampled_from(["flatten(1)", f"view({p.slots}, -1)", f"reshape({p.slots}, -1)"]))
+            sub.lines.append(f"{p.ref}.{how}[slots, :{draw(st.integers(1, p.state_len * p.dim))}] *= 0.5")
+            sub.kinds.append(f"write:memory-order-{how.split('(')[0]}")
+        else:
+            draw(draw(st.sampled_from([u for u in UPDATES + OTHER_USES if _applicable(u, sub, p)]))(sub, p))
         body.count = sub.count
         pre.append("\n".join(["if self.debug:", "    torch._dynamo.graph_break()", *(f"    {x}" for x in sub.lines)]))
         kinds += ["py:debug-break", *(f"debug {k}" for k in sub.kinds)]
@@ -1555,7 +1560,6 @@ def actions(draw, around: Around, layers: tuple[int, ...], calls: int, max_actio
     kinds += ["counter-reset"] if "counter" in around.features else []
     kinds += ["queue-free"] if "drain" in around.features else []
     kinds += ["undo"] if "snapshot" in around.features else []
-    kinds += ["debug-on"] if "debug" in around.features else []
     kinds += ["raw-scale", "raw-copy-row"] if around.backing == "raw" else []
     kinds += ["alias-write"] if around.alias else []
     kinds += ["rebind-same", "rebind-clone"] if around.binding in ("list", "dict") else []
@@ -1567,6 +1571,9 @@ def actions(draw, around: Around, layers: tuple[int, ...], calls: int, max_actio
             continue
         step = draw(st.integers(1 if kind == "undo" else 0, calls - 1))
         out.append(Action(step, _action_code(draw, kind, draw(st.sampled_from(targets)), around, draw(slots)), kind))
+    if "debug" in around.features:  # the switch is the feature's point; its step is drawn
+        step = draw(st.integers(min(1, calls - 1), calls - 1))  # after the first call, which moves the pools
+        out.append(Action(step, f"{draw(st.sampled_from(targets))}.debug = True", "debug-on"))
     return tuple(sorted(out, key=lambda a: a.step))
 
 
@@ -1601,8 +1608,6 @@ def _action_code(draw, kind: str, t: str, around: Around, chosen: list[int]) -> 
         return f"{t}.allocate(torch.Generator().manual_seed({draw(st.integers(0, 999))}))  # new, the model's order"
     if kind == "realloc-one":
         return f"{ref} = torch.randn({p.shape}, generator=torch.Generator().manual_seed({draw(st.integers(0, 999))}))"
-    if kind == "debug-on":
-        return f"{t}.debug = True"
     if kind == "flag-clear":
         return f"{t}.has_previous_state = False  # new sequences"
     if kind == "flag-continue":
