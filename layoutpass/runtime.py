@@ -487,6 +487,11 @@ def _graph(b: Build) -> Graph:
 
 
 def _check_movable(tree: nn.Module, name: str) -> None:
+    if not any(path == name for path, _ in state_tensors(tree)):  # its other names could not be found
+        owner = type(resolve(tree, name.rpartition(".")[0])).__name__ if "." in name else "?"
+        raise LayoutPassError(f"pool {name!r} is held by a {owner} object, which the pass does not look into for "
+                              f"other names of the pool to move with it: hold it as a buffer or a tensor attribute of "
+                              f"a module, or in a list, tuple or dict (nothing moved)")
     refuse_overlaps(name, aliases(tree, resolve(tree, name)))
 
 

@@ -248,6 +248,19 @@ def test_a_call_with_dynamo_disabled_is_refused_before_the_layer_runs():
         same_state(reference, fast)
 
 
+def test_a_pool_held_by_a_plain_python_object_is_refused_before_it_moves():
+    """Other names of a pool inside an object the pass does not look into could not be moved with
+    it (its bytes were rewritten under a tensor that kept the old strides: wrong from the first
+    call): refused at the first call, nothing changed; in the order it has, it just runs."""
+    model = pm.HeldByObject()
+    fast = optimize(model, "DS")
+    before = model.cache.conv.clone()
+    with pytest.raises(LayoutPassError, match=r"pool 'cache.conv' is held by a CacheObject object"):
+        fast(**pm.step())
+    assert torch.equal(fast.cache.conv, before) and fast.cache.conv.is_contiguous()
+    run_both(pm.HeldByObject(), steps(3), "SD")
+
+
 # 6. what used to crash at run time
 
 @pytest.mark.parametrize("layout", LAYOUTS)
