@@ -30,6 +30,7 @@ from torch import nn
 from .capture import Unanalyzable, configure_dynamo
 from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
+from .eager import EagerWatch
 from .errors import ArgumentError, LayoutPassError
 from .layout import Layout, dense_strides, parse_layout, requested
 from .pages import Region, drop_stale, guard, pages_of, put_back, regions_of, settle, stale
@@ -122,6 +123,7 @@ class Session:
         self.reverted: str | None = None  # why every pool went back to the model's order
         self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
         self.regions: list[Region] = []  # moved pools inside raw pages
+        self.watching = False  # a rehearsed call runs under an EagerWatch
         for unit in units:
             unit.compiled = torch.compile(_own_code(unit.forward), backend=functools.partial(_backend, self, unit),
                                           fullgraph=True, dynamic=options.dynamic)
@@ -273,14 +275,16 @@ class Session:
                                   f"the optimized model runs {f'{unit.label} {path!r}' if path else 'its forward'} through "
                                   f"it: enable it (that did not run)")
         try:
-            out = self._call(unit, path, module, args, kwargs)
+            with _unwatched(self):
+                out = self._call(unit, path, module, args, kwargs)
         except LayoutPassError as err:
             self.pending.clear()
             refuse_in_graph_capture(f"a refusal ({err}) would put every pool back in the model's order")
             if not self._back_to_the_models_order(err):
                 self._refused()
                 raise err.with_traceback(None) from None
-            out = self._call(unit, path, module, args, kwargs)  # captured again, every pool as the model keeps it
+            with _unwatched(self):
+                out = self._call(unit, path, module, args, kwargs)  # captured again, every pool as the model keeps it
         if self.pending and not self.calling:  # a layer called on its own; else once the model's call returns
             self._move_pending()
         return out
@@ -461,6 +465,13 @@ class Session:
                            f"allow_missing=True)")
 
 
+def _unwatched(session: Session):
+    """A layer's call runs without the rehearsal's EagerWatch (its code is captured, and Dynamo
+    would trace the mode into the graph)."""
+    watched = session.watching and isinstance(torch.overrides._get_current_function_mode(), EagerWatch)
+    return torch.overrides._pop_mode_temporarily() if watched else contextlib.nullcontext()
+
+
 def _first_line(err: Exception) -> str:
     if isinstance(err, torch._dynamo.exc.FailOnRecompileLimitHit):
         return f"Dynamo's recompile limit ({torch._dynamo.config.recompile_limit} graphs of one code) is reached"
@@ -584,13 +595,20 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
     if session.regions and not session.calling:
         session.settle_unbound()
     session.calling.append(fast)
+    watch = EagerWatch() if session.warming and session.root is None and not session.watching else None
     try:
         if session.root is not None:
             out = session.call(session.root, ROOT, fast, args, kwargs)
         else:
-            out = session.model_class.forward(fast, *args, **kwargs)
+            with watch or contextlib.nullcontext():  # the rehearsed call's eager code, between the layers
+                session.watching = session.watching or watch is not None
+                out = session.model_class.forward(fast, *args, **kwargs)
     finally:
         session.calling.pop()
+        if watch is not None:
+            session.watching = False
+    if watch is not None:
+        _refuse_eager_order_uses(fast, session, watch)
     if session.pending and not session.calling:  # every layer's call succeeded: the pools found move now
         session._move_pending()
     if not session.calls:
@@ -598,6 +616,17 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
         if not session.warming and not session.rehearsed:
             session.check_found(strict=False)
     return out
+
+
+def _refuse_eager_order_uses(fast: OptimizedModule, session: Session, watch: EagerWatch) -> None:
+    """The rehearsed call's eager code used the memory order of a pool that moves (or moved): a
+    refusal before the pools found in that call move."""
+    moving = [n for n, _ in session.pending] + [n for n, p in session.pools.items() if p.moves and not p.argument]
+    try:
+        watch.refuse({n: resolve(fast, n) for n in moving})
+    except LayoutPassError:
+        session.pending.clear()
+        raise
 
 
 @functools.cache

@@ -217,6 +217,31 @@ class HeldByObject(Conv):
         return self.conv(x, slots, self.cache.conv)
 
 
+class EagerParent(nn.Module):
+    """A module holding no pool itself, whose forward (eager: no layer of it is captured) reaches
+    into its layer's pool after the layer ran, the way `how` says."""
+
+    USES = {
+        "flat write": lambda p, s: p.flatten(1)[:, :DIM].mul_(0.5),  # a view in SD, a copy in DS
+        "reshape write": lambda p, s: p.reshape(SLOTS, -1)[:, :DIM].zero_(),
+        "merging view": lambda p, s: p.view(SLOTS, -1)[s, :DIM].sum(),
+        "stride read": lambda p, s: p[s, 0] * (2.0 if p.stride(-1) == 1 else 1.0),
+        "logical write": lambda p, s: p[s, 0].mul_(0.5),  # the rest are order-free
+        "reshape read": lambda p, s: p.reshape(SLOTS, -1)[s, :DIM] * 1.0,
+        "contiguous read": lambda p, s: p.contiguous()[s, 1].sum(),
+    }
+
+    def __init__(self, how):
+        super().__init__()
+        self.layer = Conv()
+        self.how = how
+
+    def forward(self, x, slots):
+        y = self.layer(x, slots)
+        used = self.USES[self.how](self.layer.conv_state, slots)
+        return y + (used.sum() if used.dim() else used) * 0.0 + (used.mean() if self.how.endswith("read") else 0.0)
+
+
 class Server(Conv):
     """Methods a server calls outside forward, written for the SD pool."""
 

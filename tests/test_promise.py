@@ -7,6 +7,7 @@ import contextlib
 import copy
 import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -259,6 +260,29 @@ def test_a_pool_held_by_a_plain_python_object_is_refused_before_it_moves():
         fast(**pm.step())
     assert torch.equal(fast.cache.conv, before) and fast.cache.conv.is_contiguous()
     run_both(pm.HeldByObject(), steps(3), "SD")
+
+
+@pytest.mark.parametrize("how, refused", [("flat write", "a write into the result of .flatten()"),
+                                          ("reshape write", "a write into the result of .reshape()"),
+                                          ("merging view", ".view() merging axes"), ("stride read", ".stride()")])
+def test_eager_code_that_uses_a_pools_memory_order_is_refused_at_the_first_call(how, refused):
+    """No graph shows what a parent module's forward does between its layers: the rehearsed first
+    call watches it, and a use of a moving pool's memory order there is refused with its line
+    before anything moves (the same code runs right where the pool keeps its order)."""
+    model = pm.EagerParent(how)
+    fast = optimize(model, "DS")
+    before = {k: v.clone() for k, v in state_tensors(fast)}
+    with pytest.raises(LayoutPassError, match=re.escape(f"{refused} of pool 'layer.conv_state' at promise_models.py:")):
+        fast(**pm.step())
+    assert all(torch.equal(v, dict(state_tensors(fast))[k]) and v.is_contiguous() for k, v in before.items())
+    run_both(pm.EagerParent(how), steps(3), "SD")
+
+
+@pytest.mark.parametrize("how", ["logical write", "reshape read", "contiguous read"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eager_code_that_uses_pools_logically_is_not_refused(how, layout):
+    _, fast = run_both(pm.EagerParent(how), steps(4), layout)
+    assert fast.report.pools["layer.conv_state"].moves == (layout == "DS")
 
 
 # 6. what used to crash at run time
