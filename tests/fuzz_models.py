@@ -1377,7 +1377,13 @@ def entries(draw, index: int, pools: tuple[Pool, ...], dispatch: str, width_x: i
         below = pools[layers[k]].owner.removeprefix("self")  # "" or ".inner"
         outside = dataclasses.replace(pools[layers[k]], owner=f"self.layers[{k}]{below}")
         model.program_pools = (outside,)
-        draw(draw(st.sampled_from([read_use, write_use]))(model, outside))
+        if draw(st.integers(0, 3)) == 0:  # eager code written for the layer pool's own memory order
+            how = draw(st.sampled_from(["flatten(1)", f"reshape({outside.slots}, -1)"]))
+            model.lines.append(f"{outside.ref}.{how}[:, :{draw(st.integers(1, outside.state_len * outside.dim))}]"
+                               f".mul_(0.5)")
+            model.kinds.append(f"write:memory-order-{how.split('(')[0]}")
+        else:
+            draw(draw(st.sampled_from([read_use, write_use]))(model, outside))
         model.kinds[:] = [f"outside {kind}" for kind in model.kinds]
     _recurrent_uses(draw, model, recurrent, max_other_uses)  # the Model keeps the recurrent pools
     return Entry(index, tokens, whole, tuple(model.lines), tuple(model.kinds + [k for b in inner for k in b.kinds]),
