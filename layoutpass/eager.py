@@ -50,13 +50,13 @@ class EagerWatch(TorchFunctionMode):
         written = name in IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
         if origin is not None and (written or id(kwargs.get("out")) in self.maybe_copies):
             self.events.append(Event(f"a write into the result of {origin[1].what}", _line(), origin[1].tensor))
-        elif origin is not None and isinstance(out, torch.Tensor) and _shares(out, first):
+        elif origin is not None and isinstance(out, torch.Tensor) and storage_key(out) == storage_key(first):
             self.maybe_copies[id(out)] = (out, origin[1])  # a view of it: writes through it count too
         if name in ORDER_READS:
             self.events.append(Event(f".{name}()", _line(), first))
         elif name in MERGING_VIEWS and isinstance(out, torch.Tensor) and _rank(out) < _rank(first):
             self.events.append(Event(f".{name}() merging axes", _line(), first))
-        elif name in MAYBE_COPIES and isinstance(out, torch.Tensor) and _shares(out, first):
+        elif name in MAYBE_COPIES and isinstance(out, torch.Tensor) and storage_key(out) == storage_key(first):
             self.maybe_copies[id(out)] = (out, Event(f".{name}()", _line(), first))
         return out
 
@@ -74,10 +74,6 @@ class EagerWatch(TorchFunctionMode):
 
 class EagerOrderUse(LayoutPassError):
     """Eager code around the graphs uses a pool's memory order."""
-
-
-def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _rank(t: torch.Tensor) -> int:

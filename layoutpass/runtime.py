@@ -355,7 +355,7 @@ class Session:
         if unit.eager not in self.report.notes:  # a second time when its pools went back to the model's order
             self.report.notes.append(unit.eager)
             log.warning("%s", unit.eager)
-        self._keep_held_as_written()
+        self._keep_held_as_written(unit)
         return unit.forward(module, *args, **kwargs)
 
     def _held_as_written(self, names: list[str]) -> dict[str, str]:
@@ -369,7 +369,7 @@ class Session:
                              if n not in held and aliases(layer, resolve(tree, n))})
         return held
 
-    def _keep_held_as_written(self) -> None:
+    def _keep_held_as_written(self, unit: Unit) -> None:
         """Pools a layer that runs as written holds: those about to move stay in the model's
         order; one that moved already is a refusal (its code would now run on the new order)."""
         held = self._held_as_written([n for n, _ in self.pending])
@@ -380,7 +380,7 @@ class Session:
         if moved:
             name, layer = next(iter(moved.items()))
             raise StrideDependent(f"{name!r} moved, and {layer}, which holds it, now runs as written: its code is "
-                                  f"not proven for the pool's new order ({self.report.notes[-1]})")
+                                  f"not proven for the pool's new order ({unit.eager})")
 
     def _keep(self, held: dict[str, str]) -> None:
         """Pools (name -> the layer run as written that holds them) stay in the model's order:
