@@ -30,13 +30,13 @@ from torch import nn
 from .capture import Unanalyzable, configure_dynamo
 from .compiler import Build, compile_graph, prove_build, rebuild
 from .discover import PoolNotFound
-from .eager import EagerWatch
+from .eager import EagerOrderUse, EagerWatch, LiveWatch
 from .errors import ArgumentError, LayoutPassError
 from .layout import Layout, dense_strides, parse_layout, requested
 from .pages import Region, drop_stale, guard, pages_of, put_back, regions_of, settle, stale
 from .prove import StrideDependent
 from .report import Considered, Pool, Report
-from .state import (aliases, move, own_state, place_key, refuse_in_graph_capture, refuse_overlaps, relation, resolve,
+from .state import (Block, aliases, move, own_state, place_key, refuse_in_graph_capture, refuse_overlaps, relation, resolve,
                     state_tensors, storage_key)
 
 log = logging.getLogger("layoutpass")
@@ -123,7 +123,9 @@ class Session:
         self.reverted: str | None = None  # why every pool went back to the model's order
         self._places: dict[tuple, Pool] = {}  # where a pool's elements are (state.place_key) -> the pool
         self.regions: list[Region] = []  # moved pools inside raw pages
-        self.watching = False  # a rehearsed call runs under an EagerWatch
+        self.watching = False  # a call runs under an EagerWatch or a LiveWatch
+        self.live: LiveWatch | None = None  # the later call's watch while pools are moved
+        self._blocks: tuple = (None, [])  # ((self.moves, self.reverted), the moved pools' blocks) for the LiveWatch
         for unit in units:
             unit.compiled = torch.compile(_own_code(unit.forward), backend=functools.partial(_backend, self, unit),
                                           fullgraph=True, dynamic=options.dynamic)
@@ -268,6 +270,8 @@ class Session:
     # -- running ----------------------------------------------------------------------------------
 
     def call(self, unit: Unit, path: str, module: nn.Module, args: tuple, kwargs: dict):
+        if self.live is not None:
+            self.live.writes += 1  # the layer may write its pools: copies of them taken before are stale
         if torch.compiler.is_compiling() or unit.eager is not None:
             return unit.forward(module, *args, **kwargs)
         if torch._dynamo.config.disable:
@@ -327,10 +331,16 @@ class Session:
             return False
         self.settle_unbound()
         moved = [p for p in self.pools.values() if p.moves]
+        views = self.live.targets() if self.live is not None else []  # views the eager code holds
         for tree in self._live_trees():
             for pool in moved:
-                move(tree, pool.name, pool.axes, pool.source)
-        self.reverted = f"every pool is back in the model's order after a later call was refused: {err}"
+                move(tree, pool.name, pool.axes, pool.source, follow=True)
+        with torch.no_grad():
+            for view, offset, strides in views:
+                view.set_(view.untyped_storage(), offset, view.shape, strides)
+        if self.live is not None:
+            self.live.storages = set()
+        self.reverted = f"every pool is back in the model's order, for a later call: {err}"
         self.regions = []
         self.pools.update({n: dataclasses.replace(p, target=p.source) for n, p in self.pools.items()})
         for unit in self.units:
@@ -341,6 +351,29 @@ class Session:
         self.report.notes.append(self.reverted)
         log.warning("%s", self.reverted)
         return True
+
+    def revert_for_eager(self, what: str) -> None:
+        """A later call's eager code is about to use a moved pool's memory order (LiveWatch)."""
+        if self.reverted:
+            return
+        err = EagerOrderUse(f"{what} runs outside the captured graphs and depends on the pool's memory order")
+        self.pending.clear()
+        if not self._back_to_the_models_order(err):
+            self._refused()
+            raise err
+
+    def moved_blocks(self, tree: nn.Module) -> list:
+        """Each moved pool of `tree` as stored now, with the strides it has in the model's order
+        (kept until pools move again)."""
+        if self._blocks[0] != (self.moves, self.reverted):
+            blocks = []
+            for p in self.pools.values():
+                if p.moves and not p.argument:
+                    t = resolve(tree, p.name)
+                    slot = t.stride(p.axes.axes.index("slot"))
+                    blocks.append((Block.of(t), dense_strides(p.axes, p.source, tuple(t.shape), slot)))
+            self._blocks = ((self.moves, self.reverted), blocks)
+        return self._blocks[1]
 
     def _moved_in(self, unit: Unit, path: str) -> list[str]:
         """The pools of this instance of the unit that moved."""
@@ -431,7 +464,7 @@ class Session:
         moved = [p for p in self.pools.values() if p.moves and not p.argument]
         for tree in self._live_trees():
             for pool in moved:
-                move(tree, pool.name, pool.axes, pool.source)
+                move(tree, pool.name, pool.axes, pool.source, follow=True)
         for unit in self.units:
             unit.entries, unit.pools = [], {}
         self.pools.clear()
@@ -468,7 +501,7 @@ class Session:
 def _unwatched(session: Session):
     """A layer's call runs without the rehearsal's EagerWatch (its code is captured, and Dynamo
     would trace the mode into the graph)."""
-    watched = session.watching and isinstance(torch.overrides._get_current_function_mode(), EagerWatch)
+    watched = session.watching and isinstance(torch.overrides._get_current_function_mode(), (EagerWatch, LiveWatch))
     return torch.overrides._pop_mode_temporarily() if watched else contextlib.nullcontext()
 
 
@@ -595,18 +628,21 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
     if session.regions and not session.calling:
         session.settle_unbound()
     session.calling.append(fast)
-    watch = EagerWatch() if session.warming and session.root is None and not session.watching else None
+    eager = session.root is None and not session.watching and not torch.compiler.is_compiling()
+    watch = EagerWatch() if eager and session.warming else None
+    live = _live_watch(fast, session) if eager and not session.warming else None
     try:
         if session.root is not None:
             out = session.call(session.root, ROOT, fast, args, kwargs)
         else:
-            with watch or contextlib.nullcontext():  # the rehearsed call's eager code, between the layers
-                session.watching = session.watching or watch is not None
+            with watch or live or contextlib.nullcontext():  # the eager code between the layers
+                session.watching = session.watching or watch is not None or live is not None
+                session.live = live or session.live
                 out = session.model_class.forward(fast, *args, **kwargs)
     finally:
         session.calling.pop()
-        if watch is not None:
-            session.watching = False
+        if watch is not None or live is not None:
+            session.watching, session.live = False, None
     if watch is not None:
         _refuse_eager_order_uses(fast, session, watch)
     if session.pending and not session.calling:  # every layer's call succeeded: the pools found move now
@@ -616,6 +652,13 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
         if not session.warming and not session.rehearsed:
             session.check_found(strict=False)
     return out
+
+
+def _live_watch(fast: OptimizedModule, session: Session) -> LiveWatch | None:
+    """A later call's watch, while some pool is moved (code the rehearsal never ran may use its
+    order)."""
+    blocks = session.moved_blocks(fast) if session.rehearsed or session.calls else []
+    return LiveWatch(blocks, session.revert_for_eager) if blocks else None
 
 
 def _refuse_eager_order_uses(fast: OptimizedModule, session: Session, watch: EagerWatch) -> None:

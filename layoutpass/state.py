@@ -15,6 +15,7 @@ overlapping view is refused, naming both."""
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -106,11 +107,14 @@ def refuse_in_graph_capture(what: str) -> None:
                               f"this call once outside the capture first (nothing moved)")
 
 
-def move(module: nn.Module, path: str, axes: Layout, order: Layout, chunk_bytes: int = 1 << 28) -> tuple[str, ...]:
+def move(module: nn.Module, path: str, axes: Layout, order: Layout, chunk_bytes: int = 1 << 28,
+         follow: bool = False) -> tuple[str, ...]:
     """Store the pool at `path` (shaped along `axes`) in memory `order`, in its own storage:
     each slot's state is rewritten in place, a chunk of slots at a time (bounded scratch), and
     every tensor object that is the same view takes the new strides. Returns the paths that
-    moved. Raises AliasedPool (nothing moved) when another view shares the bytes."""
+    moved. Raises AliasedPool (nothing moved) when another view shares the bytes; with `follow`
+    (a moved pool put back: views of it the model made since are of the moved pool), a view of
+    some of its elements is re-addressed to the same elements instead."""
     pool = resolve(module, path)
     if order_of(axes, tuple(pool.shape), tuple(pool.stride())) is None:
         raise LayoutPassError(f"pool {path!r} {tuple(pool.shape)} with strides {tuple(pool.stride())}: its slots are "
@@ -118,6 +122,12 @@ def move(module: nn.Module, path: str, axes: Layout, order: Layout, chunk_bytes:
     slot = axes.axes.index("slot")
     strides = dense_strides(axes, order, tuple(pool.shape), pool.stride(slot))
     views = aliases(module, pool)
+    followed = {}
+    for p in [p for p, r in views.items() if r == "overlap"] if follow else ():
+        found = readdress(resolve(module, p), Block.of(pool), strides)
+        if found is not None:
+            followed[p] = found
+            del views[p]
     refuse_overlaps(path, views)
     same = [p for p, r in views.items() if r == "same"]
     if tuple(pool.stride()) == strides:
@@ -129,7 +139,53 @@ def move(module: nn.Module, path: str, axes: Layout, order: Layout, chunk_bytes:
             t = resolve(module, p)
             if t.stride() != strides:
                 t.set_(storage, offset, t.shape, strides)
+        for p, (at, steps) in followed.items():
+            t = resolve(module, p)
+            t.set_(storage, at, t.shape, steps)
     return tuple(same)
+
+
+def readdress(view: torch.Tensor, block: "Block", strides: tuple) -> tuple[int, tuple] | None:
+    """The storage offset and strides that address the elements `view` addresses in `block` once
+    the block is stored with `strides`; None when `view` is not a plain view of the block's
+    elements (outside it, another dtype, or stepping across its axes)."""
+    if view.dtype != block.dtype or storage_key(view) != block.storage:
+        return None
+    axes = sorted((a for a, n in enumerate(block.shape) if n > 1), key=lambda a: -block.strides[a])
+
+    def index(distance: int) -> list[int] | None:
+        at = [0] * len(block.shape)
+        for a in axes:
+            at[a], distance = divmod(distance, block.strides[a])
+        return at if distance == 0 and all(i < n for i, n in zip(at, block.shape)) else None
+
+    start = index(view.storage_offset() - block.offset) if view.storage_offset() >= block.offset else None
+    if start is None:
+        return None
+    new, corner = [], list(start)
+    for size, stride in zip(view.shape, view.stride()):
+        step = index(stride) if size > 1 and stride else [0] * len(block.shape)
+        if step is None:
+            return None
+        corner = [c + (size - 1) * s for c, s in zip(corner, step)]
+        new.append(sum(i * s for i, s in zip(step, strides)) if size > 1 else stride)
+    if any(c >= n for c, n in zip(corner, block.shape)):
+        return None
+    return block.offset + sum(i * s for i, s in zip(start, strides)), tuple(new)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where a pool's elements are and how they are addressed now."""
+    storage: tuple
+    offset: int
+    shape: tuple
+    strides: tuple
+    dtype: torch.dtype
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "Block":
+        return Block(storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def aliases(module: nn.Module, pool: torch.Tensor) -> dict[str, str]:

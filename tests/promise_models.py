@@ -242,6 +242,68 @@ class EagerParent(nn.Module):
         return y + (used.sum() if used.dim() else used) * 0.0 + (used.mean() if self.how.endswith("read") else 0.0)
 
 
+class LateEager(nn.Module):
+    """A parent module whose forward (eager) reaches into its layer's pool only from its third
+    call on (a branch the first call never takes), the way `how` says: `before` runs before the
+    layer, `after` after it, on the pool and what `before` returned; what `after` returns is an
+    output too."""
+
+    USES = {  # how -> (before, after, whether the pool must go back to the model's order for it)
+        "flat write": (None, lambda p, s, _: p.flatten(1)[:, :DIM].mul_(0.5), True),
+        "reshape write": (None, lambda p, s, _: p.reshape(SLOTS, -1)[:, DIM:].zero_(), True),
+        "merging view": (None, lambda p, s, _: p.view(SLOTS, -1)[s, :DIM], True),
+        "stride read": (None, lambda p, s, _: p[s, 0] * (2.0 if p.stride(-1) == 1 else 1.0), True),
+        # a view taken before the pools go back: it must still address the same elements after
+        "held view": (lambda p, s: p[:, 1], lambda p, s, row: p.stride(0) * 0.0 + row.mul_(0.5), True),
+        "held alias": (lambda p, s: p.detach(), lambda p, s, a: p.stride(0) * 0.0 + a[:, 0].add_(1.0), True),
+        # a copy in DS, a view (or the pool itself) in SD, read after the layer wrote the pool
+        "stale copy read": (lambda p, s: p.reshape(SLOTS, -1), lambda p, s, flat: flat[s, :DIM] * 1.0, True),
+        "stale contiguous read": (lambda p, s: p.contiguous(), lambda p, s, c: c[s] * 1.0, True),
+        "copy written": (lambda p, s: p.flatten(1), lambda p, s, flat: flat[s[0]].add_(1.0), True),
+        "logical write": (None, lambda p, s, _: p[s, 0].mul_(0.5), False),  # the rest are order-free
+        "reshape read": (None, lambda p, s, _: p.reshape(SLOTS, -1)[s, :DIM] * 1.0, False),
+        "gathered copy written": (None, lambda p, s, _: p.reshape(SLOTS, -1)[s, DIM:].zero_(), False),
+        "splitting view": (None, lambda p, s, _: p.view(SLOTS, TOK, 2, -1)[s, :, 1], False),
+    }
+
+    def __init__(self, how):
+        super().__init__()
+        self.layer = Conv()
+        self.how = how
+        self.calls = 0
+
+    def forward(self, x, slots):
+        before, after, _ = self.USES[self.how]
+        self.calls += 1
+        late = self.calls >= 3
+        held = before(self.layer.conv_state, slots) if late and before is not None else None
+        y = self.layer(x, slots)
+        return (y, after(self.layer.conv_state, slots, held).clone()) if late else (y, None)
+
+
+class KeepsView(nn.Module):
+    """Eager code that keeps views of its layer's pool in attributes from its third call on (a
+    row, and `.data` of the whole pool), writes through them later, and from its fourth call on
+    branches on the pool's strides (which puts the pools back in the model's order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = Conv()
+        self.calls = 0
+        self.row = self.alias = None
+
+    def forward(self, x, slots):
+        self.calls += 1
+        if self.calls == 3:
+            self.row, self.alias = self.layer.conv_state[:, 1], self.layer.conv_state.data
+        y = self.layer(x, slots)
+        if self.calls >= 4:
+            y = y * (2.0 if self.layer.conv_state.stride(-1) == 1 else 1.0)
+            self.row.mul_(0.5)
+            self.alias[slots, 0] += 1.0
+        return y
+
+
 class Server(Conv):
     """Methods a server calls outside forward, written for the SD pool."""
 

@@ -259,10 +259,8 @@ FINDINGS = {
 
 # Findings open now: a name here marks its test a strict xfail, and OPEN_CLASSES[name]
 # (program, outcome) -> bool tells the property which failures are that finding's.
-F28 = next(name for name in FINDINGS if name.startswith("F28 "))
-OPEN_FINDINGS: set[str] = {F28}
-OPEN_CLASSES: dict = {F28: lambda program, outcome: outcome.kind == "mismatch" and any(
-    k.startswith("outside write:memory-order") for e in program.entries for k in e.kinds)}
+OPEN_FINDINGS: set[str] = set()
+OPEN_CLASSES: dict = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason="open: " + name)]
