@@ -278,16 +278,15 @@ class Session:
             raise LayoutPassError(f"torch Dynamo is disabled (torch._dynamo.config.disable, TORCHDYNAMO_DISABLE=1), and "
                                   f"the optimized model runs {f'{unit.label} {path!r}' if path else 'its forward'} through "
                                   f"it: enable it (that did not run)")
-        try:
-            with _unwatched(self):
+        with _unwatched(self):  # the layer's captured code and the pass's own work are no eager code of the model
+            try:
                 out = self._call(unit, path, module, args, kwargs)
-        except LayoutPassError as err:
-            self.pending.clear()
-            refuse_in_graph_capture(f"a refusal ({err}) would put every pool back in the model's order")
-            if not self._back_to_the_models_order(err):
-                self._refused()
-                raise err.with_traceback(None) from None
-            with _unwatched(self):
+            except LayoutPassError as err:
+                self.pending.clear()
+                refuse_in_graph_capture(f"a refusal ({err}) would put every pool back in the model's order")
+                if not self._back_to_the_models_order(err):
+                    self._refused()
+                    raise err.with_traceback(None) from None
                 out = self._call(unit, path, module, args, kwargs)  # captured again, every pool as the model keeps it
         if self.pending and not self.calling:  # a layer called on its own; else once the model's call returns
             self._move_pending()

@@ -249,6 +249,15 @@ FINDINGS = {
                     fm.Entry(1, 1, False, ("self.layers[0].p0.reshape(3, -1)[:, :2].mul_(0.5)",),
                              ("outside write:memory-order-reshape",), (tuple(DECODE_SD),))),
                    "mode", True, "int64", ((0, 2), (1, 2)), 0, False, (0,)), "DS", False, "equivalent"),
+    "F29 a layer of a model with eager code stops being captured after its pool (in raw pages) moved: the pool "
+    "went back while the later call's eager watch was on, and the pass's own storage reads there were taken for "
+    "the model's (found by the long run)": (program(
+        [pool("SD", 3, 2, 4, 3)],
+        [(1, ["if self.debug:", "    torch._dynamo.graph_break()", "    self.p0.flatten(1)[slots, :4] *= 0.5",
+              *DECODE_SD])],
+        [(0, 2), (0, 2), (0, 2)], layers=(0,),
+        around=around(pool("SD", 3, 2, 4, 3), holder=0, backing="raw", binding="attribute", features=("debug",),
+                      actions=[(1, "debug-on", "m.layers[0].debug = True")])), "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
