@@ -356,6 +356,7 @@ class Session:
         if self.reverted:
             return
         err = EagerOrderUse(f"{what} runs outside the captured graphs and depends on the pool's memory order")
+        refuse_in_graph_capture(f"{what}: putting every pool back in the model's order for it")
         self.pending.clear()
         if not self._back_to_the_models_order(err):
             self._refused()
