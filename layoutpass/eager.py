@@ -116,7 +116,7 @@ class LiveWatch(TorchFunctionMode):
             copied = kind == "copy"
         out = func(*args, **kwargs)
         if copied:
-            self.copies[storage_key(out)] = _Copy(weakref.ref(out), func, args, kwargs, self.writes, [])
+            self.copies[storage_key(out)] = _Copy(Block.of(out), [weakref.ref(out)], func, args, kwargs, self.writes)
         elif isinstance(out, torch.Tensor):
             if out._base is not None or name in UNBASED_ALIASES:
                 self._track(out)
@@ -162,14 +162,16 @@ class LiveWatch(TorchFunctionMode):
         if key in self.storages:
             self.views.append(weakref.ref(view))
         elif key in self.copies:
-            self.copies[key].views.append(weakref.ref(view))
+            self.copies[key].tensors.append(weakref.ref(view))
 
     def _settle_stale(self, name: str, args: tuple, kwargs: dict, written: bool) -> None:
         """A copy written, or read after the pool was written: from now on the view it is there."""
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         for t in tensors:
             c = self.copies.get(storage_key(t))
-            if c is not None and (c.made < self.writes or (written and t is args[0]) or t is kwargs.get("out")):
+            if c is not None and not any(r() is not None for r in c.tensors):  # freed: its memory may be reused
+                del self.copies[storage_key(t)]
+            elif c is not None and (c.made < self.writes or (written and t is args[0]) or t is kwargs.get("out")):
                 self._revert(f"{_describe(c.func.__name__)} of a moved pool (a copy in its new order), used at {_line()}")
                 self._rebind(self.copies.pop(storage_key(t)))
 
@@ -180,18 +182,13 @@ class LiveWatch(TorchFunctionMode):
 
     @staticmethod
     def _rebind(c: "_Copy") -> None:
-        root = c.root()
-        if root is None:
-            return
-        view = c.func(*c.args, **c.kwargs)  # in the model's order now: the view the model's code had
-        block = Block.of(root)
+        """Point the copy and its views at the view of the pool the model's code had."""
+        view = c.func(*c.args, **c.kwargs)  # the pools are in the model's order now
         with torch.no_grad():
-            for t in [r() for r in c.views]:
-                found = readdress(t, block, tuple(view.stride())) if t is not None else None
+            for t in [r() for r in c.tensors]:
+                found = readdress(t, c.block, tuple(view.stride())) if t is not None else None
                 if found is not None:
-                    offset = found[0] - block.offset + view.storage_offset()
-                    t.set_(view.untyped_storage(), offset, t.shape, found[1])
-            root.set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+                    t.set_(view.untyped_storage(), found[0] - c.block.offset + view.storage_offset(), t.shape, found[1])
 
     def targets(self) -> list[tuple[torch.Tensor, int, tuple]]:
         """(view, storage offset, strides) that address each live view's elements in the model's order."""
@@ -209,12 +206,12 @@ class LiveWatch(TorchFunctionMode):
 @dataclass
 class _Copy:
     """A copy of a moved pool that is a view of it in the model's order."""
-    root: weakref.ref
-    func: Callable
+    block: Block  # the copy as made
+    tensors: list  # weak references to it and to the views of it the eager code made
+    func: Callable  # what made it, from args and kwargs
     args: tuple
     kwargs: dict
     made: int  # LiveWatch.writes when it was made
-    views: list  # weak references to views of it
 
 
 class EagerOrderUse(LayoutPassError):
