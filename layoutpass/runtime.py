@@ -576,9 +576,24 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         session: Session = self.__dict__["_lp"]
-        if not (session.rehearsed or session.calls or session.calling or session.warming):
-            return _first_call(self, args, kwargs)
-        return _call_model(self, session, args, kwargs)
+        with _unwatched(session):  # the pass's own work; the model's forward is watched again in _call_model
+            if not (session.rehearsed or session.calls or session.calling or session.warming):
+                return _first_call(self, args, kwargs)
+            return _call_model(self, session, args, kwargs)
+
+    def _call_impl(self, *args, **kwargs):
+        """nn.Module's call (your hooks, then forward) under a later call's LiveWatch while pools
+        are moved: the hooks are eager code too."""
+        session: Session | None = self.__dict__.get("_lp")
+        live = _live_watch(self, session) if session is not None else None
+        if live is None:
+            return super()._call_impl(*args, **kwargs)
+        session.watching, session.live = True, live
+        try:
+            with live:
+                return super()._call_impl(*args, **kwargs)
+        finally:
+            session.watching, session.live = False, None
 
     @property
     def report(self) -> Report:
@@ -628,21 +643,19 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
     if session.regions and not session.calling:
         session.settle_unbound()
     session.calling.append(fast)
-    eager = session.root is None and not session.watching and not torch.compiler.is_compiling()
-    watch = EagerWatch() if eager and session.warming else None
-    live = _live_watch(fast, session) if eager and not session.warming else None
+    watch = EagerWatch() if session.warming and session.root is None and not session.watching and \
+        not torch.compiler.is_compiling() else None
     try:
         if session.root is not None:
             out = session.call(session.root, ROOT, fast, args, kwargs)
         else:
-            with watch or live or contextlib.nullcontext():  # the eager code between the layers
-                session.watching = session.watching or watch is not None or live is not None
-                session.live = live or session.live
+            with watch or session.live or contextlib.nullcontext():  # the eager code between the layers
+                session.watching = session.watching or watch is not None
                 out = session.model_class.forward(fast, *args, **kwargs)
     finally:
         session.calling.pop()
-        if watch is not None or live is not None:
-            session.watching, session.live = False, None
+        if watch is not None:
+            session.watching = False
     if watch is not None:
         _refuse_eager_order_uses(fast, session, watch)
     if session.pending and not session.calling:  # every layer's call succeeded: the pools found move now
@@ -656,8 +669,10 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
 
 def _live_watch(fast: OptimizedModule, session: Session) -> LiveWatch | None:
     """A later call's watch, while some pool is moved (code the rehearsal never ran may use its
-    order)."""
-    blocks = session.moved_blocks(fast) if session.rehearsed or session.calls else []
+    order); None inside another watch, a twin's call, or your torch.compile's trace."""
+    if session.watching or session.warming or torch.compiler.is_compiling() or not (session.rehearsed or session.calls):
+        return None
+    blocks = session.moved_blocks(fast)
     return LiveWatch(blocks, session.revert_for_eager) if blocks else None
 
 

@@ -308,6 +308,24 @@ def test_views_of_a_moved_pool_kept_in_attributes_follow_it_back(layout):
     assert any("every pool is back in the model's order" in n for n in fast.report.notes) == (layout == "DS")
 
 
+@pytest.mark.parametrize("model", [lambda: pm.EagerParent("logical write"), pm.Conv], ids=["parent", "holder"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_hooks_on_the_optimized_model_are_watched(model, layout):
+    """Your hooks on the optimized model itself run outside its forward (and not in the rehearsal):
+    one that writes through a flat view of a pool from the third call on runs as written."""
+    def hook(m, args, out):
+        if getattr(m, "late", False):
+            pool = m.layer.conv_state if hasattr(m, "layer") else m.conv_state
+            pool.flatten(1)[:, :pm.DIM].mul_(0.5)
+
+    def late(m, i):
+        if i == 0:
+            m.register_forward_hook(hook)
+        m.late = i >= 2
+    _, fast = run_both(model(), steps(5), layout, late)
+    assert any("every pool is back in the model's order" in n for n in fast.report.notes) == (layout == "DS")
+
+
 # 6. what used to crash at run time
 
 @pytest.mark.parametrize("layout", LAYOUTS)
