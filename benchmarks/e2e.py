@@ -263,8 +263,12 @@ def render(data: dict) -> list[str]:
             return f"**wrong** (logits off by {c['logits_diff']:.3g} of {c['logits_max_abs']:.3g}): not a figure"
         return f"differs by {c['logits_diff']:.3g}"
 
+    runs = data.get("copy_bandwidth_runs")  # tables merged from one run per model on the same machine
+    bandwidth = (" and ".join(f"{bw / 1e9:.0f} GB/s ({name})" for name, bw in runs.items()) +
+                 " measured in each model's run (one run per model, on one machine)") if runs else \
+        f"{data['copy_bandwidth'] / 1e9:.0f} GB/s measured in the run"
     lines = [f"Card: {data['card']}; torch {data['torch']}; triton {data['triton']}; copy bandwidth "
-             f"{data['copy_bandwidth'] / 1e9:.0f} GB/s measured in the run. bf16, 2.7B-class widths; mamba2 "
+             f"{bandwidth}. bf16, 2.7B-class widths; mamba2 "
              f"{models['mamba2']} layers, hybrid {models['hybrid']} (mamba2, attention, gdn, mamba2 x "
              f"{models['hybrid'] // 4}); one decode step in CUDA graphs, median of {data['rounds']} interleaved "
              "rounds; byte floor: parameters read once, touched slots' pool rows and attention positions read and "

@@ -87,6 +87,6 @@ def build(name: str, size: str = "tiny", *, seed: int = 0, dtype: torch.dtype = 
         raise ArgumentError("name", f"unknown model {name!r}; known: {sorted(ZOO)}")
     if size not in SIZES:
         raise ArgumentError("size", f"unknown size {size!r}; known: {sorted(SIZES)}")
-    cfg = replace(ModelConfig(layers=ZOO[name]), **SIZES[size], **overrides)
+    cfg = replace(ModelConfig(layers=ZOO[name]), **{**SIZES[size], **overrides})  # overrides win
     torch.manual_seed(seed)
     return LM(cfg).to(device=device, dtype=dtype).eval()
