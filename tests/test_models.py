@@ -96,6 +96,11 @@ def test_real_widths():
     assert model.mixers[1].conv_state.shape == (cfg.num_slots, 3, 5120)
 
 
+def test_build_overrides_win_over_the_size():
+    model = build("mamba2", "2.7b", device="meta", num_slots=9, max_len=64)
+    assert model.cfg.num_slots == 9 and model.cfg.max_len == 64 and model.cfg.hidden == SIZES["2.7b"]["hidden"]
+
+
 def test_bad_model_names():
     with pytest.raises(ArgumentError, match="^name:"):
         build("mamba3")
