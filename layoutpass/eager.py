@@ -117,12 +117,10 @@ class LiveWatch(TorchFunctionMode):
         out = func(*args, **kwargs)
         if copied:
             self.copies[storage_key(out)] = _Copy(Block.of(out), [weakref.ref(out)], func, args, kwargs, self.writes)
-        elif isinstance(out, torch.Tensor):
-            if out._base is not None or name in UNBASED_ALIASES:
-                self._track(out)
-        elif isinstance(out, (tuple, list)):
-            for t in out:
-                if isinstance(t, torch.Tensor) and t._base is not None:
+        else:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                # a view; `.data` or `.detach()`; anything in inference mode (no view has a _base there)
+                if isinstance(t, torch.Tensor) and (t._base is not None or name in UNBASED_ALIASES or t.is_inference()):
                     self._track(t)
         if self.copies and self.storages and any(isinstance(t, torch.Tensor) and storage_key(t) in self.storages
                                                  for t in ((first,) if _writes(name) else ()) + (kwargs.get("out"),)):
@@ -144,8 +142,9 @@ class LiveWatch(TorchFunctionMode):
         there = self._as_written(first)
         if there is None:
             return "order"
-        here = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device="meta")
-        view_here, view_there = (_aliases(func(t, *args[1:], **kwargs), t) for t in (here, there))
+        with torch.inference_mode(False):  # in inference mode no view knows it is one
+            here = torch.empty_strided(first.shape, first.stride(), dtype=first.dtype, device="meta")
+            view_here, view_there = (_aliases(func(t, *args[1:], **kwargs), t) for t in (here, there))
         return None if view_here == view_there else "copy" if view_there else "order"
 
     def _as_written(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -153,7 +152,8 @@ class LiveWatch(TorchFunctionMode):
         for block, strides in self.blocks:
             found = readdress(t, block, strides)
             if found is not None:
-                return torch.empty_strided(t.shape, found[1], dtype=t.dtype, device="meta")
+                with torch.inference_mode(False):
+                    return torch.empty_strided(t.shape, found[1], dtype=t.dtype, device="meta")
         return None
 
     def _track(self, view: torch.Tensor) -> None:

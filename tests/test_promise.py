@@ -285,15 +285,18 @@ def test_eager_code_that_uses_pools_logically_is_not_refused(how, layout):
     assert fast.report.pools["layer.conv_state"].moves == (layout == "DS")
 
 
+@pytest.mark.parametrize("mode", [contextlib.nullcontext, torch.inference_mode], ids=["grad", "inference"])
 @pytest.mark.parametrize("how", list(pm.LateEager.USES))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_eager_code_first_run_in_a_later_call_runs_as_written(how, layout):
+def test_eager_code_first_run_in_a_later_call_runs_as_written(how, layout, mode):
     """Eager code the rehearsed call never ran (a branch taken from the third call on) meets moved
     pools: a use of their memory order puts every pool back in the model's order before it runs,
     re-addressing the views of them the code already holds, and a copy taken in the new order
     that is a view in the model's is made that view once it is written or the pool changed under
-    it; uses of the same elements in any order keep the pools where they are."""
-    _, fast = run_both(pm.LateEager(how), steps(5), layout)
+    it; uses of the same elements in any order keep the pools where they are. In inference mode
+    too, where no view knows its base."""
+    with mode():
+        _, fast = run_both(pm.LateEager(how), steps(5), layout)
     back = any("every pool is back in the model's order" in n for n in fast.report.notes)
     assert back == (layout == "DS" and pm.LateEager.USES[how][2])
     assert fast.report.pools["layer.conv_state"].moves == (layout == "DS" and not back)
