@@ -585,15 +585,8 @@ class OptimizedModule(nn.Module):
         """nn.Module's call (your hooks, then forward) under a later call's LiveWatch while pools
         are moved: the hooks are eager code too."""
         session: Session | None = self.__dict__.get("_lp")
-        live = _live_watch(self, session) if session is not None else None
-        if live is None:
+        with _live(self, session) if session is not None else contextlib.nullcontext():
             return super()._call_impl(*args, **kwargs)
-        session.watching, session.live = True, live
-        try:
-            with live:
-                return super()._call_impl(*args, **kwargs)
-        finally:
-            session.watching, session.live = False, None
 
     @property
     def report(self) -> Report:
@@ -649,7 +642,8 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
         if session.root is not None:
             out = session.call(session.root, ROOT, fast, args, kwargs)
         else:
-            with watch or session.live or contextlib.nullcontext():  # the eager code between the layers
+            # the eager code between the layers: rehearsed, or later (live; from here when forward is called directly)
+            with watch or session.live or _live(fast, session):
                 session.watching = session.watching or watch is not None
                 out = session.model_class.forward(fast, *args, **kwargs)
     finally:
@@ -665,6 +659,21 @@ def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: di
         if not session.warming and not session.rehearsed:
             session.check_found(strict=False)
     return out
+
+
+@contextlib.contextmanager
+def _live(fast: OptimizedModule, session: Session):
+    """A later call under a LiveWatch, while pools are moved."""
+    live = _live_watch(fast, session)
+    if live is None:
+        yield
+        return
+    session.watching, session.live = True, live
+    try:
+        with live:
+            yield
+    finally:
+        session.watching, session.live = False, None
 
 
 def _live_watch(fast: OptimizedModule, session: Session) -> LiveWatch | None:

@@ -329,6 +329,17 @@ def test_hooks_on_the_optimized_model_are_watched(model, layout):
     assert any("every pool is back in the model's order" in n for n in fast.report.notes) == (layout == "DS")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_called_directly_is_watched_too(layout):
+    """A framework calling `model.forward(...)` (no hooks): the later calls' eager code is watched."""
+    reference = pm.LateEager("flat write")
+    fast = optimize(copy.deepcopy(reference), layout)
+    for i, call in enumerate(steps(4)):
+        expected, got = reference.forward(**call), fast.forward(**call)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=lambda m: f"call {i}: {m}")
+        same_state(reference, fast)
+
+
 # 6. what used to crash at run time
 
 @pytest.mark.parametrize("layout", LAYOUTS)
