@@ -172,7 +172,8 @@ class LiveWatch(TorchFunctionMode):
             if c is not None and not any(r() is not None for r in c.tensors):  # freed: its memory may be reused
                 del self.copies[storage_key(t)]
             elif c is not None and (c.made < self.writes or (written and t is args[0]) or t is kwargs.get("out")):
-                self._revert(f"{_describe(c.func.__name__)} of a moved pool (a copy in its new order), used at {_line()}")
+                self._revert(f"{_describe(c.func.__name__)} of a moved pool (a copy in its new order), used at "
+                             f"{_line()}")
                 self._rebind(self.copies.pop(storage_key(t)))
 
     def _revert(self, what: str) -> None:

@@ -36,8 +36,8 @@ from .layout import Layout, dense_strides, parse_layout, requested
 from .pages import Region, drop_stale, guard, pages_of, put_back, regions_of, settle, stale
 from .prove import StrideDependent
 from .report import Considered, Pool, Report
-from .state import (Block, aliases, move, own_state, place_key, refuse_in_graph_capture, refuse_overlaps, relation, resolve,
-                    state_tensors, storage_key)
+from .state import (Block, aliases, move, own_state, place_key, refuse_in_graph_capture, refuse_overlaps, relation,
+                    resolve, state_tensors, storage_key)
 
 log = logging.getLogger("layoutpass")
 ROOT = ""
@@ -278,7 +278,7 @@ class Session:
             raise LayoutPassError(f"torch Dynamo is disabled (torch._dynamo.config.disable, TORCHDYNAMO_DISABLE=1), and "
                                   f"the optimized model runs {f'{unit.label} {path!r}' if path else 'its forward'} through "
                                   f"it: enable it (that did not run)")
-        with _unwatched(self):  # the layer's captured code and the pass's own work are no eager code of the model
+        with _unwatched(self):  # the layer's captured code and the pass's own work: no eager code of the model
             try:
                 out = self._call(unit, path, module, args, kwargs)
             except LayoutPassError as err:
@@ -499,8 +499,8 @@ class Session:
 
 
 def _unwatched(session: Session):
-    """A layer's call runs without the rehearsal's EagerWatch (its code is captured, and Dynamo
-    would trace the mode into the graph)."""
+    """The pass's own work and a layer's call run without the watch of the model's eager code
+    (the layer's code is captured, and Dynamo would trace the mode into the graph)."""
     watched = session.watching and isinstance(torch.overrides._get_current_function_mode(), (EagerWatch, LiveWatch))
     return torch.overrides._pop_mode_temporarily() if watched else contextlib.nullcontext()
 
