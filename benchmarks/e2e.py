@@ -27,7 +27,8 @@ The compiled row's compile time is the wall time of its first call at each batch
                                                 # row too, where inductor can build for the CPU)
     python benchmarks/e2e.py --compile-mode none  # without the compiled row
     python benchmarks/e2e.py --render e2e.json --out DIR  # e2e.md again from a saved run
-    python benchmarks/e2e.py --profile          # where each decode step's GPU time goes, by kernel
+    python benchmarks/e2e.py --profile          # where each decode step's GPU time goes, eager and
+                                                # compiled: kernels by group, the time between them
 """
 
 import argparse
@@ -135,32 +136,66 @@ def time_step(call) -> float:
         return do_bench_cudagraph(call, rep=200, return_mode="median")
 
 
+GROUPS = (  # kernel name fragments -> a group of the profile (first match wins)
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitKreduce")),
+    ("state updates (ours)", ("_ssu_kernel", "_delta_kernel")),
+    ("conv (ours)", ("_ds_vec_kernel", "_conv_state_kernel", "_prefill_scan_kernel")),
+    ("decode attention (ours)", ("_decode_kernel",)),
+    ("inductor fusions", ("triton_",)),
+    ("copies and gathers", ("copy", "gather", "index", "cat")),
+    ("reductions", ("reduce",)),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def group_of(kernel: str) -> str:
+    return next((g for g, parts in GROUPS if any(p in kernel for p in parts)), "other")
+
+
 def profile(args) -> None:
-    """GPU kernel time of one eager decode step of each optimized model, by kernel (top 12)."""
+    """Where one decode step's GPU time goes, eager and compiled, at each batch size: kernel time
+    by group, the kernel count, and the step replayed in a CUDA graph beside the kernels' sum (the
+    difference is the time between kernels) and beside the byte floor."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
+    bandwidth = copy_bandwidth("cuda")
     for name in args.models:
         model = build(MODELS[name], "2.7b", "cuda", torch.bfloat16, num_slots=max(BATCHES) + 1, max_len=512)
         fast = optimize(model, LAYOUTS["DS + VK"])
-        for batch in (1, 256):
+        rows = {"eager": fast}
+        if args.compile_mode != "none":
+            rows["compiled"] = torch.compile(fast, dynamic=False,
+                                             mode=None if args.compile_mode == "default" else args.compile_mode)
+        for batch in BATCHES:
             step = decode_step(model.cfg, batch, "cuda")
-            with torch.no_grad():
-                for _ in range(3):
-                    fast(**step.inputs)
-                torch.cuda.synchronize()
-                with profiler(activities=[ProfilerActivity.CUDA]) as prof:
-                    fast(**step.inputs)
+            floor_ms = byte_floor(model, step) / bandwidth * 1e3
+            for row, call in rows.items():
+                with torch.no_grad():
+                    for _ in range(3):  # captures, moves the pools; the compiled row compiles
+                        call(**step.inputs)
                     torch.cuda.synchronize()
-            kernels = {}
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    kernels[e.name[:90]] = kernels.get(e.name[:90], 0) + e.device_time_total
-            total = sum(kernels.values())
-            print(f"{name} B={batch}: {total / 1e3:.2f} ms of kernels")
-            for k, us in sorted(kernels.items(), key=lambda t: -t[1])[:12]:
-                print(f"  {us / 1e3:8.3f} ms {100 * us / total:5.1f}%  {k}")
-        del fast, model
+                    with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+                        call(**step.inputs)
+                        torch.cuda.synchronize()
+                kernels, count = {}, 0
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        kernels[e.name[:90]] = kernels.get(e.name[:90], 0) + e.device_time_total
+                        count += 1
+                total = sum(kernels.values()) / 1e3
+                step_ms = time_step(lambda c=call: c(**step.inputs))
+                print(f"{name} B={batch} {row}: step {step_ms:.3f} ms in a CUDA graph (floor {floor_ms:.3f} ms, "
+                      f"x{step_ms / floor_ms:.2f}); {count} kernels, {total:.3f} ms of kernel time, "
+                      f"{step_ms - total:.3f} ms between them", flush=True)
+                groups = {}
+                for k, us in kernels.items():
+                    groups[group_of(k)] = groups.get(group_of(k), 0) + us
+                for g, us in sorted(groups.items(), key=lambda t: -t[1]):
+                    print(f"  {us / 1e3:8.3f} ms {100 * us / 1e3 / total:5.1f}%  {g}")
+                for k, us in sorted(kernels.items(), key=lambda t: -t[1])[:8]:
+                    print(f"      {us / 1e3:8.3f} ms  {k}")
+        del rows, fast, model
         torch.cuda.empty_cache()
 
 
@@ -307,7 +342,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, checks only")
-    parser.add_argument("--profile", action="store_true", help="GPU time of one decode step by kernel")
+    parser.add_argument("--profile", action="store_true", help="GPU time of one decode step by kernel group, eager and compiled")
     parser.add_argument("--render", type=Path, metavar="JSON", help="write e2e.md into --out from a saved e2e.json")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "max-autotune-no-cudagraphs", "none"],

@@ -547,11 +547,12 @@ def run_group(args, op, dtype_name, order, bw, rows, checks, gen, failed, log) -
 # ---------------------------------------------------------------- sweep, profile
 
 def candidates(order: str, op: str) -> list[tuple[int, int]]:
-    """(BLOCK_V, num_warps) alternatives: tiles of 8-64 state elements per thread."""
+    """(BLOCK_V, num_warps) alternatives: tiles of 8-128 state elements per thread (vLLM's delta
+    rule runs 128: a 32 x 128 tile in one warp)."""
     K = shape(op)["d_state" if op == "ssm" else "K"]
     V = shape(op)["head_dim" if op == "ssm" else "V"]
     blocks = [b for b in ((2, 4, 8, 16, 32) if order == "VK" else (8, 16, 32, 64)) if b <= triton.next_power_of_2(V)]
-    found = [(b, w) for b in blocks for w in (1, 2, 4, 8) if 8 <= b * triton.next_power_of_2(K) // (32 * w) <= 64]
+    found = [(b, w) for b in blocks for w in (1, 2, 4, 8) if 8 <= b * triton.next_power_of_2(K) // (32 * w) <= 128]
     return found or [(b, w) for b in blocks for w in (1, 2)]  # (the dry run's tiny heads)
 
 
@@ -604,7 +605,7 @@ def load_blocks(path: Path) -> dict:
 
 def profile(args, gen) -> None:
     """One launch per case and nothing else (for ncu's kernel filter): ours at every batch for
-    each (op, dtype, order), then each peer once at B=64 (or the largest batch below it)."""
+    each (op, dtype, order), then each peer once at B=256 (or the largest batch below it)."""
     for op in args.ops:
         for dtype_name in args.dtypes:
             for order in ORDERS:
@@ -613,7 +614,7 @@ def profile(args, gen) -> None:
                 for batch in S.batches:
                     (call,) = calls_for(op, DTYPES[dtype_name], batch, pools, gen)[:1]
                     impls = implementations(args, op, order, prm)
-                    names = list(impls) if batch == max(b for b in S.batches if b <= 64) else [("ours", order)]
+                    names = list(impls) if batch == max(b for b in S.batches if b <= 256) else [("ours", order)]
                     for key in names:
                         impls[key](call)[0]()
                         if S.device == "cuda":

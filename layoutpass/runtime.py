@@ -897,6 +897,8 @@ def _warm_up(fast: OptimizedModule, args: tuple, kwargs: dict, grad: bool = Fals
             for _ in range(1 + len(session.units)):  # again while a call moved pools: its graphs for the new order
                 moves = session.moves
                 twin(*args, **kwargs)
+                log.debug("warm-up call: %d pool move(s) so far, %d graph(s) held", session.moves,
+                          sum(len(u.entries) for u in session.units))
                 if session.moves == moves:
                     break
     finally:
