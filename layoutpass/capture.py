@@ -20,9 +20,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 # counter kept as an int attribute of a module (`self.seen += n`) is an input, not a constant
 # that recompiles on every call.
 DYNAMO_SETTINGS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "allow_unspec_int_on_nn_module": True}
-# Dynamo's own default does not guard on modules' hook dicts: a graph captured before a hook was
-# registered (or on the rehearsal's copy, which runs without hooks) would run without it.
-HOOK_GUARDS = {"skip_nnmodule_hook_guards": False}
+# Guards Dynamo skips by default and the pass needs: on modules' hook dicts (a graph captured
+# before a hook was registered, or on the rehearsal's copy, which runs without hooks, would run
+# without it), and on a module's buffers while its `_buffers` dict is unchanged (a pool moves
+# with Tensor.set_, which leaves the dict as it was: without its stride guard the graph captured
+# for the old order keeps running, and the one for the new order is never captured: the likely
+# cause of a rehearsal that captured nothing for the moved order on Python 3.12 + torch 2.11).
+FORCED_GUARDS = {"skip_nnmodule_hook_guards": False, "skip_tensor_guards_with_matching_dict_tags": False}
 
 # Tensor attributes whose values depend on memory order: Python code that reads them on a
 # relayouted pool could branch differently, which no graph shows. (A pool moves in its own
@@ -38,7 +42,7 @@ def configure_dynamo() -> None:
             setattr(config, name, value or current)
         else:
             setattr(config, name, max(value, current))
-    for name, value in HOOK_GUARDS.items():
+    for name, value in FORCED_GUARDS.items():
         setattr(config, name, value)
 
 

@@ -346,6 +346,36 @@ def test_pure_torch_updates_are_lowered_to_the_kernel(model_class, op):
     assert f"aten.{op}" in next(iter(unlowered.graphs.values())).after
 
 
+def test_a_pool_moved_in_its_own_memory_fails_dynamos_stride_guard():
+    """A pool moves with Tensor.set_, which leaves its module's _buffers dict as it was. Dynamo
+    may skip the guards of tensors held in a dict whose tag did not change; the pass turns that
+    shortcut off, so the graph captured for the old order stops matching and the new order gets
+    its own. On this project's CI (Python 3.11, torch 2.13) Dynamo checks them either way; the
+    test fails where it takes the shortcut, which is the likely cause of what the GPU machine
+    showed (Python 3.12, torch 2.11): the rehearsal captured nothing for the moved order, so the
+    lowering waited for the model's own first call."""
+    from layoutpass.capture import configure_dynamo
+    from layoutpass.state import move
+
+    class Holder(pm.CatIdiom):  # a code object of its own: no graph of another test's in its cache
+        def forward(self, x, slots):
+            return self.pool[slots].sum(1) + x
+
+    configure_dynamo()
+    model, graphs = Holder(), []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(model, backend=backend, fullgraph=True)
+    x, slots = pm.inputs()["x"], pm.inputs()["slots"]
+    want = step(x, slots)
+    move(model, "pool", SD, DS)
+    assert model.pool.stride(1) == 1 and len(graphs) == 1
+    assert torch.allclose(step(x, slots), want) and len(graphs) == 2
+
+
 @pytest.mark.parametrize("model_class", [pm.CatIdiom, pm.RollIdiom])
 def test_an_update_autograd_records_is_not_lowered(model_class):
     """The kernels have no backward: a pure-torch update that autograd records (grad mode on,
