@@ -831,9 +831,9 @@ def optimize(model: nn.Module, layout="DS", *, example_inputs: Sequence | None =
         raise ArgumentError("model", f"{patched[0]}.forward is replaced on the instance; the pass captures and copies "
                                      f"what the class defines (a function set on the instance may close over the "
                                      f"original): define it in a subclass instead")
-    tensors = dict(state_tensors(model))
-    named = {**_explicit_pools(getattr(model, "layoutpass_pools", None), tensors, "layoutpass_pools"),
-             **_explicit_pools(state_buffers, tensors)}
+    tensors, parameters = dict(state_tensors(model)), {name for name, _ in model.named_parameters()}
+    named = {**_explicit_pools(getattr(model, "layoutpass_pools", None), tensors, parameters, "layoutpass_pools"),
+             **_explicit_pools(state_buffers, tensors, parameters)}
     if isinstance(example_inputs, (Mapping, str, torch.Tensor)):
         raise ArgumentError("example_inputs", f"expected a list of calls, got a {type(example_inputs).__name__}: to "
                                               "capture one call, put it in a list: example_inputs=[{...}]")
@@ -944,7 +944,8 @@ def _random_streams():
     return restore
 
 
-def _explicit_pools(declared, tensors: dict, argument: str = "state_buffers") -> dict[str, Layout | None]:
+def _explicit_pools(declared, tensors: dict, parameters: set[str],
+                    argument: str = "state_buffers") -> dict[str, Layout | None]:
     """Pools a caller names: a list of names, or a mapping name -> the pool's axes (a conv layout
     "SD" / "DS", a Layout, or a tuple of axis names such as ("slot", "head", "v", "k"))."""
     if declared is None:
@@ -955,6 +956,10 @@ def _explicit_pools(declared, tensors: dict, argument: str = "state_buffers") ->
         named = dict.fromkeys(declared)
     else:
         raise ArgumentError(argument, "expected pool names, or a mapping of names to their axes")
+    held = [n for n in named if n in parameters]
+    if held:
+        raise ArgumentError(argument, f"{held[0]!r} is an nn.Parameter, which the pass never moves (it is weights "
+                                      f"to it); hold a pool as a buffer (register_buffer) or a tensor attribute")
     unknown = [n for n in named if n not in tensors]
     if unknown:
         raise ArgumentError(argument, f"no state tensors named {unknown}")

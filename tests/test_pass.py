@@ -252,6 +252,8 @@ def test_bad_input():
         optimize(pm.OneConv(), example_inputs=[dict(x=torch.randn(3, 5), slots=torch.tensor([1, 2, 3]))])
     with pytest.raises(ArgumentError, match="^state_buffers: no state tensors named"):
         optimize(pm.OneConv(), state_buffers=["pol"], example_inputs=[pm.inputs()])
+    with pytest.raises(ArgumentError, match="^state_buffers: 'weight' is an nn.Parameter"):
+        optimize(pm.OneConv(), state_buffers=["weight"], example_inputs=[pm.inputs()])
     with pytest.raises(ArgumentError, match=r"^example_inputs\[0\]: expected a call"):
         optimize(pm.OneConv(), example_inputs=[[1, 2]])
     with pytest.raises(ArgumentError, match="^example_inputs: expected a list of calls, got a dict"):
