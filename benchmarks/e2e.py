@@ -342,7 +342,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, checks only")
-    parser.add_argument("--profile", action="store_true", help="GPU time of one decode step by kernel group, eager and compiled")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU time of one decode step by kernel group, eager and compiled")
     parser.add_argument("--render", type=Path, metavar="JSON", help="write e2e.md into --out from a saved e2e.json")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "max-autotune-no-cudagraphs", "none"],
