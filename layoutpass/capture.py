@@ -23,9 +23,8 @@ DYNAMO_SETTINGS = {"recompile_limit": 64, "accumulated_recompile_limit": 4096, "
 # Guards Dynamo skips by default and the pass needs: on modules' hook dicts (a graph captured
 # before a hook was registered, or on the rehearsal's copy, which runs without hooks, would run
 # without it), and on a module's buffers while its `_buffers` dict is unchanged (a pool moves
-# with Tensor.set_, which leaves the dict as it was: without its stride guard the graph captured
-# for the old order keeps running, and the one for the new order is never captured: the likely
-# cause of a rehearsal that captured nothing for the moved order on Python 3.12 + torch 2.11).
+# with Tensor.set_, which leaves the dict as it was: torch 2.11 then skips the stride guard, so
+# the graph captured for the old order keeps running and the new order's is not captured).
 FORCED_GUARDS = {"skip_nnmodule_hook_guards": False, "skip_tensor_guards_with_matching_dict_tags": False}
 
 # Tensor attributes whose values depend on memory order: Python code that reads them on a

@@ -16,6 +16,7 @@ still round differently in the last bit (a sum follows memory order); everything
 
 import torch
 import torch.fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils import _pytree as pytree
@@ -98,7 +99,9 @@ def _second_run(gm: torch.fx.GraphModule, changed: dict[torch.fx.Node, tuple]) -
     others keep their traced values)."""
     mode = fake_mode_of(gm)
     env, errors, values = {}, {}, {}
-    with unset_fake_temporarily(), mode, torch.no_grad():  # the graph's own mode, not the capture running now
+    # the graph's own mode, not the capture running now; the Python dispatcher, as when the graph
+    # was traced: composite ops (aten.linear in torch 2.11) run their symbolic-shape decompositions
+    with unset_fake_temporarily(), mode, torch.no_grad(), enable_python_dispatcher():
         for node in gm.graph.nodes:
             if node in changed:
                 val = node.meta["val"]

@@ -349,14 +349,11 @@ def test_pure_torch_updates_are_lowered_to_the_kernel(model_class, op):
 
 
 def test_a_pool_moved_in_its_own_memory_fails_dynamos_stride_guard():
-    """A pool moves with Tensor.set_, which leaves its module's _buffers dict as it was. Dynamo
-    may skip the guards of tensors held in a dict whose tag did not change; the pass turns that
-    shortcut off, so the graph captured for the old order stops matching and the new order gets
-    its own. On this project's CI (Python 3.11, torch 2.13) Dynamo checks them either way, so
-    there only the setting's check can fail; the recompile count fails where Dynamo takes the
-    shortcut, which is the likely cause of what the GPU machine
-    showed (Python 3.12, torch 2.11): the rehearsal captured nothing for the moved order, so the
-    lowering waited for the model's own first call."""
+    """A pool moves with Tensor.set_, which leaves its module's _buffers dict as it was. torch
+    2.11's Dynamo then skips the buffer's guards (skip_tensor_guards_with_matching_dict_tags), so
+    the graph of the old order kept running and the rehearsal captured nothing for the new one;
+    the pass turns that shortcut off. torch 2.13 (CI) checks the strides either way, so there only
+    the setting's check can fail; with torch 2.11 the recompile count fails too."""
     from layoutpass.capture import configure_dynamo
     from layoutpass.state import move
 
