@@ -107,6 +107,15 @@ def _resolve_inverses(expr: sympy.Expr) -> sympy.Expr:
 # ---------------------------------------------------------------------------------------------
 
 
+def _raised_in_sympy(err: Exception) -> bool:
+    """Whether sympy itself raised `err` (a comparison it cannot decide, say, on the formulas a
+    new torch's trace gives): that node is then unmodeled, not a failure of the pass."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("sympy")
+
+
 class Semantics:
     """Interprets one graph. `pools`: placeholder name -> (pool name, Layout the placeholder
     holds). Placeholders not named there read opaque symbols."""
@@ -124,7 +133,12 @@ class Semantics:
     def run(self) -> "Semantics":
         for node in self.graph.nodes:
             try:
-                self.values[node] = self._eval(node)
+                try:
+                    self.values[node] = self._eval(node)
+                except (TypeError, ValueError) as err:
+                    if not _raised_in_sympy(err):
+                        raise
+                    raise Unmodeled(f"the formulas' algebra could not follow it (sympy: {err})") from None
             except Unmodeled as why:
                 self.failures[node.name] = str(why)
                 value = self._opaque(node)

@@ -377,6 +377,32 @@ def test_a_pool_moved_in_its_own_memory_fails_dynamos_stride_guard():
     assert torch.allclose(step(x, slots), want) and len(graphs) == 2
 
 
+def test_a_write_the_formulas_cannot_decide_is_unmodeled_not_a_crash():
+    """A write through a flipped gather of the pool by slot: torch 2.11's trace gives formulas
+    whose bounds sympy refuses to compare (TypeError: Invalid comparison of non-real ...); that
+    node is then unmodeled, and the model runs the same as the original (found by the fuzzer on
+    torch 2.11, where it raised out of optimize's first call; CI's torch 2.11 job runs this)."""
+
+    class FlipWrite(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(1181)
+            self.register_buffer("p1", torch.randn(5, 9, 3, generator=gen))
+
+        def forward(self, x, slots):
+            self.p1[1:5, 0:1, 2:3].fill_(0.5)
+            self.p1.index_put_((slots,), self.p1[slots, 0:9, 0:3].mT.mT.flip(0), accumulate=True)
+            return x * 2
+
+    model = FlipWrite()
+    reference, fast = FlipWrite(), optimize(model, "DS", lower=False)
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x, slots = torch.randn(5, 6, generator=gen), torch.randperm(5, generator=gen).to(torch.int32)
+        assert torch.equal(fast(x, slots), reference(x, slots))
+        assert torch.equal(fast.p1, reference.p1)
+
+
 @pytest.mark.parametrize("model_class", [pm.CatIdiom, pm.RollIdiom])
 def test_an_update_autograd_records_is_not_lowered(model_class):
     """The kernels have no backward: a pure-torch update that autograd records (grad mode on,
