@@ -108,8 +108,8 @@ def _resolve_inverses(expr: sympy.Expr) -> sympy.Expr:
 
 
 def _raised_in_sympy(err: Exception) -> bool:
-    """Whether sympy itself raised `err` (a comparison it cannot decide, say, on the formulas a
-    new torch's trace gives): that node is then unmodeled, not a failure of the pass."""
+    """Whether sympy itself raised `err` (a comparison it cannot decide, say, on the formulas
+    torch 2.11's trace gives): that node is then unmodeled, not a failure of the pass."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
