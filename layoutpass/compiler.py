@@ -20,6 +20,7 @@ from .discover import Found, PoolNotFound, discover
 from .errors import LayoutPassError
 from .layout import DS, Layout, arrange, dense_strides, order_of
 from .lowering import lower_updates
+from .lowering_recurrent import AXES as RECURRENT_AXES
 from .prove import StrideDependent, check_slotwise, fake_mode_of, prove, refuse_returned_views
 from .registry import KERNEL_ORDER, Memory, conv_state, facts, permutation_of
 from .report import Action, Considered, Kind, Pool, Use, library, use
@@ -242,8 +243,11 @@ def _dense_in(user: torch.fx.Node, pool: Pool) -> bool:
 
 
 def _lower(b: Build) -> None:
-    if b.kernel_views:
-        b.uses += lower_updates(b.gm, b.name, dict(b.kernel_views), _autograd_records(b))
+    states = {n: (pool.name, pool.axes.axes) for n in b.gm.graph.find_nodes(op="placeholder")
+              if (pool := b.pools.get(n.name)) is not None and pool.kind == "recurrent"
+              and pool.axes.axes[0] == "slot" and set(pool.axes.axes) == RECURRENT_AXES}
+    if b.kernel_views or (states and b.session.lowering(b.gm)):
+        b.uses += lower_updates(b.gm, b.name, dict(b.kernel_views), states, _autograd_records(b))
 
 
 def _autograd_records(b: Build) -> str | None:
@@ -296,7 +300,8 @@ PASSES = [
     Pass("containers", _prove_containers, ("pools", "inputs"), ("raw allocations holding moved pools used slot-wise",)),
     Pass("canonicalize", _canonicalize, ("pools",), ("conv pools read through their (slot, dim, tok) views",
                                                      "the rewrite proven equal to the captured graph")),
-    Pass("lower", _lower, ("kernel views",), ("pure-torch conv updates replaced by kernel calls",)),
+    Pass("lower", _lower, ("kernel views", "recurrent pools"),
+         ("pure-torch conv updates and recurrences replaced by kernel calls",)),
     Pass("classify", _classify, ("pools",), ("every use of a pool in the report, by class",)),
     Pass("report", _report_kernels, ("the final graph",), ("every conv op's kernel order in the report",)),
 ]

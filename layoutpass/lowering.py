@@ -27,8 +27,9 @@ import torch
 import torch.fx
 
 from .kernels.checks import WIDTHS
+from .lowering_recurrent import DeltaUpdate, SsmUpdate, lower_recurrent, match_recurrent
 from .registry import Memory, facts
-from .report import Action, Kind, use
+from .report import Action, Kind, NearMiss, use
 from .rewrite import graph_rewrite
 
 aten = torch.ops.aten
@@ -56,12 +57,16 @@ class Update:
         return "conv_update" if self.tokens == 1 and self.initial else "conv_prefill"
 
 
-@dataclass(frozen=True)
-class NearMiss:
-    """Almost a conv update on `pool`: `reason` says which part differed (for the report)."""
+@dataclass
+class Scope:
+    """What a matcher reads: the conv pools' (slot, dim, tok) views, the recurrent pools the
+    recurrent kernels read (placeholder -> axes), each node's position, and
+    lowering_recurrent.varies' memo."""
 
-    pool: torch.fx.Node
-    reason: str
+    conv: set
+    states: dict
+    order: dict
+    memo: dict
 
 
 @dataclass(frozen=True)
@@ -259,7 +264,8 @@ def _token_tails(value, length):
     return [(t, start + length if (start := _slice_args(t)[1] or 0) < 0 else start) for t in tails]
 
 
-def match_cat(window, pools, order):
+def match_cat(window, scope):
+    pools, order = scope.conv, scope.order
     if len(window.args[0]) != 2:
         return None
     gathered = _pool_read(window.args[0][0], pools)
@@ -285,7 +291,8 @@ def match_cat(window, pools, order):
     return _update(pool, slots, new, squeeze, tokens, True, conv, (writes[0],), order)
 
 
-def match_roll(window, pools, order):
+def match_roll(window, scope):
+    pools, order = scope.conv, scope.order
     gathered = _pool_read(window.args[0], pools)
     if gathered is None or gathered[1] is None:
         return None
@@ -328,7 +335,8 @@ def _left_pad_of(node):
     return node.args[0]
 
 
-def match_prompt(conv, pools, order):
+def match_prompt(conv, scope):
+    pools, order = scope.conv, scope.order
     """A prompt from no history (transformers' prefill without a cache, pure-torch vLLM-style
     prefill): a depthwise conv1d over the new tokens x (or x zero-padded on the left), and the
     last state_len columns of x (or of x zero-padded on the left) written to a DS pool."""
@@ -355,7 +363,8 @@ def match_prompt(conv, pools, order):
 
 # The window op each idiom starts from -> its matcher: (node, DS pools, node order) ->
 # Update, NearMiss, or None (not this idiom).
-LOWERINGS = {aten.cat.default: match_cat, aten.roll.default: match_roll, aten.conv1d.default: match_prompt}
+LOWERINGS = {aten.cat.default: match_cat, aten.roll.default: match_roll, aten.conv1d.default: match_prompt,
+             aten.copy_.default: match_recurrent, aten.index_put_.default: match_recurrent}
 
 
 def lower(graph: torch.fx.Graph, m: Update) -> None:
@@ -389,38 +398,47 @@ def lower(graph: torch.fx.Graph, m: Update) -> None:
     m.mutations[-1].replace_all_uses_with(m.pool)  # what read the written pool after the kernel reads the pool
     for node in reversed(m.mutations):  # the kernel writes the state; the idiom's writes go
         graph.erase_node(node)
-    # the idiom's dtype asserts go with the values they check (an assert met before the value's
-    # last other user is gone survives one sweep: sweep again)
+
+
+def _sweep(graph: torch.fx.Graph) -> None:
+    """Drop what only the replaced idiom read. Its dtype asserts go with the values they check
+    (an assert met before the value's last other user is gone survives one sweep: sweep again)."""
     while graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() and not (
             n.target is ASSERT and all(u.target is ASSERT for u in n.args[0].users))):
         pass
 
 
 def lower_updates(gm: torch.fx.GraphModule, entry: str, pools: dict[torch.fx.Node, str],
-                  refused: str | None = None) -> list:
-    """Every pure-torch conv update on a DS pool (placeholder -> pool name) -> one kernel call,
+                  states: dict[torch.fx.Node, tuple[str, tuple[str, ...]]], refused: str | None = None) -> list:
+    """Every pure-torch conv update on a DS pool (its (slot, dim, tok) view -> pool name) and
+    every SSM update or delta rule on a recurrent pool (placeholder -> (pool name, axes)) -> one
+    kernel call,
     by the LOWERINGS table run through the rewrite driver; near misses are reported, and so is
     every update left as written because of `refused` (why none may be lowered)."""
-    graph, uses, order = gm.graph, [], {}
+    graph, uses = gm.graph, []
+    scope = Scope(set(pools), {n: axes for n, (_, axes) in states.items()}, {}, {})
+    names = {**pools, **{n: name for n, (name, _) in states.items()}}
 
     def step(node):
         matcher = LOWERINGS.get(node.target)
-        if matcher is None or not pools:
+        if matcher is None or not names:
             return ()
-        if node not in order:  # a rewrite inserted nodes: number them again
-            order.clear()
-            order.update((n, i) for i, n in enumerate(graph.nodes))
-        match = matcher(node, set(pools), order)
-        if isinstance(match, Update) and refused:
-            uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.NOT_LOWERED, refused))
-        elif isinstance(match, Update):
-            idiom = node.target.__name__.split(".")[0]
-            uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.LOWERED,
+        if node not in scope.order:  # a rewrite inserted nodes: number them again
+            scope.order.clear()
+            scope.order.update((n, i) for i, n in enumerate(graph.nodes))
+        match = matcher(node, scope)
+        recurrent = isinstance(match, (SsmUpdate, DeltaUpdate))
+        if (recurrent or isinstance(match, Update)) and refused:
+            uses.append(use(entry, names[match.pool], node, Kind.KERNEL, Action.NOT_LOWERED, refused))
+        elif recurrent or isinstance(match, Update):
+            idiom = match.idiom if recurrent else node.target.__name__.split(".")[0]
+            uses.append(use(entry, names[match.pool], node, Kind.KERNEL, Action.LOWERED,
                             f"pure-torch {idiom} update -> {match.kernel}"))
-            lower(graph, match)
-            order.clear()
+            (lower_recurrent if recurrent else lower)(graph, match)
+            _sweep(graph)
+            scope.order.clear()
         elif isinstance(match, NearMiss):
-            uses.append(use(entry, pools[match.pool], node, Kind.KERNEL, Action.NOT_LOWERED, match.reason))
+            uses.append(use(entry, names[match.pool], node, Kind.KERNEL, Action.NOT_LOWERED, match.reason))
         return ()
 
     graph_rewrite(graph, list(graph.nodes), step)

@@ -31,8 +31,8 @@ class Action(StrEnum):
     PROVEN = "proven"  # may copy or alias depending on strides: shown to give the same values
     REFUSED = "refused"  # cannot be proven: optimize raised, nothing moved
     KERNEL_DIRECT = "kernel-direct"  # a conv op that now takes the pool as stored
-    LOWERED = "lowered"  # a pure-torch conv update replaced by a conv kernel
-    NOT_LOWERED = "not lowered"  # almost a conv update: the detail says what differed
+    LOWERED = "lowered"  # a pure-torch state update replaced by a kernel
+    NOT_LOWERED = "not lowered"  # almost a state update: the detail says what differed
 
 
 def library() -> tuple[str, ...]:
@@ -93,6 +93,15 @@ class Considered:
     name: str
     shape: tuple[int, ...]
     taken: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    """Almost an update a lowering rule replaces by a kernel on `pool`: `reason` says which part
+    differed (reported as not lowered)."""
+
+    pool: torch.fx.Node
     reason: str
 
 
