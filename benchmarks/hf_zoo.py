@@ -11,8 +11,8 @@ writes benchmarks/results/hf_zoo.json and hf_zoo.md (the README table), on the C
 
     python benchmarks/hf_zoo.py --gpu
 
-runs a few classes at real-ish widths in bf16 on CUDA, the conv and SSM updates lowered onto
-the kernels, against transformers' own bf16 generate (and an fp32 run of the same weights, the
+runs a few classes at real-ish widths in bf16 on CUDA, the conv updates and recurrences lowered
+onto the kernels, against transformers' own bf16 generate (and an fp32 run of the same weights, the
 yardstick for bf16 noise); writes results/hf_zoo_gpu.json and .md with the card named."""
 
 import argparse
@@ -69,15 +69,15 @@ def optimized(name: str, layout: dict, lower: bool, ids, tokens, logits, limit: 
                 pools=f"{sum(p.kind == 'conv' for p in pools)} / {sum(p.kind == 'recurrent' for p in pools)}",
                 moved=dict(conv=sum(p.kind == "conv" and p.moves for p in pools),
                            recurrent=sum(p.kind == "recurrent" and p.moves for p in pools)),
-                lowered=sum(u.action == "lowered" and not _ssm(u) for u in uses),
-                lowered_ssm=sum(u.action == "lowered" and _ssm(u) for u in uses),
+                lowered=sum(u.action == "lowered" and not _recurrence(u) for u in uses),
+                lowered_recurrent=sum(u.action == "lowered" and _recurrence(u) for u in uses),
                 not_lowered=sorted({u.detail for u in uses if u.action == "not lowered"}),
                 captures=len(fast.graphs), notes=[note[:500] for note in fast.report.notes],
                 seconds=round(time.perf_counter() - start, 1))
 
 
-def _ssm(use) -> bool:
-    return use.detail.startswith("pure-torch SSM update")
+def _recurrence(use) -> bool:
+    return use.detail.startswith(("pure-torch SSM update", "pure-torch delta-rule update"))
 
 
 def guarded_graphs(name: str) -> dict:
@@ -149,7 +149,7 @@ def table(rows: dict) -> str:
 
     lines = ["| class | pools found (conv / recurrent) | conv pools moved (DS+VK / SD+KV) | recurrent pools moved "
              "(DS+VK / SD+KV) | DS+VK tokens == transformers (lowered / not) | SD+KV tokens == transformers "
-             "| lowered updates (conv / SSM) | prompt graphs | time (DS+VK lowered / DS+VK / SD+KV) |",
+             "| lowered updates (conv / recurrence) | prompt graphs | time (DS+VK lowered / DS+VK / SD+KV) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         low, ds, sd = (row[key] for key, _, _ in MODES)
@@ -157,7 +157,7 @@ def table(rows: dict) -> str:
         pools += "".join(f" {note(text)}" for text in sorted({t for r in (low, ds, sd) for t in r.get("notes", [])}))
         moved = " | ".join(" / ".join(str(r.get("moved", {}).get(kind, "-")) for r in (ds, sd))
                            for kind in ("conv", "recurrent"))
-        lowered = f"{low.get('lowered', '-')} / {low.get('lowered_ssm', '-')}"
+        lowered = f"{low.get('lowered', '-')} / {low.get('lowered_recurrent', '-')}"
         lowered += "".join(f" {note('not lowered: ' + detail)}" for detail in low.get("not_lowered", []))
         graphs = row.get("prompt_graphs", {})
         if graphs.get("graphs") == "one per length":
@@ -231,8 +231,8 @@ def gpu_check(name: str, options: dict, device="cuda") -> dict:
                 transformers_bf16_vs_fp32=(logits - fp32).abs().max().item(),
                 ours_bf16_vs_fp32=(forced - fp32).abs().max().item(),
                 logit_scale=fp32.abs().max().item(), pools=len(fast.report.pools),
-                lowered=sum(u.action == "lowered" and not _ssm(u) for u in fast.report.uses),
-                lowered_ssm=sum(u.action == "lowered" and _ssm(u) for u in fast.report.uses),
+                lowered=sum(u.action == "lowered" and not _recurrence(u) for u in fast.report.uses),
+                lowered_recurrent=sum(u.action == "lowered" and _recurrence(u) for u in fast.report.uses),
                 not_lowered=sorted({u.detail for u in fast.report.uses if u.action == "not lowered"}),
                 captures=len(fast.graphs), seconds=round(seconds, 1))
 
@@ -282,18 +282,18 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
                 new_tokens=GPU_NEW, widths=classes)
     lines = [f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
              f"bf16, batch {GPU_BATCH}, prompt {GPU_PROMPT}, {GPU_NEW} new tokens; optimize(layout='DS', lower=True): "
-             "the conv pools move to DS; their pure-torch updates and the Mamba2 SSM updates become kernel calls, the "
-             "other recurrences run as transformers wrote them. Time: optimize + first generate (captures included). Decode: ms per step "
+             "the conv pools move to DS; their pure-torch updates, the Mamba2 SSM updates and the gated delta rules "
+             "become kernel calls. Time: optimize + first generate (captures included). Decode: ms per step "
              f"after warm-up ((generate of {GPU_NEW} tokens - of 1) / {GPU_NEW - 1}, medians of 5), eager loops on "
              "both sides", "",
              "| class | tokens == transformers bf16 | max abs logit diff: ours vs transformers (bf16) | transformers "
-             "bf16 vs fp32 | ours bf16 vs fp32 | pools | lowered (conv / SSM) | captures | time | decode ms/token: ours "
+             "bf16 vs fp32 | ours bf16 vs fp32 | pools | lowered (conv / recurrence) | captures | time | decode ms/token: ours "
              "/ transformers |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         same = "yes" if r["tokens_equal"] else f"no (from step {r['first_difference']})"
         lines.append(f"| {name} | {same} | {r['bf16_vs_transformers_bf16']:.3g} | {r['transformers_bf16_vs_fp32']:.3g} "
-                     f"| {r['ours_bf16_vs_fp32']:.3g} | {r['pools']} | {r['lowered']} / {r.get('lowered_ssm', '-')} "
+                     f"| {r['ours_bf16_vs_fp32']:.3g} | {r['pools']} | {r['lowered']} / {r.get('lowered_recurrent', '-')} "
                      f"| {r['captures']} "
                      f"| {r['seconds']} s | {r['decode_ms']} / {r['transformers_decode_ms']} |")
     out.mkdir(parents=True, exist_ok=True)
