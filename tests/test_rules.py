@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import pass_models as pm
+import test_recurrent_lowering as rl
 from layoutpass import DS, SD
 from layoutpass.compiler import _refresh_meta
 from layoutpass.lowering import LOWERINGS
@@ -130,8 +131,10 @@ def test_rule(target):
     assert torch.equal(DS.view(stored, SD), expected_pool)
 
 
-# The lowering table's entries, each lowered by a test of test_pass.py on these models.
-LOWERING_CASES = {aten.cat.default: pm.CatIdiom, aten.roll.default: pm.RollIdiom, aten.conv1d.default: pm.PromptIdiom}
+# The lowering table's entries, each lowered by a test of test_pass.py (the conv's) or
+# test_recurrent_lowering.py (the recurrences', keyed by the state write) on these models.
+LOWERING_CASES = {aten.cat.default: pm.CatIdiom, aten.roll.default: pm.RollIdiom, aten.conv1d.default: pm.PromptIdiom,
+                  aten.copy_.default: rl.Ssm, aten.index_put_.default: rl.Delta}
 
 
 def test_every_rule_has_a_case():
