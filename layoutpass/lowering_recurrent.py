@@ -1,7 +1,7 @@
 """Lowering the pure-torch recurrences onto the recurrent kernels, as pattern rules of the
 lowering table (layoutpass/lowering.py), keyed by the state write (`copy_` or `index_put_` into a
 recurrent pool whose axes are slot, head, k, v in any order; the pool read whole, its batch row
-the slot as in transformers, or gathered by the written slots):
+the slot as in transformers, or gathered by the written slots, by index or index_select):
 
   Mamba2's SSM update -> selective_state_update
     new = read * exp(dt * A) + dt * B * x
@@ -239,6 +239,8 @@ def _reads(node, pool, slots) -> bool:
     node = _uncast(node)
     if slots is None:
         return _pool_of(node) is pool
+    if node.target is aten.index_select.default:
+        return _pool_of(node.args[0]) is pool and node.args[1] == 0 and node.args[2] is slots
     return node.target is aten.index.Tensor and _pool_of(node.args[0]) is pool and list(node.args[1]) == [slots]
 
 

@@ -22,7 +22,8 @@ Recurrent pools (issue "Every state pool", item 6; `RPool`, `programs(recurrent_
 of the programs (none by default) also keep one or two recurrent pools in the Model, axes (slot,
 [snap], head, k, v) in either logical order, stored KV or VK (allocated so, or transposed), used by
 selective_state_update / delta_rule_update in place by slot, by a pure-torch per-slot update (named
-to optimize()), resets, gathers, one head, q . state outputs; `Program.layouts` gives the mappings
+to optimize()), by transformers' pure-torch Mamba2 SSM step or gated delta rule (what the lowering
+rules replace by the kernels), resets, gathers, one head, q . state outputs; `Program.layouts` gives the mappings
 their checks use (DS + VK, SD + KV).
 
 `check(program, layout, lower)` is the property (`layout` a string or a mapping): the optimized model, called in the program's
@@ -53,9 +54,12 @@ from layoutpass.state import state_tensors
 AXES = {"SD": ("slot", "tok", "dim"), "DS": ("slot", "dim", "tok")}
 DISPATCH = ("mode", "keys", "kwargs", "rank")
 KERNEL_WIDTHS = range(2, 7)  # the conv ops' widths; wider pools get pure-torch updates only
-LOWERED_TOLERANCE = 1e-5  # a lowered kernel sums the taps in another order than the model's code
+# a lowered kernel sums the taps in another order than the model's code (outputs), and a lowered
+# recurrence computes its state in its own order too (state, from then on)
+LOWERED_TOLERANCE = 1e-5
 # torch reduces a contiguous axis in another order than a strided one: a sum or a matmul over a
-# relayouted axis may differ in the last bits. Such outputs count apart ("rounding"); state is exact.
+# relayouted axis may differ in the last bits. Such outputs count apart ("rounding"); state is exact
+# unless a recurrence was lowered.
 ROUNDING = 1e-5
 
 
@@ -473,9 +477,10 @@ if __name__ == "__main__":  # the optimized model against its untouched copy, ca
     example = [inputs(e, b, gen0) for e, b in dict.fromkeys(CALLS)] if __UPFRONT__ else None
     fast = optimize(model, __LAYOUT__, lower=__LOWER__, state_buffers=__NAMED__, example_inputs=example)
     gen = torch.Generator().manual_seed(__SEED__)
+    tol = 0.0
     for step, (entry, batch) in enumerate(CALLS):
         reference, fast = harness(step, reference), harness(step, fast)
-        compare(reference, fast, 0.0, f"before step {step}")
+        compare(reference, fast, tol, f"before step {step}")
         args, kwargs = inputs(entry, batch, gen)
         expected, got = reference(*args, **kwargs), fast(*args, **kwargs)
         tol = __TOLERANCE__ if any(u.action == "lowered" for u in fast.report.uses) else 0.0
@@ -1300,12 +1305,49 @@ def r_read_use(draw, body: Body, r: RPool):
     body.kinds.append(f"rec:read-{how}")
 
 
-R_UPDATES = (ssu_use, delta_use, torch_update_use)
+@st.composite
+def torch_recurrence_use(draw, body: Body, r: RPool):
+    """transformers' one-token decode in pure torch, in the pool's own axis order: Mamba2's SSM
+    update or the gated delta rule (a decay per head or per key), written back by slot and read
+    out (what the lowering rules replace by the kernels when lowering is on)."""
+    kv = r.axes[-2:] == ("k", "v")
+    at = {"k": -2 if kv else -1, "v": -1 if kv else -2}  # where k and v sit in the state
+    read = body.let(draw(st.sampled_from([f"{r.ref}[slots]", f"{r.ref}.index_select(0, slots)"])), "h")
+    per_k = draw(st.booleans())
+    if draw(st.booleans()):  # Mamba2's SSM update
+        dt = body.let(f"F.softplus({_xpart(draw, body, 1, (r.heads,), last=True)} + self.dtb{r.index})[:, :, None, None]",
+                      "dt")
+        B = f"{_xpart(draw, body, 1, (r.k,), last=True)}[:, None].unsqueeze({at['v']})"
+        x = body.let(_xpart(draw, body, 1, (r.heads, r.v), last=True), "xs")
+        C = f"{_xpart(draw, body, 1, (r.k,), last=True)}[:, None].unsqueeze({at['v']})"
+        new = body.let(f"{read} * torch.exp({dt} * self.A{r.index}[:, None, None]) + {dt} * {B} * "
+                       f"{x}.unsqueeze({at['k']})", "h")
+        y = f"({new} * {C}).sum({at['k']}) + {x} * self.D{r.index}[:, None]"
+        kind = "ssm"
+    else:  # the gated delta rule
+        q, k = (body.let(f"F.normalize({_xpart(draw, body, 1, (r.heads, r.k), last=True)}, dim=-1)", name)
+                for name in ("q", "kk"))
+        v = _xpart(draw, body, 1, (r.heads, r.v), last=True)
+        g = _xpart(draw, body, 1, (r.heads, r.k) if per_k else (r.heads,), last=True)
+        decay = f"torch.exp(-F.softplus({g})).unsqueeze({at['v']})" if per_k else \
+            f"torch.exp(-F.softplus({g}))[:, :, None, None]"
+        beta = f"torch.sigmoid({_xpart(draw, body, 1, (r.heads,), last=True)})[..., None]"
+        decayed = body.let(f"{read} * {decay}", "h")
+        delta = body.let(f"({v} - ({decayed} * {k}.unsqueeze({at['v']})).sum({at['k']})) * {beta}", "delta")
+        new = body.let(f"{decayed} + {k}.unsqueeze({at['v']}) * {delta}.unsqueeze({at['k']})", "h")
+        y = f"({new} * {q}.unsqueeze({at['v']})).sum({at['k']})"
+        kind = "delta" + ("-per-k" if per_k else "")
+    body.lines.append(f"{r.ref}[slots] = {new}")
+    body.lines.append(f"outs.append({body.let(y, 'y')})")
+    body.kinds.append(f"rec:torch-{kind}")
+
+
+R_UPDATES = (ssu_use, delta_use, torch_update_use, torch_recurrence_use)
 R_OTHER_USES = (r_reset_use, r_read_use)
 
 
 def _r_applicable(use, r: RPool) -> bool:
-    return {ssu_use: r.op == "ssu", delta_use: r.op == "delta"}.get(use, True)
+    return {ssu_use: r.op == "ssu", delta_use: r.op == "delta", torch_recurrence_use: not r.snaps}.get(use, True)
 
 
 def _recurrent_uses(draw, body: Body, recurrent: tuple[RPool, ...], max_other_uses: int) -> None:
@@ -1321,7 +1363,7 @@ def _recurrent_uses(draw, body: Body, recurrent: tuple[RPool, ...], max_other_us
         # a pool with an op takes it most of the time; a pure-torch update sometimes (one state, two styles)
         choices = [u for u in group if _r_applicable(u, r)]
         if group is R_UPDATES and r.op and draw(st.integers(0, 3)) > 0:
-            choices = [u for u in choices if u is not torch_update_use]
+            choices = [u for u in choices if u not in (torch_update_use, torch_recurrence_use)]
         draw(draw(st.sampled_from(choices))(body, r))
     at = draw(st.integers(0, len(lines)))
     body.lines, body.kinds = lines[:at] + body.lines + lines[at:], kinds + body.kinds
@@ -1858,7 +1900,7 @@ def _check(program: Program, namespace: dict, layout: str, lower: bool, optimize
             except Exception as err:  # noqa: BLE001
                 message = f"the harness before step {step}: `{_harness_line(err)}`: {type(err).__name__}: {err}"
                 return Outcome("crash" if _in_a_graph(err) else "other", message, step, _lowered(fast))
-            if difference := _differs(reference, fast, 0.0):
+            if difference := _differs(reference, fast, LOWERED_TOLERANCE if _lowered(fast) else 0.0):
                 acts = ", ".join(a.kind for a in program.around.actions if a.step == step) if program.around else ""
                 return Outcome("mismatch", f"after the harness before step {step} ({acts}): {difference}", step,
                                _lowered(fast))
