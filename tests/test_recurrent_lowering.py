@@ -302,12 +302,22 @@ def _either(draw, a, b, op):
     return f"{a} {op} {b}" if draw(st.booleans()) else f"{b} {op} {a}"
 
 
+def _draws(draw, faults):
+    """(whole pool, the fault or None, bf16): what both kinds of program draw first."""
+    whole = draw(st.booleans())
+    fault = draw(st.sampled_from([None] * 5 + list(faults)))
+    return whole, fault, draw(st.booleans()) and fault is None
+
+
+def _program(draw, kind, lines, axes, whole, fault, bf16):
+    return dict(kind=kind, lines=lines, axes=axes, whole=whole, bf16=bf16, fault=fault,
+                layout=draw(st.sampled_from(["KV", "VK"])), batch=SLOTS if whole else draw(st.integers(1, SLOTS)))
+
+
 @st.composite
 def ssm_programs(draw):
     vk = draw(st.booleans())  # the pool's axes (slot, head, v, k), else (slot, head, k, v)
-    whole = draw(st.booleans())
-    fault = draw(st.sampled_from([None] * 5 + list(SSM_FAULTS)))
-    bf16 = draw(st.booleans()) and fault is None
+    whole, fault, bf16 = _draws(draw, SSM_FAULTS)
     bmm = vk and draw(st.booleans())
     B, x, C = ("B[:, None, None, :]", "x[..., None]", "C[:, None, None, :]") if vk else \
         ("B[:, None, :, None]", "x[:, :, None, :]", "C[:, None, :, None]")
@@ -339,17 +349,14 @@ def ssm_programs(draw):
     if fault == "read between":
         lines += ["y = y + extra"]
     lines += [f"return {'(y, new)' if fault == 'returns state' else 'y'}"]
-    axes = ("slot", "head", "v", "k") if vk else ("slot", "head", "k", "v")
-    return dict(kind="ssm", lines=lines, axes=axes, whole=whole, bf16=bf16, fault=fault,
-                layout=draw(st.sampled_from(["KV", "VK"])), batch=SLOTS if whole else draw(st.integers(1, SLOTS)))
+    return _program(draw, "ssm", lines, ("slot", "head", "v", "k") if vk else ("slot", "head", "k", "v"), whole,
+                    fault, bf16)
 
 
 @st.composite
 def delta_programs(draw):
     kv = draw(st.booleans())  # the pool's axes (slot, head, k, v), else (slot, head, v, k)
-    whole = draw(st.booleans())
-    fault = draw(st.sampled_from([None] * 5 + list(DELTA_FAULTS)))
-    bf16 = draw(st.booleans()) and fault is None
+    whole, fault, bf16 = _draws(draw, DELTA_FAULTS)
     kaxis, vaxis = (-2, -1) if kv else (-1, -2)  # where k and v sit in the state
     lines = ["q, k = (F.normalize(t, dim=-1).repeat_interleave(2, dim=1) for t in (q, k))", "q = q / K ** 0.5",
              "beta = b.sigmoid()[..., None]" + (" + v * 0.01" if fault == "beta per v" else "")]
@@ -373,9 +380,8 @@ def delta_programs(draw):
         lines += ["out = out + self.state.sum()"]
     lines += [("self.state.copy_(" if whole else "self.state[slots] = (") + "state.to(self.state.dtype))"]
     lines += [f"return {'(out, state)' if fault == 'returns state' else 'out'}"]
-    axes = ("slot", "head", "k", "v") if kv else ("slot", "head", "v", "k")
-    return dict(kind="delta", lines=lines, axes=axes, whole=whole, bf16=bf16, fault=fault,
-                layout=draw(st.sampled_from(["KV", "VK"])), batch=SLOTS if whole else draw(st.integers(1, SLOTS)))
+    return _program(draw, "delta", lines, ("slot", "head", "k", "v") if kv else ("slot", "head", "v", "k"), whole,
+                    fault, bf16)
 
 
 def build(program):
