@@ -1,5 +1,5 @@
-"""Lowering pure-torch conv updates onto the conv kernels (layoutpass::conv_update and
-conv_prefill), as pattern rules.
+"""Lowering pure-torch state updates onto the kernels, as pattern rules: here the conv updates
+(onto layoutpass::conv_update and conv_prefill) and the table the recurrences' rules join.
 
 Once the pool is stored DS (tok last), the spellings read, in aten:
   cat (vLLM-style reference code; transformers' Mamba/Mamba2, whose batch row is the slot):
@@ -14,9 +14,10 @@ and then the convolution: y = sum(window * weight, 2) (one token), or the output
 conv1d(window, weight, bias, padding=P, groups=dim) that end at the L new tokens; [silu(y)].
 Each is exactly a kernel call on that pool (state_len >= width - 1, the state shifted by L):
 conv_update for one token after a history, conv_prefill otherwise. LOWERINGS keys each matcher
-by the op its idiom starts from; a matcher returns an Update, None when the node starts no
-idiom, or a NearMiss saying which part of an almost-match differed (for the report). The rewrite
-driver (layoutpass/rewrite.py) runs the table."""
+by the op its idiom starts from (the recurrences' rules, layoutpass/lowering_recurrent.py, by
+their state write); a matcher returns an update, None when the node starts no idiom, or a
+NearMiss saying which part of an almost-match differed (for the report). The rewrite driver
+(layoutpass/rewrite.py) runs the table."""
 
 import functools
 import operator
@@ -336,10 +337,10 @@ def _left_pad_of(node):
 
 
 def match_prompt(conv, scope):
-    pools, order = scope.conv, scope.order
     """A prompt from no history (transformers' prefill without a cache, pure-torch vLLM-style
     prefill): a depthwise conv1d over the new tokens x (or x zero-padded on the left), and the
     last state_len columns of x (or of x zero-padded on the left) written to a DS pool."""
+    pools, order = scope.conv, scope.order
     window = conv.args[0]
     while window.target is aten.to.dtype and window.args[1] == window.args[0].meta["val"].dtype:
         window = window.args[0]
@@ -361,8 +362,8 @@ def match_prompt(conv, scope):
     return _update(pool, slots, x, False, tokens, False, conv, (write,), order)
 
 
-# The window op each idiom starts from -> its matcher: (node, DS pools, node order) ->
-# Update, NearMiss, or None (not this idiom).
+# The op each idiom starts from (the conv's window, the recurrences' state write) -> its
+# matcher: (node, Scope) -> Update / SsmUpdate / DeltaUpdate, NearMiss, or None (not this idiom).
 LOWERINGS = {aten.cat.default: match_cat, aten.roll.default: match_roll, aten.conv1d.default: match_prompt,
              aten.copy_.default: match_recurrent, aten.index_put_.default: match_recurrent}
 
@@ -412,9 +413,8 @@ def lower_updates(gm: torch.fx.GraphModule, entry: str, pools: dict[torch.fx.Nod
                   states: dict[torch.fx.Node, tuple[str, tuple[str, ...]]], refused: str | None = None) -> list:
     """Every pure-torch conv update on a DS pool (its (slot, dim, tok) view -> pool name) and
     every SSM update or delta rule on a recurrent pool (placeholder -> (pool name, axes)) -> one
-    kernel call,
-    by the LOWERINGS table run through the rewrite driver; near misses are reported, and so is
-    every update left as written because of `refused` (why none may be lowered)."""
+    kernel call, by the LOWERINGS table run through the rewrite driver; near misses are reported,
+    and so is every update left as written because of `refused` (why none may be lowered)."""
     graph, uses = gm.graph, []
     scope = Scope(set(pools), {n: axes for n, (_, axes) in states.items()}, {}, {})
     names = {**pools, **{n: name for n, (name, _) in states.items()}}
