@@ -477,13 +477,14 @@ if __name__ == "__main__":  # the optimized model against its untouched copy, ca
     example = [inputs(e, b, gen0) for e, b in dict.fromkeys(CALLS)] if __UPFRONT__ else None
     fast = optimize(model, __LAYOUT__, lower=__LOWER__, state_buffers=__NAMED__, example_inputs=example)
     gen = torch.Generator().manual_seed(__SEED__)
-    tol = 0.0
+    # a lowered kernel rounds apart from the model's code, and a recurrence's rounding stays in the
+    # state (the report may no longer list a graph that ran): with lowering on, that much
+    tol = __TOLERANCE__ if __LOWER__ else 0.0
     for step, (entry, batch) in enumerate(CALLS):
         reference, fast = harness(step, reference), harness(step, fast)
         compare(reference, fast, tol, f"before step {step}")
         args, kwargs = inputs(entry, batch, gen)
         expected, got = reference(*args, **kwargs), fast(*args, **kwargs)
-        tol = __TOLERANCE__ if any(u.action == "lowered" for u in fast.report.uses) else 0.0
         assert len(expected) == len(got), f"step {step} (entry {entry}): {len(got)} outputs, not {len(expected)}"
         for i, (a, b) in enumerate(zip(expected, got)):  # a sum over a relayouted axis may round apart
             assert same(a, b, max(tol, __ROUNDING__)), f"step {step} (entry {entry}): output {i} differs"
@@ -1888,6 +1889,10 @@ def _check(program: Program, namespace: dict, layout: str, lower: bool, optimize
     between = namespace.get("between")
     gen = torch.Generator().manual_seed(program.seed)
     rounding = False
+    # a lowered kernel rounds apart from the model's code, and a recurrence's rounding stays in the
+    # state: with lowering on, outputs and state within LOWERED_TOLERANCE (the report may no longer
+    # list the lowered graph that ran: a later call can drop the graphs, see benchmarks/NOTES.md)
+    tolerance = LOWERED_TOLERANCE if lower else 0.0
     for step, (entry, batch) in enumerate(program.calls):
         if between is not None:
             try:
@@ -1900,7 +1905,7 @@ def _check(program: Program, namespace: dict, layout: str, lower: bool, optimize
             except Exception as err:  # noqa: BLE001
                 message = f"the harness before step {step}: `{_harness_line(err)}`: {type(err).__name__}: {err}"
                 return Outcome("crash" if _in_a_graph(err) else "other", message, step, _lowered(fast))
-            if difference := _differs(reference, fast, LOWERED_TOLERANCE if _lowered(fast) else 0.0):
+            if difference := _differs(reference, fast, tolerance):
                 acts = ", ".join(a.kind for a in program.around.actions if a.step == step) if program.around else ""
                 return Outcome("mismatch", f"after the harness before step {step} ({acts}): {difference}", step,
                                _lowered(fast))
@@ -1927,7 +1932,6 @@ def _check(program: Program, namespace: dict, layout: str, lower: bool, optimize
                 return Outcome("late-refusal", message, step, _lowered(fast))
             moved = any(t.stride() != strides.get(n, t.stride()) for n, t in state_tensors(fast))
             return Outcome("refused-partial" if moved else "refused", message, step, _lowered(fast))
-        tolerance = LOWERED_TOLERANCE if _lowered(fast) else 0.0
         expected, got = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
         if len(expected) != len(got):
             return Outcome("mismatch", f"{len(got)} outputs, expected {len(expected)}", step, _lowered(fast))
