@@ -319,7 +319,7 @@ def _placed(s: _State, read, inputs, result, order):
         return "the output is computed before the kernel's inputs"
     lo, hi = sorted((order[anchor], order[s.write]))
     readers, writers = _touching(s.pool)
-    if any(order[read] < order[n] < max(hi, order[anchor]) for n in writers if n is not s.write):
+    if any(order[read] < order[n] < hi for n in writers if n is not s.write):
         return "the pool is written between the state read and the state write"
     own = {read, s.write}
     if any(lo < order[n] <= hi for n in readers if n not in own):
@@ -332,7 +332,7 @@ class _Emit:
     to the rows without k) and read in the kernel's axis order, constant axes at index 0."""
 
     def __init__(self, graph, update, order):
-        self.graph, self.call, self.axes = graph, graph.call_function, update.axes
+        self.call, self.axes = graph.call_function, update.axes
         shape = _shape(update.pool)
         batch = shape[0] if update.slots is None else self.call(aten.sym_size.int, (update.slots, 0))
         self.rows = [batch, *shape[1:]]
