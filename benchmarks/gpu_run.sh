@@ -5,7 +5,7 @@
 # Installs into target folders and runs `python3 -P`: the repository root would shadow the
 # installed package (layoutpass.kernels lives in kernels/ here). Results go under $OUT.
 #   tests      the GPU tests of the pass, and the CPU tests of lowering and Dynamo's stride guard
-#   gputests   every GPU-marked test (kernels, models, the pass)
+#   gputests   every GPU-marked test (kernels, models, the pass, transformers 5.24 lowered on CUDA)
 #   hf         benchmarks/hf_zoo.py --gpu (transformers' own bf16 check, decode time beside it)
 #   recurrent  benchmarks/recurrent.py with vLLM's and FLA's kernels (the kernel table)
 #   sweep      the GDN / KDA bf16 block sweep (benchmarks/recurrent.py --sweep-only)
@@ -35,10 +35,12 @@ for step in "$@"; do
   case $step in
     tests) timeout 300 python3 -P -m pytest -q -p no:cacheprovider -n 4 tests/test_pass_gpu.py \
              tests/test_pass.py -k "gpu or cuda or lowered_to_the_kernel or own_memory" 2>&1 | tail -30 ;;
-    gputests) timeout 400 python3 -P -m pytest -q -p no:cacheprovider -m gpu -n 8 tests/test_pass_gpu.py \
-                tests/test_models.py tests/test_triton_kernels.py tests/test_recurrent_kernels.py 2>&1 | tail -30 ;;
+    gputests) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf .hf_wheels/*.whl >/dev/null 2>&1
+              PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 330 python3 -P -m pytest -q -p no:cacheprovider -m gpu -n 8 \
+                tests/test_pass_gpu.py tests/test_models.py tests/test_triton_kernels.py tests/test_recurrent_kernels.py \
+                tests/test_hf.py tests/test_recurrent_lowering.py 2>&1 | tail -30 ;;
     hf) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf .hf_wheels/*.whl >/dev/null 2>&1
-        PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 300 python3 -P benchmarks/hf_zoo.py --gpu --out "$OUT/hf" 2>&1 | tail -12 ;;
+        PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 240 python3 -P benchmarks/hf_zoo.py --gpu --out "$OUT/hf" 2>&1 | tail -12 ;;
     recurrent) PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/recurrent.py --fla $PEERS \
                  --out "$OUT/recurrent" 2>&1 | grep -v "^checked" | tail -45 ;;
     sweep) PYTHONPATH=$PYTHONPATH:$EXT timeout 240 python3 -P benchmarks/recurrent.py --sweep-only --ops gdn,kda \

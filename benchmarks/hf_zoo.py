@@ -187,6 +187,12 @@ GPU_CLASSES = {
                   mamba_chunk_size=256),
     "Lfm2": dict(vocab_size=32000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=4,
                  num_attention_heads=16, num_key_value_heads=8, layer_types=["conv", "conv", "full_attention", "conv"]),
+    "Qwen3Next": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                      linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                      layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=512,
+                      shared_expert_intermediate_size=512, intermediate_size=4096),
 }
 GPU_BATCH, GPU_PROMPT, GPU_NEW = 4, 64, 16
 
@@ -274,7 +280,10 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
 
     rows = {}
     for name, options in classes.items():
-        rows[name] = gpu_check(name, options, device)
+        try:
+            rows[name] = gpu_check(name, options, device)
+        except Exception as error:  # one class's failure is a row of the table, not the end of the run
+            rows[name] = dict(error=f"{type(error).__name__}: {error}"[:300])
         print(name, json.dumps(rows[name]), flush=True)
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__,
@@ -291,6 +300,9 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
              "/ transformers |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} |" + " |" * 8)
+            continue
         same = "yes" if r["tokens_equal"] else f"no (from step {r['first_difference']})"
         lines.append(f"| {name} | {same} | {r['bf16_vs_transformers_bf16']:.3g} | {r['transformers_bf16_vs_fp32']:.3g} "
                      f"| {r['ours_bf16_vs_fp32']:.3g} | {r['pools']} | {r['lowered']} / {r.get('lowered_recurrent', '-')} "

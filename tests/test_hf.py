@@ -199,7 +199,7 @@ def test_a_raw_transformers_model_gets_a_one_line_hint():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["Mamba2", "Bamba", "Lfm2"])
+@pytest.mark.parametrize("name", ["Mamba2", "Bamba", "Lfm2", "Qwen3Next"])
 def test_lowered_on_cuda_generates_what_transformers_generates(name):
     model = tiny_model(name, device="cuda")
     ids = prompt(device="cuda")

@@ -259,6 +259,27 @@ def test_a_delta_rule_is_lowered_in_either_layout(spelling, batch, layout):
     assert result.ok, str(result)
 
 
+def on(device, inputs):
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["VK", "KV"])
+@pytest.mark.parametrize("make, inputs, kernel", [
+    (lambda: Ssm("slots"), call, "selective_state_update"),
+    (lambda: Ssm("whole"), lambda seed: call(seed, SLOTS), "selective_state_update"),
+    (lambda: Delta("gdn"), delta_call, "delta_rule_update"),
+    (lambda: Delta("kda"), delta_call, "delta_rule_update")], ids=["ssm", "ssm-whole", "gdn", "kda"])
+def test_recurrences_are_lowered_onto_the_triton_kernels_on_cuda(make, inputs, kernel, layout):
+    """The same rules on CUDA, where the ops launch the Triton kernels (reading and writing the
+    pool in place), against the model as written on the same device."""
+    model = make().cuda()
+    fast = optimize(model, {"recurrent": layout}, lower=True, example_inputs=[on("cuda", inputs(9))])
+    assert [d.split(" -> ")[-1] for d in lowered(fast)] == [kernel]
+    result = check_equivalence(model, fast, [on("cuda", inputs(seed)) for seed in range(4)], rtol=1e-4, atol=1e-4)
+    assert result.ok, str(result)
+
+
 @pytest.mark.parametrize("spelling, reason", [
     ("beta per v", "beta varies along the state's v axis (the kernel takes one per head)"),
     ("decay per v", "the decay varies along the state's v axis"),
