@@ -7,7 +7,7 @@
 #   tests      the GPU tests of the pass, and the CPU tests of lowering and Dynamo's stride guard
 #   gputests   every GPU-marked test (kernels, models, the pass, transformers 5.24 lowered on CUDA)
 #   hf         benchmarks/hf_zoo.py --gpu (transformers' own bf16 check, decode time beside it)
-#   recurrent  benchmarks/recurrent.py with vLLM's and FLA's kernels (the kernel table)
+#   recurrent  benchmarks/recurrent.py with vLLM's and FLA's kernels (the kernel table; after sweep, its blocks)
 #   sweep      the GDN / KDA bf16 block sweep (benchmarks/recurrent.py --sweep-only)
 #   ncu        Nsight Compute on one launch per recurrent case at B=256, peers included
 #   conv       benchmarks/kernels.py with the conv peers
@@ -41,10 +41,11 @@ for step in "$@"; do
                 tests/test_hf.py tests/test_recurrent_lowering.py 2>&1 | tail -30 ;;
     hf) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf .hf_wheels/*.whl >/dev/null 2>&1
         PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 240 python3 -P benchmarks/hf_zoo.py --gpu --out "$OUT/hf" 2>&1 | tail -12 ;;
-    recurrent) PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/recurrent.py --fla $PEERS \
-                 --out "$OUT/recurrent" 2>&1 | grep -v "^checked" | tail -45 ;;
+    recurrent) SWEPT=$OUT/sweep/recurrent_blocks.json  # a sweep's winners in the same call, if it ran first
+               PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/recurrent.py --fla $PEERS \
+                 $( [ -f "$SWEPT" ] && echo --blocks "$SWEPT" ) --out "$OUT/recurrent" 2>&1 | grep -v "^checked" | tail -45 ;;
     sweep) PYTHONPATH=$PYTHONPATH:$EXT timeout 240 python3 -P benchmarks/recurrent.py --sweep-only --ops gdn,kda \
-             --dtypes bf16 --batches 1,16,64,256,1024 --out "$OUT/sweep" 2>&1 | tail -25 ;;
+             --dtypes bf16 --batches 64,256,1024 --out "$OUT/sweep" 2>&1 | tail -25 ;;
     ncu) mkdir -p "$OUT/ncu"
          PYTHONPATH=$PYTHONPATH:$EXT timeout 400 ncu --clock-control none --metrics "$NCU_METRICS" --section WarpStateStats \
            --csv --page raw python3 -P benchmarks/recurrent.py --profile --fla $PEERS --batches 256 --ops gdn,kda,ssm \

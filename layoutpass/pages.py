@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layout import Layout
-from .state import aliases, place_key, refuse_in_graph_capture, relaid, relation, resolve, storage_key
+from .layout import Layout, dense_strides
+from .state import (Block, aliases, place_key, readdress, refuse_in_graph_capture, relaid, relation, resolve,
+                    storage_key)
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,25 @@ def settle(regions: list[Region]) -> list[Region]:
             _, _, offset, shape, dtype = r.place
             inside = torch.empty(0, dtype=dtype, device=pages.device).set_(pages.untyped_storage(), offset,
                                                                             shape, r.strides)
+            model = dense_strides(r.axes, r.order, shape, r.strides[r.axes.axes.index("slot")])
+            followers = _followers(tree, inside, model)
             with torch.no_grad():
                 pages.copy_(relaid(pages, pages, [(inside, r.axes, r.order)]))
+                for t, (at, steps) in followers:
+                    t.set_(t.untyped_storage(), at, t.shape, steps)
     return bound
+
+
+def _followers(tree: nn.Module, inside: torch.Tensor, model_strides: tuple) -> list:
+    """The model's other names of a rebound pool's bytes (a second name, a view of some slots),
+    each with the offset and strides that address its elements once the bytes are back in the
+    model's order: (tensor, (offset, strides))."""
+    out = {}
+    for path, r in aliases(tree, inside).items():
+        t = resolve(tree, path)
+        if r != "container" and id(t) not in out and (found := readdress(t, Block.of(inside), model_strides)):
+            out[id(t)] = (t, found)
+    return list(out.values())
 
 
 def _resolved(tree: nn.Module, path: str):

@@ -258,6 +258,13 @@ FINDINGS = {
         [(0, 2), (0, 2), (0, 2)], layers=(0,),
         around=around(pool("SD", 3, 2, 4, 3), holder=0, backing="raw", binding="attribute", features=("debug",),
                       actions=[(1, "debug-on", "m.layers[0].debug = True")])), "DS", False, "equivalent"),
+    "F30 a pool carved out of raw pages under a second name, moved, then the cache dict rebound to copies: the "
+    "pages went back to the model's order, and the second name, still addressing them in the moved order, read "
+    "them scrambled (fuzz seed 16)": (program(
+        [pool("SD", 3, 2, 4, 3)], [(1, [line.replace("self.p0", "self.cache['conv0']") for line in DECODE_SD])],
+        [(0, 2), (0, 2)], around=around(pool("SD", 3, 2, 4, 3), backing="raw", binding="dict", alias="attribute",
+                                        actions=[(1, "rebind-clone", "m.cache = {k: v.clone() for k, v in "
+                                                                         "m.cache.items()}")])), "DS", False, "equivalent"),
     "F19 a layer kind refused in a later call structure, after the layers before it in that call ran theirs": (
         fm.Program((pool("SD", 3, 2, 4, 3), pool("SD", 3, 2, 4, 3, index=1)),
                    (fm.Entry(0, 1, False, (), (), (tuple(DECODE_SD), tuple(line.replace("self.p0", "self.p1").replace("self.w0", "self.w1") for line in DECODE_SD))),
