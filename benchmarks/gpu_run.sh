@@ -8,7 +8,7 @@
 #   gputests   every GPU-marked test (kernels, models, the pass, transformers 5.24 lowered on CUDA)
 #   hf         benchmarks/hf_zoo.py --gpu (transformers' own bf16 check, decode time beside it)
 #   recurrent  benchmarks/recurrent.py with vLLM's and FLA's kernels (the kernel table; after sweep, its blocks)
-#   sweep      the GDN / KDA bf16 block sweep (benchmarks/recurrent.py --sweep-only)
+#   sweep      the bf16 block sweep of SWEEP_OPS (default gdn,kda; benchmarks/recurrent.py --sweep-only)
 #   ncu        Nsight Compute on one launch per recurrent case at B=256, peers included
 #   conv       benchmarks/kernels.py with the conv peers
 #   e2e        benchmarks/e2e.py (both models, eager and compiled rows)
@@ -44,14 +44,15 @@ for step in "$@"; do
     recurrent) SWEPT=$OUT/sweep/recurrent_blocks.json  # a sweep's winners in the same call, if it ran first
                PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/recurrent.py --fla $PEERS \
                  $( [ -f "$SWEPT" ] && echo --blocks "$SWEPT" ) --out "$OUT/recurrent" 2>&1 | grep -v "^checked" | tail -45 ;;
-    sweep) PYTHONPATH=$PYTHONPATH:$EXT timeout 240 python3 -P benchmarks/recurrent.py --sweep-only --ops gdn,kda \
+    sweep) PYTHONPATH=$PYTHONPATH:$EXT timeout 240 python3 -P benchmarks/recurrent.py --sweep-only --ops "${SWEEP_OPS:-gdn,kda}" \
              --dtypes bf16 --batches 64,256,1024 --out "$OUT/sweep" 2>&1 | tail -25 ;;
     ncu) mkdir -p "$OUT/ncu"
          PYTHONPATH=$PYTHONPATH:$EXT timeout 400 ncu --clock-control none --metrics "$NCU_METRICS" --section WarpStateStats \
            --csv --page raw python3 -P benchmarks/recurrent.py --profile --fla $PEERS --batches 256 --ops gdn,kda,ssm \
            --dtypes bf16 > "$OUT/ncu/raw.csv" 2> "$OUT/ncu/stderr.txt"; echo "ncu exit $?"
          grep '^profiled' "$OUT/ncu/raw.csv" | head -40
-         python3 benchmarks/ncu_summary.py "$OUT/ncu/raw.csv" | tee "$OUT/ncu/summary.md" | cut -c1-220 | head -60 ;;
+         python3 benchmarks/ncu_summary.py "$OUT/ncu/raw.csv" > "$OUT/ncu/summary.md"
+         grep -v "| void at::" "$OUT/ncu/summary.md" | cut -c1-220 | head -60 ;;
     conv) PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/kernels.py --peer-update vllm_conv:causal_conv1d_update \
             --peer-prefill vllm_conv:causal_conv1d_fn --fla --out "$OUT/conv" 2>&1 | tail -40 ;;
     e2e) timeout 560 python3 -P benchmarks/e2e.py --out "$OUT/e2e" 2>&1 | tail -40 ;;

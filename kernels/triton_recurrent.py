@@ -237,7 +237,7 @@ def _delta_kernel(
 # H200 (benchmarks/recurrent.py --sweep-only times the alternatives on the card and writes the
 # table to ship: results/recurrent_blocks.json, recurrent_sweep.log).
 _DELTA = {  # swept on an H200 (benchmarks/recurrent.py --sweep-only, B=64/256/1024, results/recurrent_blocks.json)
-    (VK, 4): [(1 << 62, 32, 8)], (KV, 4): [(1 << 62, 64, 4)], (VK, 2): [(1 << 62, 16, 1)], (KV, 2): [(1 << 62, 32, 4)],
+    (VK, 4): [(1 << 62, 32, 8)], (KV, 4): [(1 << 62, 64, 4)], (VK, 2): [(1 << 62, 16, 1)],
 }
 BLOCKS = {  # (op, order, state element bytes) -> [(most batch * heads, BLOCK_V, num_warps), ...]
     ("ssu", VK, 4): [(5120, 8, 1), (1 << 62, 16, 1)],
@@ -245,7 +245,9 @@ BLOCKS = {  # (op, order, state element bytes) -> [(most batch * heads, BLOCK_V,
     ("ssu", VK, 2): [(20480, 16, 2), (1 << 62, 32, 2)],
     ("ssu", KV, 2): [(1 << 62, 64, 8)],
     **{("gdn", order, elem): rows for (order, elem), rows in _DELTA.items()},
-    **{("kda", order, elem): rows for (order, elem), rows in _DELTA.items()},  # the same kernel: GDN's sweep
+    **{("kda", order, elem): rows for (order, elem), rows in _DELTA.items()},  # the same kernel
+    ("gdn", KV, 2): [(1 << 62, 32, 1)],  # bf16 KV: KDA's per-key decay wants two warps (2026-12-05 sweep)
+    ("kda", KV, 2): [(1 << 62, 32, 2)],
 }
 ANY_BLOCK = (16, 4)  # the any-strides path: correct, not tuned
 PDL = True
