@@ -40,7 +40,7 @@ for step in "$@"; do
                 tests/test_pass_gpu.py tests/test_models.py tests/test_triton_kernels.py tests/test_recurrent_kernels.py \
                 tests/test_hf.py tests/test_recurrent_lowering.py 2>&1 | tail -30 ;;
     hf) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf .hf_wheels/*.whl >/dev/null 2>&1
-        PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 240 python3 -P benchmarks/hf_zoo.py --gpu --out "$OUT/hf" 2>&1 | tail -12 ;;
+        PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 360 python3 -P benchmarks/hf_zoo.py --gpu --out "$OUT/hf" 2>&1 | tail -12 ;;
     recurrent) SWEPT=$OUT/sweep/recurrent_blocks.json  # a sweep's winners in the same call, if it ran first
                PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/recurrent.py --fla $PEERS \
                  $( [ -f "$SWEPT" ] && echo --blocks "$SWEPT" ) --out "$OUT/recurrent" 2>&1 | grep -v "^checked" | tail -45 ;;

@@ -289,11 +289,21 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
     meta = dict(card=card, torch=torch.__version__, triton=triton.__version__,
                 transformers=transformers.__version__, dtype="bfloat16", batch=GPU_BATCH, prompt=GPU_PROMPT,
                 new_tokens=GPU_NEW, widths=classes)
+    lines = gpu_table(meta, rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hf_zoo_gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    (out / "hf_zoo_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def gpu_table(meta: dict, rows: dict) -> list[str]:
+    """The Markdown table of gpu_main's rows (one per class), its first line naming the run."""
+    new = meta["new_tokens"]
     lines = [f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
-             f"bf16, batch {GPU_BATCH}, prompt {GPU_PROMPT}, {GPU_NEW} new tokens; optimize(layout='DS', lower=True): "
-             "the conv pools move to DS; their pure-torch updates, the Mamba2 SSM updates and the gated delta rules "
-             "become kernel calls. Time: optimize + first generate (captures included). Decode: ms per step "
-             f"after warm-up ((generate of {GPU_NEW} tokens - of 1) / {GPU_NEW - 1}, medians of 5), eager loops on "
+             f"bf16, batch {meta['batch']}, prompt {meta['prompt']}, {new} new tokens; optimize(layout='DS', "
+             "lower=True): the conv pools move to DS; their pure-torch updates, the Mamba2 SSM updates and the gated "
+             "delta rules become kernel calls. Time: optimize + first generate (captures included). Decode: ms per "
+             f"step after warm-up ((generate of {new} tokens - of 1) / {new - 1}, medians of 5), eager loops on "
              "both sides", "",
              "| class | tokens == transformers bf16 | max abs logit diff: ours vs transformers (bf16) | transformers "
              "bf16 vs fp32 | ours bf16 vs fp32 | pools | lowered (conv / recurrence) | captures | time | decode ms/token: ours "
@@ -308,10 +318,7 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
                      f"| {r['ours_bf16_vs_fp32']:.3g} | {r['pools']} | {r['lowered']} / {r.get('lowered_recurrent', '-')} "
                      f"| {r['captures']} "
                      f"| {r['seconds']} s | {r['decode_ms']} / {r['transformers_decode_ms']} |")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hf_zoo_gpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    (out / "hf_zoo_gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
 
 
 def _commit() -> str:
