@@ -7,6 +7,7 @@
 #   tests      the GPU tests of the pass, and the CPU tests of lowering and Dynamo's stride guard
 #   gputests   every GPU-marked test (kernels, models, the pass, transformers 5.24 lowered on CUDA)
 #   hf         benchmarks/hf_zoo.py --gpu (transformers' own bf16 check, decode time beside it)
+#   host       hf_zoo.py --gpu --host-profile for HOST_CLASSES (default Mamba2 Qwen3Next): host time per step
 #   recurrent  benchmarks/recurrent.py with vLLM's and FLA's kernels (the kernel table; after sweep, its blocks)
 #   sweep      the bf16 block sweep of SWEEP_OPS (default gdn,kda; benchmarks/recurrent.py --sweep-only)
 #   ncu        Nsight Compute on one launch per recurrent case at B=256, peers included
@@ -41,6 +42,11 @@ for step in "$@"; do
                 tests/test_hf.py tests/test_recurrent_lowering.py 2>&1 | tail -30 ;;
     hf) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf .hf_wheels/*.whl >/dev/null 2>&1
         PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 360 python3 -P benchmarks/hf_zoo.py --gpu --out "$OUT/hf" 2>&1 | tail -12 ;;
+    host) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hf .hf_wheels/*.whl >/dev/null 2>&1
+          for name in ${HOST_CLASSES:-Mamba2 Qwen3Next}; do
+            PYTHONPATH=/tmp/hf:$PYTHONPATH timeout 200 python3 -P benchmarks/hf_zoo.py --gpu --host-profile "$name" 2>&1 |
+              grep -v "^\[transformers\]\|^ *$\|Warning\|warn(" | cut -c1-200 | tee "$OUT/host_$name.txt" | tail -45
+          done ;;
     recurrent) SWEPT=$OUT/sweep/recurrent_blocks.json  # a sweep's winners in the same call, if it ran first
                PYTHONPATH=$PYTHONPATH:$EXT timeout 420 python3 -P benchmarks/recurrent.py --fla $PEERS \
                  $( [ -f "$SWEPT" ] && echo --blocks "$SWEPT" ) --out "$OUT/recurrent" 2>&1 | grep -v "^checked" | tail -45 ;;

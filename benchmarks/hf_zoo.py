@@ -296,6 +296,40 @@ def gpu_main(out: Path, device="cuda", classes=GPU_CLASSES) -> None:
     print("\n".join(lines))
 
 
+def host_profile(name: str, device="cuda", top=14) -> None:
+    """Where a decode step's host time goes (the GPU loops are host-bound): ms per step of
+    transformers' generate, ours with lowering on and off, then a cProfile of one generate of
+    each of ours (the functions with the most time of their own)."""
+    import cProfile
+    import pstats
+
+    import transformers
+
+    from layoutpass import optimize
+    from layoutpass.hf import CacheAsBuffers, generate
+
+    options = GPU_CLASSES[name]
+    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    torch.manual_seed(0)
+    config = config_class(**options, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    model = model_class(config).to(device, torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, options["vocab_size"], (GPU_BATCH, GPU_PROMPT), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+    print(f"{name}: transformers {decode_ms(lambda n: model.generate(ids, max_new_tokens=n, do_sample=False), device)}"
+          " ms/step", flush=True)
+    for lower in (True, False):
+        fast = optimize(CacheAsBuffers(model, GPU_BATCH, GPU_PROMPT + GPU_NEW), "DS", lower=lower)
+        print(f"{name}: ours lower={lower} {decode_ms(lambda n: generate(fast, ids, n), device)} ms/step", flush=True)
+        profiler = cProfile.Profile()
+        with torch.no_grad():
+            profiler.enable()
+            generate(fast, ids, GPU_NEW)
+            torch.cuda.synchronize(device) if device == "cuda" else None
+            profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
 def gpu_table(meta: dict, rows: dict) -> list[str]:
     """The Markdown table of gpu_main's rows (one per class), its first line naming the run."""
     new = meta["new_tokens"]
@@ -340,6 +374,7 @@ def main() -> None:
     parser.add_argument("classes", nargs="*", metavar="CLASS", help=f"some of {', '.join(CLASSES)} (default: all)")
     parser.add_argument("--no-buckets", dest="buckets", action="store_false", help="skip the guard analysis")
     parser.add_argument("--gpu", action="store_true", help="the bf16 check at real-ish widths on CUDA")
+    parser.add_argument("--host-profile", metavar="CLASS", help="with --gpu: where CLASS's decode step spends host time")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
     parser.add_argument("--limit", type=int, default=600, help="seconds for one optimize + generate run")
     args = parser.parse_args()
@@ -350,6 +385,8 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.gpu and args.host_profile:
+        return host_profile(args.host_profile)
     if args.gpu:
         return gpu_main(args.out)
     torch.set_num_threads(1)  # CI's CPU has 2 cores, shared
