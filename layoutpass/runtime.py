@@ -274,6 +274,7 @@ class Session:
             self.live.writes += 1  # the layer may write its pools: copies of them taken before are stale
         if torch.compiler.is_compiling() or unit.eager is not None:
             return unit.forward(module, *args, **kwargs)
+        _refuse_under_dispatch_mode()
         if torch._dynamo.config.disable:
             raise LayoutPassError(f"torch Dynamo is disabled (torch._dynamo.config.disable, TORCHDYNAMO_DISABLE=1), and "
                                   f"the optimized model runs {f'{unit.label} {path!r}' if path else 'its forward'} through "
@@ -498,6 +499,22 @@ class Session:
                            f"allow_missing=True)")
 
 
+def _refuse_under_dispatch_mode() -> None:
+    """Dynamo captures no frame under a TorchDispatchMode of the caller's (a profiler, a debugger;
+    not the infra modes or those that ignore compile internals, as Dynamo counts them): the graphs
+    written for the moved pools could not run, and the model's own code must not run on them."""
+    if torch.compiler.is_compiling():
+        return
+    from torch.utils._python_dispatch import _get_dispatch_stack_at
+
+    for i in range(torch._C._len_torch_dispatch_stack()):
+        mode = _get_dispatch_stack_at(i)
+        if not mode.is_infra_mode() and not mode.ignore_compile_internals():
+            raise LayoutPassError(f"the optimized model was called under a TorchDispatchMode "
+                                  f"({type(mode).__name__}), where torch Dynamo captures nothing: call it outside "
+                                  f"the mode (nothing ran)")
+
+
 def _unwatched(session: Session):
     """The pass's own work and a layer's call run without the watch of the model's eager code
     (the layer's code is captured, and Dynamo would trace the mode into the graph)."""
@@ -633,6 +650,7 @@ def _first_call(fast: OptimizedModule, args: tuple, kwargs: dict):
 
 
 def _call_model(fast: OptimizedModule, session: Session, args: tuple, kwargs: dict):
+    _refuse_under_dispatch_mode()
     if session.regions and not session.calling:
         session.settle_unbound()
     session.calling.append(fast)

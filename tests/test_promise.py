@@ -249,6 +249,34 @@ def test_a_call_with_dynamo_disabled_is_refused_before_the_layer_runs():
         same_state(reference, fast)
 
 
+class Counting(torch.utils._python_dispatch.TorchDispatchMode):
+    """A caller's dispatch mode (a profiler or debugger of its own): Dynamo captures nothing under one."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("model", [pm.Conv, pm.ListCache], ids=["layer", "model"])
+def test_a_call_under_a_dispatch_mode_is_refused_before_anything_runs(model):
+    reference, fast = run_both(model(), steps(2), "DS")
+    before = {k: v.clone() for k, v in logical_buffers(fast).items()}
+    with Counting(), pytest.raises(LayoutPassError, match=r"^the optimized model was called under a "
+                                                           r"TorchDispatchMode \(Counting\)"):
+        fast(**pm.step())
+    assert all(torch.equal(v, logical_buffers(fast)[k]) for k, v in before.items())
+    for call in steps(2):  # outside the mode it goes on
+        torch.testing.assert_close(fast(**call), reference(**call), rtol=0, atol=0)
+        same_state(reference, fast)
+
+
+def test_optimize_under_a_dispatch_mode_is_refused_and_leaves_the_model_as_it_was():
+    model = pm.Conv()
+    pristine = copy.deepcopy(model)
+    with Counting(), pytest.raises(LayoutPassError, match="TorchDispatchMode"):
+        optimize(model, "DS", example_inputs=[pm.step()])
+    same_state(pristine, model)
+
+
 def test_a_pool_held_by_a_plain_python_object_is_refused_before_it_moves():
     """Other names of a pool inside an object the pass does not look into could not be moved with
     it (its bytes were rewritten under a tensor that kept the old strides: wrong from the first
