@@ -177,6 +177,20 @@ def test_pools_carved_out_of_one_raw_allocation(layout):
     run_both(pm.RawPages(), steps(5), layout, reset)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_other_names_of_a_paged_pool_read_right_after_the_pool_is_rebound(layout):
+    """After a call, the caller keeps the pool under a second name and one slot of it, then
+    rebinds the pool to a copy: the pages go back to the model's order, and both names with them."""
+    def keep_then_rebind(m, i):
+        if i == 1:
+            m.second, m.row = m.conv_state, m.conv_state[1]
+        if i == 2:
+            m.conv_state = m.conv_state.clone()
+    reference, fast = run_both(pm.RawPages(), steps(4), layout, keep_then_rebind)
+    torch.testing.assert_close(fast.row, reference.row, rtol=0, atol=0)
+    torch.testing.assert_close(fast.second, reference.second, rtol=0, atol=0)
+
+
 # 5. code outside forward
 
 @pytest.mark.parametrize("layout", LAYOUTS)
