@@ -445,8 +445,13 @@ class Session:
             guard(self, tree, [name for name, _ in pending])
             self.regions += regions_of(tree, pending)
         moved = {name for name, _ in pending}
+        dropped = sorted(e.name for u in self.units for e in u.entries if e.reads & moved)
         for unit in self.units:  # Dynamo's guards on strides keep them from running again
             unit.entries = [e for e in unit.entries if not e.reads & moved]
+        if dropped and not self.warming:  # a pool found in a later call: its graphs go from the report for now
+            self.report.notes.append(f"{', '.join(sorted(moved))} found in a call and moved after it: that "
+                                     f"call's graphs reading them ({', '.join(dropped)}) ran with the model's order "
+                                     f"and are captured again at their next call")
         live = {e.name for u in self.units for e in u.entries}
         self.report.entry_uses = {k: v for k, v in self.report.entry_uses.items() if k in live}
         log.info("moved %d pool(s): %s", len(pending), ", ".join(f"{n} -> {p.target}" for n, p in pending))

@@ -13,6 +13,7 @@ import pass_models as pm
 from layoutpass import SD, ArgumentError, LayoutPassError, check_equivalence, optimize
 from layoutpass.equivalence import logical_buffers
 from layoutpass.examples.scenario import Step
+from layoutpass.kernels import conv_update
 from layoutpass.report import Action
 
 
@@ -159,6 +160,38 @@ def test_a_later_entry_that_would_be_refused_leaves_every_pool_in_the_models_ord
     assert not any(p.moves for p in fast.report.pools.values())
     assert any(re.search(r"back in the model's order.*aten.view.default at test_pools.py:\d+", note)
                for note in fast.report.notes), fast.report.notes
+
+
+class TwoPools(nn.Module):
+    """Mode 0 updates pool `a` with the conv op; mode 1 shifts pool `b` by hand: `b` is found by
+    the first call of mode 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4))
+        self.register_buffer("a", torch.randn(6, 3, 8))
+        self.register_buffer("b", torch.randn(6, 3, 8))
+
+    def forward(self, x, slots, mode=0):
+        if mode == 0:
+            return conv_update(x, self.a.transpose(1, 2), self.w, None, None, slots, out=torch.empty_like(x))
+        win = torch.cat([self.b[slots], x[:, None]], 1)
+        self.b[slots] = win[:, 1:]
+        return (win * self.w.t()[None]).sum(1)
+
+
+def test_the_report_says_when_a_pool_found_later_drops_that_calls_graphs():
+    """The graphs of the call that found `b` read it in the model's order; once it moves they
+    never run again and leave the report: a note says so until the next call captures them anew."""
+    model = TwoPools()
+    fast, reference = optimize(model, "DS"), copy.deepcopy(model)
+    x, slots = torch.randn(2, 8), torch.tensor([1, 4])
+    for mode in (0, 1, 1):
+        torch.testing.assert_close(fast(x, slots, mode), reference(x, slots, mode), rtol=0, atol=0)
+        if mode == 1 and not any(u.pool == "b" for u in fast.report.uses):
+            assert any(re.search(r"^b found in a call and moved after it: that call's graphs reading them "
+                                 r"\(model\.graph\d", note) for note in fast.report.notes), fast.report.notes
+    assert str(fast.report.pools["b"].target) == "DS" and any(u.pool == "b" for u in fast.report.uses)
 
 
 def test_a_forward_set_on_the_instance_is_refused():
