@@ -197,24 +197,28 @@ GPU_CLASSES = {
 GPU_BATCH, GPU_PROMPT, GPU_NEW = 4, 64, 16
 
 
+def gpu_model(name: str, options: dict, device: str):
+    """transformers' `name` for causal LM with `options`, random (seed 0), fp32 on `device`, and
+    the prompt ids. The classes by name, not through layoutpass.hf._tiny_configs(): that table
+    names every class of the newest transformers and fails as a whole on an older one."""
+    import transformers
+
+    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    torch.manual_seed(0)
+    config = config_class(**options, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    ids = torch.randint(0, options["vocab_size"], (GPU_BATCH, GPU_PROMPT), generator=torch.Generator().manual_seed(1))
+    return model_class(config).to(device).eval(), ids.to(device)
+
+
 def gpu_check(name: str, options: dict, device="cuda") -> dict:
     import copy
-
-    import transformers
 
     from layoutpass import optimize
     from layoutpass.hf import CacheAsBuffers, generate
 
-    # the classes by name, not through layoutpass.hf._tiny_configs(): that table names every class
-    # of the newest transformers and fails as a whole on an older one (5.17 has no Lfm3)
-    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
-    torch.manual_seed(0)
-    config = config_class(**options, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    exact = model_class(config).to(device).eval()
+    exact, ids = gpu_model(name, options, device)
     model = copy.deepcopy(exact).to(torch.bfloat16)
     model.generation_config.eos_token_id = None
-    ids = torch.randint(0, options["vocab_size"], (GPU_BATCH, GPU_PROMPT), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(device)
     tokens, logits = reference_n(model, ids)
     with torch.no_grad():  # the yardstick: fp32, no cache, on transformers' bf16 tokens
         fp32 = exact(torch.cat([ids, tokens[:, :-1]], 1)).logits[:, GPU_PROMPT - 1:].float()
@@ -303,19 +307,12 @@ def host_profile(name: str, device="cuda", top=14) -> None:
     import cProfile
     import pstats
 
-    import transformers
-
     from layoutpass import optimize
     from layoutpass.hf import CacheAsBuffers, generate
 
-    options = GPU_CLASSES[name]
-    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
-    torch.manual_seed(0)
-    config = config_class(**options, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    model = model_class(config).to(device, torch.bfloat16).eval()
+    model, ids = gpu_model(name, GPU_CLASSES[name], device)
+    model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = None
-    ids = torch.randint(0, options["vocab_size"], (GPU_BATCH, GPU_PROMPT), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(device)
     print(f"{name}: transformers {decode_ms(lambda n: model.generate(ids, max_new_tokens=n, do_sample=False), device)}"
           " ms/step", flush=True)
     for lower in (True, False):

@@ -765,7 +765,7 @@ def main():
             for order in ORDERS:
                 run_group(args, op, dtype_name, order, bw, rows, checks, gen, failed, log)
     compiled = None
-    if S.device == "cuda" and not args.no_compile_check:  # after the timings: a suspect in GDN's (NOTES.md)
+    if S.device == "cuda" and not args.no_compile_check:  # after the timings: a suspect in GDN's figure (NOTES.md)
         compiled = check_compiled(gen)
         log(f"torch.compile: {compiled}")
     print("\n".join(report(args, card, bw, rows, checks, compiled, swept, log_lines)))

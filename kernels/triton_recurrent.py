@@ -246,7 +246,7 @@ BLOCKS = {  # (op, order, state element bytes) -> [(most batch * heads, BLOCK_V,
     ("ssu", KV, 2): [(1 << 62, 64, 8)],
     **{("gdn", order, elem): rows for (order, elem), rows in _DELTA.items()},
     **{("kda", order, elem): rows for (order, elem), rows in _DELTA.items()},  # the same kernel
-    ("gdn", KV, 2): [(1 << 62, 32, 1)],  # bf16 KV: KDA's per-key decay wants two warps (2026-12-05 sweep)
+    ("gdn", KV, 2): [(1 << 62, 32, 1)],  # bf16 KV: results/recurrent_blocks_bf16_delta_2026-12-05.json
     ("kda", KV, 2): [(1 << 62, 32, 2)],
 }
 ANY_BLOCK = (16, 4)  # the any-strides path: correct, not tuned

@@ -270,7 +270,7 @@ class Counting(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("model", [pm.Conv, pm.ListCache], ids=["layer", "model"])
+@pytest.mark.parametrize("model", [pm.Conv, pm.ListCache], ids=["buffer", "list-cache"])
 def test_a_call_under_a_dispatch_mode_is_refused_before_anything_runs(model):
     reference, fast = run_both(model(), steps(2), "DS")
     before = {k: v.clone() for k, v in logical_buffers(fast).items()}
